@@ -1,0 +1,101 @@
+"""`fitflow` on the command line. Flags are generated from TrainConfig, so every field is one.
+
+Heavy libraries (torch, prefect, mlflow) are imported only once a command runs, so that
+`fitflow --help` answers at once. User errors print one line and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from typing import Any, NoReturn
+
+from flows.config import TrainConfig, load_config
+from tasks.errors import FitflowError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', got {text!r}")
+    return value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (default: {json.dumps(field.default)})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        elif origin is list:
+            kwargs.update(nargs="+", type=int, metavar="N")
+        elif origin is dict:
+            kwargs.update(type=_json_object, metavar="JSON")
+        else:
+            kwargs["metavar"] = name.upper() if name not in ("data", "validation_data") else "PATH"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fitflow", description="Train PyTorch models as Prefect flows, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser(
+        "train",
+        help="train a model on a CSV/Parquet table (the Prefect flow `train`)",
+        description="Train on a table and log params, per-epoch metrics, the dataset and the model to MLflow. "
+        "Every config field is a flag; --config FILE.yaml sets fields by name and flags override it.",
+    )
+    train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
+    _add_config_flags(train)
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
+    config = load_config(args.config, **overrides)
+
+    from flows.runtime import configure_environment
+
+    configure_environment()  # before prefect is imported: it reads its settings at import
+    from flows.train import train
+
+    result = train(config)
+    print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
+    print(f"model: {result.model_uri}")
+    print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except FitflowError as err:
+        print(f"fitflow: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fitflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

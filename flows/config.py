@@ -1,0 +1,182 @@
+"""TrainConfig: the single source of truth for a training run.
+
+The same model feeds the CLI flags (`fitflow train --batch-size 128`), the YAML file
+(`batch_size: 128`), the Prefect UI form (the flow parameter's JSON schema, with these
+descriptions, bounds and choices) and the MLflow params (`flat_params`). Add a field here and
+it appears in all four. This module imports only pydantic so that `fitflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; every field has a default but `data`/`target` pair."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- data -------------------------------------------------------------------------
+    data: str = Field(
+        "breast_cancer",
+        description="CSV or Parquet file, or the name of a dataset shipped in data/ (breast_cancer).",
+        min_length=1,
+    )
+    target: str = Field("diagnosis", description="Column to predict.", min_length=1)
+    validation_data: str | None = Field(
+        None,
+        description="Optional CSV/Parquet used as the validation split (like Keras' validation_data); "
+        "then only the test split is cut from `data`.",
+    )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: strings, booleans and integers with few values are classification."
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for the final test.")
+    max_categories: int = Field(
+        50, ge=1, le=10_000, description="One-hot columns per categorical feature; rarer values share one."
+    )
+    seed: int = Field(42, ge=0, description="Seeds the split, the weights and the batch order (same seed, same run).")
+
+    # --- optimisation (Keras' compile) ----------------------------------------------------
+    epochs: int = Field(30, ge=1, le=100_000, description="Maximum number of passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=1_048_576, description="Rows per training step.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
+    scheduler: Literal["none", "cosine", "step", "plateau"] = Field(
+        "none", description="Learning-rate schedule: cosine over all epochs, step decay, or reduce on plateau."
+    )
+    scheduler_step_size: int = Field(10, ge=1, description="Epochs between decays (step).")
+    scheduler_gamma: float = Field(0.1, gt=0, le=1, description="Decay factor (step, plateau).")
+    loss: Literal["auto", "cross_entropy", "mse", "huber", "l1"] = Field(
+        "auto", description="auto: cross_entropy for classification, mse for regression."
+    )
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value (off when empty).")
+
+    # --- model ----------------------------------------------------------------------------
+    model: str = Field(
+        "mlp",
+        description="'mlp', or your nn.Module as 'package.module:Class'; it is called with "
+        "in_features=, out_features= and model_kwargs.",
+    )
+    hidden_sizes: list[int] = Field([64, 32], description="Widths of the MLP's hidden layers.")
+    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = Field("relu", description="MLP activation.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    batch_norm: bool = Field(False, description="BatchNorm after each hidden linear layer.")
+    model_kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments for a custom model class.")
+
+    # --- hardware -------------------------------------------------------------------------
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
+    precision: Literal["32", "bf16", "fp16"] = Field(
+        "32", description="Mixed precision on CUDA; ignored (with a log line) elsewhere."
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="Loader worker processes (0: gather in the main process, fastest for in-memory data).")
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+
+    # --- callbacks ------------------------------------------------------------------------
+    monitor: str = Field("val_loss", description="Metric for early stopping and the best checkpoint, e.g. val_accuracy.")
+    patience: int = Field(5, ge=0, description="Epochs without improvement before stopping (0: never stop early).")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitored metric that counts as improvement.")
+
+    # --- tracking -------------------------------------------------------------------------
+    experiment: str = Field("fitflow", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: MLflow's generated name).")
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("every hidden size must be >= 1")
+        return sizes
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str) -> str:
+        if model != "mlp" and not _IMPORT_PATH.match(model):
+            raise ValueError("use 'mlp' or an import path like 'mypackage.nets:TabularNet'")
+        return model
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("use auto, cpu, mps, cuda or cuda:N")
+        return device
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_name(cls, monitor: str) -> str:
+        if not re.fullmatch(r"(train|val)_[a-z0-9_]+", monitor):
+            raise ValueError("name a train_ or val_ metric, e.g. val_loss or val_accuracy")
+        return monitor
+
+    @model_validator(mode="after")
+    def _splits_leave_training_rows(self) -> TrainConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
+        return self
+
+    def flat_params(self) -> dict[str, str]:
+        """Every field as an MLflow param (strings; lists and dicts as JSON)."""
+        return {name: _param_text(value) for name, value in self.model_dump(mode="json").items()}
+
+
+def _param_text(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build a config from an optional YAML file plus overrides; bad input raises ConfigError."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    values.update(overrides)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source=str(path) if path else None)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(values).__name__}")
+    return values
+
+
+def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """One line for the first problem: which field, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "config"
+    where = f" in {source}" if source else ""
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, TrainConfig.model_fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; see `fitflow train --help` for the fields"
+        return f"unknown config field '{field}'{where}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"invalid config value for '{field}'{where}: {message}{got_text}{more}"

@@ -1,0 +1,53 @@
+"""Where runtime state lives, and the environment every entry point sets up first.
+
+All state (MLflow store and artifacts, checkpoints, Prefect's home with its database and the
+prepared-data cache) lives under one directory: $FITFLOW_HOME, by default `.fitflow/` in the
+repository (git ignores it). Explicit settings win: MLFLOW_TRACKING_URI, PREFECT_API_URL and
+PREFECT_HOME are left alone when set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Prefect settings that make the embedded (ephemeral) server reliable on a cold machine
+# (GUIDE.md 1.1): no telemetry (its heartbeat also caused "database is locked"), and a start
+# timeout that covers the 20-27 s of migrations of a fresh database.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "fitflow",
+}
+
+
+def fitflow_home() -> Path:
+    return Path(os.environ.get("FITFLOW_HOME") or REPO / ".fitflow").expanduser().resolve()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the local sqlite store under FITFLOW_HOME."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{fitflow_home() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database (MLflow's default is ./mlruns of the CWD)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def configure_environment() -> None:
+    """Set defaults for Prefect and MLflow; call once, before prefect is imported."""
+    home = fitflow_home()
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    logging.getLogger("fitflow").setLevel(logging.INFO)  # Prefect forwards it (PREFECT_LOGGING_EXTRA_LOGGERS)

@@ -1,0 +1,138 @@
+"""The training flow's steps as Prefect tasks, and the glue from TrainConfig to tasks/.
+
+Every step is a plain function of tasks/ (or below) wrapped by `task(...)`: tests and
+notebooks call the plain functions, the flow calls the tasks. Retries only where I/O happens
+(loading); the cache only on deterministic data preparation, keyed on content.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import TrainConfig
+from tasks import tracking
+from tasks.callbacks import BestWeights, EarlyStopping, LRSchedule, Monitor, Progress
+from tasks.compile import make_loss, make_optimizer, make_scheduler
+from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
+from tasks.device import resolve_device
+from tasks.errors import ConfigError, FitflowError
+from tasks.loaders import Loaders, make_loaders
+from tasks.metrics import TaskMetrics, metric_names
+from tasks.models import build_model, model_spec
+from tasks.training import History, evaluate, fit, seed_everything
+
+log = logging.getLogger("fitflow")
+
+
+@dataclass
+class Run:
+    """The MLflow run a flow run writes to, passed explicitly to every step."""
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+    checkpoint_dir: Path
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    spec: dict
+    history: History
+    best_epoch: int
+    checkpoint: Path | None
+
+
+def prep_spec(config: TrainConfig) -> PrepSpec:
+    return PrepSpec(
+        target=config.target, task=config.task, val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction, max_categories=config.max_categories, seed=config.seed,
+    )
+
+
+def build_loaders(config: TrainConfig, prepared: Prepared) -> Loaders:
+    cuda = resolve_device(config.device).type == "cuda"
+    return make_loaders(prepared, config.batch_size, config.drop_last, config.num_workers, pin_memory=cuda, seed=config.seed)
+
+
+def task_metrics(prepared: Prepared) -> TaskMetrics:
+    p = prepared.preprocessor
+    return TaskMetrics(p.task, len(p.classes or []), p.target_mean, p.target_std)
+
+
+def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None) -> Trained:
+    """Compile (optimizer, loss, schedule) and fit with the default callbacks."""
+    task_name = prepared.preprocessor.task
+    known = metric_names(task_name, "train") + metric_names(task_name, "val")
+    if config.monitor not in known:
+        raise ConfigError(f"monitor '{config.monitor}' is not logged for {task_name}; use one of {', '.join(known)}")
+    seed_everything(config.seed)  # before the model exists: the seed fixes its initial weights
+    p = prepared.preprocessor
+    spec = model_spec(config.model, p.n_features, len(p.classes) if p.classes else 1,
+                      config.model_kwargs if config.model != "mlp" else
+                      {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
+                       "dropout": config.dropout, "batch_norm": config.batch_norm})
+    model = build_model(spec)
+    device = resolve_device(config.device)
+    model.to(device)  # before the optimizer: it must hold the parameters that will be trained
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum)
+    scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
+    monitor = Monitor(config.monitor, config.min_delta)
+    checkpoint = run.checkpoint_dir / "best.pt" if run else None
+    best = BestWeights(monitor, checkpoint)
+    # Order: progress prints the epoch first; the best weights are kept before anything may stop the run.
+    callbacks = [Progress(), best]
+    if config.patience > 0:
+        callbacks.append(EarlyStopping(monitor, config.patience))
+    if scheduler is not None:
+        callbacks.append(LRSchedule(scheduler, monitor))
+    if run is not None:
+        callbacks.append(tracking.MlflowMetrics(run.client, run.run_id))
+    log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
+    history = fit(
+        model, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
+        loss_fn=make_loss(config.loss, task_name), metrics=task_metrics(prepared), device=device,
+        callbacks=callbacks, precision=config.precision, grad_clip=config.grad_clip,
+    )
+    return Trained(model, spec, history, best.monitor.best_epoch, checkpoint if checkpoint and checkpoint.exists() else None)
+
+
+def test_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained) -> dict[str, float]:
+    """Test-split metrics of the best weights."""
+    device = next(trained.model.parameters()).device
+    loss_fn = make_loss(config.loss, prepared.preprocessor.task)
+    return evaluate(trained.model, loaders.test, loss_fn, task_metrics(prepared), device, "test")
+
+
+def _retry_transient_io(task, task_run, state) -> bool:
+    """Retry reads that failed for a passing reason (network file systems), not user errors."""
+    try:
+        state.result()
+    except FitflowError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _prepare_cache_key(context, parameters) -> str:
+    return content_key(parameters["table"], parameters["spec"], parameters.get("validation"))
+
+
+load_table_task = task(load_table, name="load_table", retries=2, retry_delay_seconds=[2, 10],
+                       retry_condition_fn=_retry_transient_io, cache_policy=NO_CACHE)
+prepare_task = task(prepare, name="prepare", cache_key_fn=_prepare_cache_key,
+                    cache_expiration=timedelta(days=30), persist_result=True)
+make_loaders_task = task(build_loaders, name="make_loaders", cache_policy=NO_CACHE)
+train_model_task = task(train_model, name="train_model", cache_policy=NO_CACHE, tags=["training"])
+test_model_task = task(test_model, name="test_model", cache_policy=NO_CACHE)

@@ -1,0 +1,132 @@
+"""The `train` flow: a table in, a tracked, reusable model out.
+
+Reads top to bottom like the pipeline: load -> prepare -> loaders -> (MLflow run:) train ->
+test -> log the model -> summarise. One MLflow run per flow run; it ends FINISHED, or FAILED
+with the error as a tag, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_client, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.config import TrainConfig
+from flows.runtime import artifact_location, fitflow_home, tracking_uri
+from flows.steps import (
+    Run, Trained, load_table_task, make_loaders_task, prep_spec, prepare_task, test_model_task, train_model_task,
+)
+from tasks import tracking
+from tasks.data import Prepared, resolve_source
+from tasks.plots import plot_learning_curves
+
+log = logging.getLogger("fitflow")
+
+
+class TrainResult(BaseModel):
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    mlflow_url: str
+    best_epoch: int
+    epochs_trained: int
+    history: dict[str, list[float]]
+    test_metrics: dict[str, float]
+
+
+@flow(name="train", description="Train a PyTorch model on a table and track it in MLflow.")
+def train(config: TrainConfig = TrainConfig()) -> TrainResult:
+    """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
+    table = load_table_task(config.data)
+    validation = load_table_task(config.validation_data) if config.validation_data else None
+    prepared = prepare_task(table, prep_spec(config), validation)
+    loaders = make_loaders_task(config, prepared)
+    run = start_run(config, prepared, table)
+    with tracking.finished_or_failed(run.client, run.run_id):
+        trained = train_model_task(config, prepared, loaders, run)
+        test_metrics = test_model_task(config, prepared, loaders, trained)
+        model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
+    result = TrainResult(
+        run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
+        mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),
+        best_epoch=trained.best_epoch, epochs_trained=len(trained.history),
+        history=trained.history.history, test_metrics=test_metrics,
+    )
+    publish_summary(config, result)
+    return result
+
+
+@task(name="start_run", cache_policy=NO_CACHE)
+def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame) -> Run:
+    """Create the MLflow run, linked to this flow run both ways; log params and the dataset."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
+    tags = {"fitflow.flow": "train", "mlflow.source.name": "flows/train.py"}
+    if flow_run.id:
+        tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
+        if flow_run.ui_url:
+            tags["prefect.flow_run_url"] = flow_run.ui_url
+    run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
+    with tracking.fail_on_error(client, run_id):
+        tracking.log_params(client, run_id, {**config.flat_params(), **{f"data.{k}": v for k, v in prepared.facts.items()}})
+        source = str(resolve_source(config.data))
+        digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
+        client.set_tag(run_id, "fitflow.dataset_digest", digest)
+        if flow_run.id:
+            _tag_flow_run(flow_run.id, run_id)
+            create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
+                                 link_text=f"MLflow run {run_id}")
+    checkpoint_dir = fitflow_home() / "checkpoints" / run_id
+    log.info("MLflow run %s in experiment '%s' (%s)", run_id, config.experiment, uri)
+    return Run(client, run_id, experiment_id, checkpoint_dir)
+
+
+def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run_id)
+        client.update_flow_run(flow_run_id, tags=[*current.tags, f"mlflow_run_id:{run_id}"])
+
+
+@task(name="log_model", cache_policy=NO_CACHE)
+def log_outcome(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run: Run,
+                trained: Trained, test_metrics: dict[str, float]) -> str:
+    """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
+    tracking.log_metrics(run.client, run.run_id, test_metrics, step=trained.best_epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")
+        tracking.log_artifact(run.client, run.run_id, png, "plots")
+    if trained.checkpoint is not None:
+        tracking.log_artifact(run.client, run.run_id, trained.checkpoint, "checkpoints")
+    example = table.drop(columns=[config.target]).head(5)
+    model_uri = tracking.log_pyfunc_model(run.run_id, trained.model, trained.spec, prepared.preprocessor, example)
+    run.client.set_tag(run.run_id, "fitflow.model_uri", model_uri)
+    return model_uri
+
+
+def publish_summary(config: TrainConfig, result: TrainResult) -> None:
+    """A markdown artifact in the Prefect UI: final metrics and where the run is."""
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in result.test_metrics.items())
+    last = {name: values[-1] for name, values in result.history.items()}
+    val_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in last.items() if name.startswith("val_"))
+    markdown = (
+        f"# Training run `{result.run_id}`\n\n"
+        f"Data `{config.data}`, target `{config.target}`, model `{config.model}`; "
+        f"{result.epochs_trained} epochs, best weights from epoch {result.best_epoch}.\n\n"
+        f"| test metric | value |\n|---|---|\n{rows}\n\n"
+        f"| last validation metric | value |\n|---|---|\n{val_rows}\n\n"
+        f"MLflow run: [{result.run_id}]({result.mlflow_url}) - model `{result.model_uri}`\n"
+    )
+    if flow_run.id:
+        create_markdown_artifact(key="train-summary", markdown=markdown, description="fitflow training summary")

@@ -1,0 +1,46 @@
+"""Keras-style `compile`: optimizer, learning-rate schedule and loss chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tasks.errors import ConfigError
+
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer '{name}'; use adam, adamw or sgd")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, step_size: int = 10,
+                   gamma: float = 0.1) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=gamma, patience=max(1, step_size // 5))
+    raise ConfigError(f"unknown scheduler '{name}'; use none, cosine, step or plateau")
+
+
+def make_loss(name: str, task: str) -> nn.Module:
+    if name == "auto":
+        name = "cross_entropy" if task == "classification" else "mse"
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
+    if (name == "cross_entropy") != (task == "classification"):
+        raise ConfigError(f"loss '{name}' does not fit a {task} task; use --loss auto")
+    return LOSSES[name]()

@@ -1,0 +1,243 @@
+"""Data preparation: read a table, check it, split it, fit the preprocessing on train only.
+
+`load_table` and `prepare` are plain functions; flows/steps.py wraps them as Prefect tasks
+(retries on I/O, a cache keyed on `content_key`: the table's content and the settings).
+Every problem a user can fix raises DataError with one line that says what and how.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import DataError
+from tasks.preprocessing import Preprocessor, check_features, infer_task
+
+log = logging.getLogger("fitflow")
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+_SNIFF_BYTES = 8192
+
+
+def shipped_datasets() -> list[str]:
+    return sorted(path.stem for path in DATA_DIR.glob("*.csv"))
+
+
+def resolve_source(source: str) -> Path:
+    """A path as given, or the file of a dataset shipped in data/ when `source` is its name."""
+    path = Path(source).expanduser()
+    if not path.exists() and path.suffix == "" and (DATA_DIR / f"{source}.csv").is_file():
+        return DATA_DIR / f"{source}.csv"
+    if not path.exists():
+        names = ", ".join(shipped_datasets())
+        raise DataError(f"data file not found: {source}; check the path, or use a shipped dataset name ({names})")
+    if path.is_dir():
+        raise DataError(f"data path {source} is a directory; pass a CSV or Parquet file")
+    return path
+
+
+def load_table(source: str) -> pd.DataFrame:
+    """Read a CSV or Parquet file (chosen by its content, checked against its extension)."""
+    path = resolve_source(source)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except PermissionError:
+        raise DataError(f"data file {path} cannot be read (permission denied); fix its permissions") from None
+    if not head:
+        raise DataError(f"data file {path} is empty; export the table again with a header row and data rows")
+    kind = _sniff_format(path, head)
+    frame = _read_parquet(path) if kind == "parquet" else _read_csv(path)
+    if frame.empty:
+        raise DataError(f"data file {path} has a header but no data rows; it needs at least a few rows")
+    return frame.reset_index(drop=True)
+
+
+def _sniff_format(path: Path, head: bytes) -> str:
+    suffix = path.suffix.lower()
+    if head.startswith(b"PAR1"):
+        if suffix in {".csv", ".tsv", ".txt"}:
+            raise DataError(f"data file {path} ends in {suffix} but is a Parquet file; rename it to .parquet")
+        return "parquet"
+    if suffix in {".parquet", ".pq"}:
+        raise DataError(f"data file {path} ends in {suffix} but is not a Parquet file; re-export it as Parquet or rename it to .csv if it is a CSV")
+    if b"\x00" in head or not _is_text(head):
+        raise DataError(f"data file {path} is not a readable CSV (binary content, or not UTF-8 text); pass a UTF-8 CSV or a Parquet file")
+    return "csv"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start > len(head) - 4  # a multi-byte character cut by the sniff window is fine
+    return True
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    _reject_duplicate_columns(path, header)
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {path} has no header row; the first line must name the columns") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"data file {path} is not a well-formed CSV ({str(err).strip()}); fix that line") from None
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 text; re-save it as UTF-8") from None
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        _reject_duplicate_columns(path, pq.read_schema(path).names)
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"data file {path} is not a readable Parquet file ({err}); re-export it") from None
+
+
+def _reject_duplicate_columns(path: Path, names: list[str]) -> None:
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise DataError(f"data file {path} has duplicate column names: {', '.join(map(repr, duplicates))}; rename them so each column is unique")
+
+
+# --- preparation ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """The settings that change the prepared data (and so its cache key)."""
+
+    target: str
+    task: str = "auto"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    max_categories: int = 50
+    seed: int = 42
+
+
+@dataclass
+class Split:
+    features: np.ndarray  # float32, (rows, features)
+    targets: np.ndarray  # int64 class indices, or float32 scaled values
+
+
+@dataclass
+class Prepared:
+    train: Split
+    val: Split
+    test: Split
+    preprocessor: Preprocessor
+
+    @property
+    def facts(self) -> dict[str, int | str]:
+        """Dataset facts worth logging next to the hyperparameters."""
+        p = self.preprocessor
+        facts: dict[str, int | str] = {
+            "task": p.task,
+            "rows_train": len(self.train.targets),
+            "rows_val": len(self.val.targets),
+            "rows_test": len(self.test.targets),
+            "n_features": p.n_features,
+        }
+        if p.classes is not None:
+            facts["n_classes"] = len(p.classes)
+        return facts
+
+
+def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None = None) -> Prepared:
+    """Split the table (stratified for classification) and fit the preprocessing on train only."""
+    table = _with_known_target(table, spec.target, "data")
+    check_features(table, spec.target)
+    task = infer_task(table[spec.target], spec.task)
+    if validation is None:
+        train_rows, val_rows, test_rows = split_rows(table[spec.target], task, spec)
+        train, val, test = table.iloc[train_rows], table.iloc[val_rows], table.iloc[test_rows]
+    else:
+        validation = _with_known_target(validation, spec.target, "validation data")
+        check_features(validation, spec.target)
+        no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
+        train_rows, _, test_rows = split_rows(table[spec.target], task, no_val)
+        train, val, test = table.iloc[train_rows], validation, table.iloc[test_rows]
+    preprocessor = Preprocessor.fit(train, spec.target, task, spec.max_categories)
+    log.info("prepared %s: %d train / %d val / %d test rows, %d features",
+             task, len(train), len(val), len(test), preprocessor.n_features)
+    return Prepared(
+        train=_encode(preprocessor, train),
+        val=_encode(preprocessor, val),
+        test=_encode(preprocessor, test),
+        preprocessor=preprocessor,
+    )
+
+
+def _encode(preprocessor: Preprocessor, frame: pd.DataFrame) -> Split:
+    return Split(preprocessor.transform(frame), preprocessor.encode_target(frame[preprocessor.target]))
+
+
+def _with_known_target(table: pd.DataFrame, target: str, what: str) -> pd.DataFrame:
+    if target not in table.columns:
+        close = difflib.get_close_matches(target, [str(c) for c in table.columns], n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"columns are: {', '.join(map(str, table.columns[:20]))}"
+        raise DataError(f"target column '{target}' is not in the {what}; {hint} (set --target)")
+    labels = table[target]
+    if labels.isna().all():
+        raise DataError(f"target column '{target}' has no values (all missing); pick a column with labels")
+    if labels.isna().any():
+        log.warning("dropping %d rows whose target '%s' is missing", int(labels.isna().sum()), target)
+        table = table[labels.notna()].reset_index(drop=True)
+    return table
+
+
+def split_rows(labels: pd.Series, task: str, spec: PrepSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row positions of train/val/test, reproducible from the seed, stratified by class."""
+    rng = np.random.default_rng(spec.seed)
+    groups = [np.arange(len(labels))]
+    if task == "classification":
+        codes = pd.factorize(labels, sort=True)[0]
+        groups = [np.flatnonzero(codes == code) for code in range(codes.max() + 1)]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for rows in groups:
+        rows = rng.permutation(rows)
+        n_test = round(len(rows) * spec.test_fraction)
+        n_val = round(len(rows) * spec.val_fraction)
+        parts[2].append(rows[:n_test])
+        parts[1].append(rows[n_test : n_test + n_val])
+        parts[0].append(rows[n_test + n_val :])
+    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
+    needs_val = spec.val_fraction > 0
+    if len(train) < 2 or len(test) < 1 or (needs_val and len(val) < 1):
+        need = int(np.ceil(2 / max(1e-9, 1 - spec.val_fraction - spec.test_fraction)))
+        need = max(need, int(np.ceil(1 / spec.test_fraction)), int(np.ceil(1 / spec.val_fraction)) if needs_val else 0)
+        raise DataError(
+            f"{len(labels)} rows are too few to split into train/validation/test "
+            f"(val_fraction={spec.val_fraction}, test_fraction={spec.test_fraction}); "
+            f"provide at least {need} rows{' per class' if task == 'classification' else ''}"
+        )
+    if task == "classification" and labels.iloc[train].nunique() < 2:
+        raise DataError("the training split holds a single class; provide more rows of each class")
+    return train, val, test
+
+
+def content_key(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None = None) -> str:
+    """Cache key from the table's content (not its path or mtime), the settings and the prep code."""
+    digest = hashlib.sha256()
+    for frame in (table, validation):
+        if frame is not None:
+            digest.update(repr(list(map(str, frame.columns))).encode())
+            digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    digest.update(repr(sorted(asdict(spec).items())).encode())
+    for module in ("data.py", "preprocessing.py"):
+        digest.update((Path(__file__).parent / module).read_bytes())
+    return f"prepare-{digest.hexdigest()}"

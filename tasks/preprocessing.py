@@ -1,0 +1,234 @@
+"""The fitted preprocessing, kept as plain data (JSON, no pickle).
+
+`Preprocessor.fit` learns it from the training split only: median imputation and
+standardisation for numeric columns, most-frequent imputation and one-hot encoding (the
+`max_categories` most frequent values, the rest sharing one `__other__` column) for
+categorical ones, the class names for classification and the target scale for regression.
+Training and the MLflow model apply exactly the same `transform`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pandas.api import types
+
+from tasks.errors import DataError
+
+OTHER = "__other__"
+_NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with typos, not a category
+_MAX_AUTO_CLASSES = 20  # integer targets with at most this many values are classes
+
+
+@dataclass
+class NumericColumn:
+    name: str
+    median: float
+    mean: float
+    std: float
+
+
+@dataclass
+class CategoricalColumn:
+    name: str
+    fill: str
+    categories: list[str]
+    other: bool  # True when rarer values were folded into one __other__ column
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) + int(self.other)
+
+
+@dataclass
+class Preprocessor:
+    target: str
+    task: str
+    numeric: list[NumericColumn] = field(default_factory=list)
+    categorical: list[CategoricalColumn] = field(default_factory=list)
+    classes: list[Any] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.numeric) + sum(c.width for c in self.categorical)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [c.name for c in self.numeric] + [c.name for c in self.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [c.name for c in self.numeric]
+        for col in self.categorical:
+            names += [f"{col.name}={cat}" for cat in col.categories] + ([f"{col.name}={OTHER}"] if col.other else [])
+        return names
+
+    # --- fitting --------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame, target: str, task: str, max_categories: int) -> Preprocessor:
+        prep = cls(target=target, task=task)
+        for name in (c for c in train.columns if c != target):
+            column = train[name]
+            if _is_numeric(column):
+                values = _as_float(column)
+                median = float(np.nanmedian(values)) if np.isfinite(values).any() else 0.0
+                filled = np.where(np.isnan(values), median, values)
+                std = float(filled.std())
+                prep.numeric.append(NumericColumn(str(name), median, float(filled.mean()), std if std > 0 else 1.0))
+            else:
+                counts = column.dropna().astype(str).value_counts()
+                ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                fill = ranked[0][0] if ranked else OTHER
+                kept = [value for value, _ in ranked[:max_categories]]
+                prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories))
+        labels = train[target]
+        if task == "classification":
+            prep.classes = sorted(_plain(v) for v in labels.unique()) if _is_numeric(labels) else sorted(labels.astype(str).unique())
+        else:
+            y = _as_float(labels)
+            prep.target_mean, prep.target_std = float(y.mean()), float(y.std()) or 1.0
+        return prep
+
+    # --- applying -------------------------------------------------------------------------
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Raw columns (any order, extra columns ignored) -> float32 features."""
+        missing = [name for name in self.input_columns if name not in frame.columns]
+        if missing:
+            raise DataError(f"input is missing column(s) {', '.join(map(repr, missing))} that the model was trained on; add them (values may be empty)")
+        out = np.zeros((len(frame), self.n_features), dtype=np.float32)
+        for j, col in enumerate(self.numeric):
+            values = _as_float(frame[col.name], strict=True)
+            values = np.where(np.isnan(values), col.median, values)
+            out[:, j] = (values - col.mean) / col.std
+        offset = len(self.numeric)
+        for col in self.categorical:
+            text = frame[col.name].astype(str).where(frame[col.name].notna(), col.fill)
+            codes = pd.Categorical(text, categories=col.categories).codes.astype(np.int64)
+            if col.other:
+                codes[codes < 0] = len(col.categories)
+            rows = np.flatnonzero(codes >= 0)  # an unseen value with no __other__ column stays all zero
+            out[rows, offset + codes[rows]] = 1.0
+            offset += col.width
+        return out
+
+    def encode_target(self, labels: pd.Series) -> np.ndarray:
+        if self.classes is None:
+            return ((_as_float(labels) - self.target_mean) / self.target_std).astype(np.float32)
+        keys = labels.map(_plain) if isinstance(self.classes[0], (int, float, bool)) else labels.astype(str)
+        index = {label: i for i, label in enumerate(self.classes)}
+        codes = keys.map(index)
+        if codes.isna().any():
+            unseen = keys[codes.isna()].iloc[0]
+            raise DataError(f"label {unseen!r} of '{self.target}' does not occur in the training split; add such rows to the training data")
+        return codes.to_numpy(dtype=np.int64)
+
+    def decode(self, outputs: np.ndarray) -> pd.DataFrame:
+        """Model outputs -> predictions in the original label space (+ class probabilities)."""
+        if self.classes is None:
+            return pd.DataFrame({"prediction": outputs.reshape(len(outputs), -1)[:, 0] * self.target_std + self.target_mean})
+        logits = outputs - outputs.max(axis=1, keepdims=True)
+        proba = np.exp(logits)
+        proba /= proba.sum(axis=1, keepdims=True)
+        frame = pd.DataFrame({"prediction": np.asarray(self.classes, dtype=object)[proba.argmax(axis=1)]})
+        for i, label in enumerate(self.classes):
+            frame[f"probability_{label}"] = proba[:, i]
+        return frame
+
+    def unscale_targets(self, values: np.ndarray) -> np.ndarray:
+        return values * self.target_std + self.target_mean
+
+    # --- plain-data round trip ------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
+        data = dict(data)
+        data["numeric"] = [NumericColumn(**c) for c in data.get("numeric", [])]
+        data["categorical"] = [CategoricalColumn(**c) for c in data.get("categorical", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Preprocessor:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+# --- checks and inference -------------------------------------------------------------------
+
+
+def check_features(table: pd.DataFrame, target: str) -> None:
+    """Reject what no preprocessing can fix: no features, infinities, typos in numeric columns."""
+    if len(table.columns) < 2:
+        raise DataError(f"the data has no feature columns besides the target '{target}'; add input columns")
+    for name in table.columns:
+        column = table[name]
+        if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
+            _reject_infinite(name, column, _as_float(column))
+        elif types.is_object_dtype(column) or types.is_string_dtype(column):
+            parsed = pd.to_numeric(column, errors="coerce")
+            present = column.notna() & (column.astype(str).str.strip() != "")
+            bad = present & parsed.isna()
+            if present.any() and 0 < bad.sum() <= (1 - _NUMERIC_SHARE) * present.sum():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise DataError(f"column '{name}' row {row + 1}: {column.iloc[row]!r} is not a number, but the rest of the column is numeric; fix the value or leave it empty")
+            _reject_infinite(name, column, parsed.to_numpy(dtype=np.float64, na_value=np.nan))
+
+
+def _reject_infinite(name: Any, column: pd.Series, values: np.ndarray) -> None:
+    infinite = np.isinf(values)
+    if infinite.any():
+        row = int(np.flatnonzero(infinite)[0])
+        raise DataError(f"column '{name}' row {row + 1} holds an infinite value ({column.iloc[row]}); replace it with a finite number or leave it empty")
+
+
+def infer_task(labels: pd.Series, requested: str) -> str:
+    """classification or regression, from the request or from the labels."""
+    numeric = _is_numeric(labels)
+    if requested == "regression" and not numeric:
+        raise DataError(f"target '{labels.name}' holds text, so it cannot be a regression target; use --task classification")
+    if requested == "auto":
+        integral = numeric and np.all(np.mod(_as_float(labels), 1) == 0)
+        few = labels.nunique() <= _MAX_AUTO_CLASSES
+        requested = "classification" if (not numeric or types.is_bool_dtype(labels) or (integral and few)) else "regression"
+    if requested == "classification" and labels.nunique() < 2:
+        raise DataError(f"target '{labels.name}' has a single class ({labels.iloc[0]!r}); classification needs at least two classes")
+    return requested
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    if types.is_bool_dtype(column):
+        return False
+    if types.is_numeric_dtype(column):
+        return True
+    present = column.dropna()
+    return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").notna().all())
+
+
+def _as_float(column: pd.Series, strict: bool = False) -> np.ndarray:
+    if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
+        return column.to_numpy(dtype=np.float64, na_value=np.nan)
+    parsed = pd.to_numeric(column, errors="coerce")
+    if strict:
+        bad = column.notna() & parsed.isna() & (column.astype(str).str.strip() != "")
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"column '{column.name}' row {row + 1}: {column.iloc[row]!r} is not a number; numeric columns need numbers (or empty values)")
+    return parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalar -> the Python value JSON can hold."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,200 @@
+"""MLflow tracking: one run per training, addressed by its run id (no thread-local active run).
+
+Everything goes through an explicit `MlflowClient` and `run_id`, so it works the same from
+Prefect's worker threads, other processes and notebooks (GUIDE.md section 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tasks.callbacks import Callback, FitState
+from tasks.errors import ConfigError
+
+log = logging.getLogger("fitflow")
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+
+def local_store_uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def prepare_store(uri: str) -> None:
+    """Create or migrate a local sqlite store under a file lock.
+
+    Several processes opening a fresh sqlite store at once race in MLflow's migrations and
+    crash (GUIDE.md 2.1); the first one through the lock migrates, the others find it done.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of the named experiment, created on first use (safe against a concurrent create)."""
+    for _ in range(2):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise ConfigError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) or use another --experiment")
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    raise RuntimeError(f"could not create or find experiment {name}")
+
+
+@contextmanager
+def fail_on_error(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """On an error, end the run FAILED (KILLED on interrupt) with the error as a tag, and re-raise."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        client.set_tag(run_id, "fitflow.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, status)
+        raise
+
+
+@contextmanager
+def finished_or_failed(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """End the run FINISHED when the block completes, FAILED/KILLED when it raises."""
+    with fail_on_error(client, run_id):
+        yield
+    client.set_terminated(run_id, "FINISHED")
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+
+def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, target: str, name: str) -> str:
+    """Log the raw table as the run's training input; returns its digest."""
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(table, source=source, targets=target, name=name)
+    tags = [InputTag(key="mlflow.data.context", value="training")]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+    return dataset.digest
+
+
+class MlflowMetrics(Callback):
+    """Logs each epoch's metrics in one batch call, with step = epoch."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def on_epoch_end(self, state: FitState) -> None:
+        logs = dict(state.logs)
+        logs["lr"] = state.optimizer.param_groups[0]["lr"]
+        log_metrics(self.client, self.run_id, logs, step=state.epoch)
+
+
+def log_pyfunc_model(
+    run_id: str,
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    preprocessor,
+    input_example: pd.DataFrame,
+) -> str:
+    """Log the pyfunc (preprocessing + weights, no pickle); returns the model URI."""
+    from mlflow.models import Model, infer_signature
+
+    from tasks.serving import FitflowModel
+
+    example = input_example.copy()
+    for column in example.columns:  # ints in the signature would reject rows with missing values
+        if pd.api.types.is_numeric_dtype(example[column]) and not pd.api.types.is_bool_dtype(example[column]):
+            example[column] = example[column].astype("float64")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {name: Path(tmp) / name for name in ("preprocessor.json", "model_spec.json", "weights.pt")}
+        preprocessor.save(files["preprocessor.json"])
+        files["model_spec.json"].write_text(json.dumps(spec), encoding="utf-8")
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, files["weights.pt"])
+        serving = FitflowModel()
+        serving.load_context(_Context({"preprocessor": str(files["preprocessor.json"]),
+                                       "model_spec": str(files["model_spec.json"]),
+                                       "weights": str(files["weights.pt"])}))
+        signature = infer_signature(example, serving.predict(None, example))
+        info = Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(MODEL_CODE),
+            artifacts={"preprocessor": str(files["preprocessor.json"]),
+                       "model_spec": str(files["model_spec.json"]),
+                       "weights": str(files["weights.pt"])},
+            code_paths=_code_paths(spec),
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),  # skips the 8-11 s requirement inference (GUIDE.md 6)
+        )
+    return info.model_uri
+
+
+class _Context:
+    def __init__(self, artifacts: dict[str, str]) -> None:
+        self.artifacts = artifacts
+
+
+def _code_paths(spec: dict[str, Any]) -> list[str]:
+    """The `tasks` package, plus the top-level package of a custom model if it is local code."""
+    paths = [str(Path(__file__).parent)]
+    if spec["model"] != "mlp":
+        import importlib
+        import sysconfig
+
+        top = spec["model"].split(":")[0].split(".")[0]
+        module = importlib.import_module(top)
+        origin = Path(getattr(module, "__file__", "") or "")
+        if origin.name and not str(origin).startswith(sysconfig.get_paths()["purelib"]):
+            paths.append(str(origin.parent if origin.name == "__init__.py" else origin))
+    return paths
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    names = ("mlflow", "torch", "pandas", "numpy")
+    return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
+
+
+def log_artifact(client: MlflowClient, run_id: str, path: str | Path, folder: str | None = None) -> None:
+    client.log_artifact(run_id, str(path), folder)
+
+
+def run_url(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """Where the run is in the MLflow UI (the local store's UI is `mlflow ui` on port 5000)."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else os.environ.get("FITFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"

@@ -1,0 +1,153 @@
+"""The training loop: the one every PyTorch user knows, plus callbacks around it.
+
+Each epoch is one training pass (train mode: forward, loss, zero_grad, backward, step) and one
+validation pass (eval mode under inference_mode). Early stopping, best weights, checkpoints,
+the LR schedule, progress and MLflow are callbacks (tasks/callbacks.py, tasks/tracking.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.callbacks import Callback, FitState
+from tasks.device import autocast_dtype
+from tasks.errors import TrainingError
+from tasks.metrics import TaskMetrics
+
+
+@dataclass
+class History:
+    """Per-epoch logs, like Keras' History: `history.history["val_loss"]` is a list."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return {key: [logs[key] for logs in self.epochs] for key in (self.epochs[0] if self.epochs else {})}
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+
+class _Record(Callback):
+    def __init__(self, history: History) -> None:
+        self.history = history
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.history.epochs.append(dict(state.logs))
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights, same batch order, same dropout masks (on CPU, bit for bit)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    metrics: TaskMetrics,
+    device: torch.device,
+    callbacks: Sequence[Callback] = (),
+    precision: str = "32",
+    grad_clip: float | None = None,
+) -> History:
+    """Train for up to `epochs` epochs, validating after each; returns the History."""
+    history = History()
+    callbacks = [_Record(history), *callbacks]
+    model.to(device)
+    metrics.to(device)
+    amp_dtype = autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = FitState(model=model, optimizer=optimizer, epochs=epochs)
+    for callback in callbacks:
+        callback.on_fit_start(state)
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            batch_losses = torch.zeros(len(train_loader), device=device)  # summed on device: no sync per step
+            seen = 0
+            for batch, (x, y) in enumerate(train_loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, amp_dtype):
+                    loss = loss_fn(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                batch_losses[batch] = loss.detach() * len(y)
+                seen += len(y)
+            _check_finite(batch_losses, epoch)
+            state.epoch = epoch
+            state.logs = {"train_loss": float(batch_losses.sum()) / seen}
+            state.logs.update(evaluate(model, val_loader, loss_fn, metrics, device, "val", amp_dtype))
+            for callback in callbacks:
+                callback.on_epoch_end(state)
+            if state.stop:
+                break
+    finally:
+        for callback in callbacks:
+            callback.on_fit_end(state)
+    return history
+
+
+def evaluate(
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    metrics: TaskMetrics,
+    device: torch.device,
+    split: str = "test",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Loss and task metrics over every row of `loader`, as `<split>_<metric>`."""
+    model.eval()
+    total, seen = torch.zeros((), device=device), 0
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                outputs = model(x)
+            total += loss_fn(outputs.float(), y) * len(y)
+            seen += len(y)
+            metrics.update(outputs, y)
+    logs = {"loss": float(total) / seen, **metrics.compute()}
+    return {f"{split}_{name}": value for name, value in logs.items()}
+
+
+def predict_outputs(model: nn.Module, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Raw model outputs for a feature matrix, in eval mode, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return torch.cat([model(chunk.to(device)).float().cpu() for chunk in features.split(batch_size)])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _check_finite(batch_losses: torch.Tensor, epoch: int) -> None:
+    bad = torch.nonzero(~torch.isfinite(batch_losses))
+    if len(bad):
+        batch = int(bad[0])
+        raise TrainingError(
+            f"the loss became {float(batch_losses[batch])} at epoch {epoch}, batch {batch + 1}; "
+            "lower the learning rate (--lr), set --grad-clip, or check the data for extreme values"
+        )
