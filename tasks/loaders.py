@@ -32,11 +32,11 @@ class BatchIndices(Sampler[torch.Tensor]):
         return full + int(rest > 0 and not self.drop_last)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self.shuffle:
-            order = torch.randperm(self.n_rows, generator=self.generator)
-        else:
-            order = torch.arange(self.n_rows)
-        return iter(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self)))
+        # A generator: the permutation is drawn at the first batch, not when iter() is called.
+        # DataLoader's worker iterator calls iter() twice at start; an eager draw would skip one.
+        order = torch.randperm(self.n_rows, generator=self.generator) if self.shuffle else torch.arange(self.n_rows)
+        for i in range(len(self)):
+            yield order[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 class GatherDataset(Dataset[Batch]):

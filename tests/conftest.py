@@ -1,0 +1,79 @@
+"""Shared fixtures: real Prefect (test harness), real MLflow (sqlite in tmp_path), real torch.
+
+The environment is pointed at a throwaway FITFLOW_HOME and PREFECT_HOME before prefect is
+imported, so no test reads or writes the developer's own stores or caches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="fitflow-tests-"))
+os.environ["FITFLOW_HOME"] = str(_SESSION_HOME / "fitflow")
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True)
+
+from flows.runtime import configure_environment  # noqa: E402
+
+configure_environment()
+os.environ.pop("MLFLOW_TRACKING_URI")  # each test that tracks sets its own store (fixture below)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the session (each harness migrates a fresh database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def write_mixed_classification_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
+    """Numeric and string features with missing values, and string labels."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=rows)
+    x2 = rng.normal(loc=50, scale=10, size=rows)
+    colour = rng.choice(["red", "green", "blue"], size=rows)
+    signal = 2 * x1 + (colour == "red") * 2.5 - (colour == "blue") * 1.5 + (x2 - 50) / 20
+    frame = pd.DataFrame({
+        "x1": x1,
+        "x2": x2,
+        "colour": colour,
+        "label": np.where(signal + rng.normal(scale=0.3, size=rows) > 0.3, "yes", "no"),
+    })
+    frame.loc[rng.choice(rows, 25, replace=False), "x2"] = np.nan
+    frame.loc[rng.choice(rows, 20, replace=False), "colour"] = np.nan
+    frame.to_csv(path, index=False)
+    return path
+
+
+def write_regression_csv(path: Path, rows: int = 500, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=rows), rng.uniform(0, 10, size=rows)
+    kind = rng.choice(["a", "b"], size=rows)
+    price = 100 + 30 * x1 + 5 * x2 + np.where(kind == "a", 20.0, -20.0) + rng.normal(scale=2, size=rows)
+    pd.DataFrame({"x1": x1, "x2": x2, "kind": kind, "price": price}).to_csv(path, index=False)
+    return path

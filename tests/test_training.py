@@ -1,0 +1,147 @@
+"""Model and loop tests on real torch, no Prefect, no MLflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flows.config import TrainConfig
+from flows.steps import build_loaders, prep_spec, train_model
+from tasks.callbacks import BestWeights, Callback, EarlyStopping, Monitor
+from tasks.data import load_table, prepare
+from tasks.errors import ConfigError, TrainingError
+from tasks.loaders import make_loader
+from tasks.models import MLP, build_model, model_spec
+
+
+@pytest.fixture(scope="module")
+def breast_cancer():
+    config = TrainConfig(epochs=8)
+    return config, prepare(load_table(config.data), prep_spec(config))
+
+
+def test_loader_gathers_every_row_once_per_epoch_in_a_seeded_order():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1)
+    y = np.arange(10)
+    loader = make_loader(x, y, batch_size=4, shuffle=True, seed=1)
+    first = torch.cat([yb for _, yb in loader])
+    second = torch.cat([yb for _, yb in loader])
+    assert sorted(first.tolist()) == list(range(10)) and len(loader) == 3
+    assert first.tolist() != second.tolist()  # reshuffled each epoch
+    again = make_loader(x, y, batch_size=4, shuffle=True, seed=1)
+    assert torch.cat([yb for _, yb in again]).tolist() == first.tolist()
+    for xb, yb in loader:
+        assert torch.equal(xb[:, 0].long(), yb)  # features stay aligned with their targets
+    assert len(make_loader(x, y, batch_size=4, shuffle=True, drop_last=True)) == 2
+    assert [len(yb) for _, yb in make_loader(x, y, batch_size=4)] == [4, 4, 2]
+
+
+def test_loader_with_workers_yields_the_same_batches():
+    x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    y = np.arange(50)
+    main = [yb.tolist() for _, yb in make_loader(x, y, 16, shuffle=True, seed=3)]
+    workers = [yb.tolist() for _, yb in make_loader(x, y, 16, shuffle=True, seed=3, num_workers=1)]
+    assert main == workers
+
+
+def test_mlp_options():
+    model = MLP(5, 3, hidden_sizes=[8, 4], activation="gelu", dropout=0.2, batch_norm=True)
+    kinds = [type(layer).__name__ for layer in model]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Dropout", "Linear", "BatchNorm1d", "GELU", "Dropout", "Linear"]
+    assert model(torch.zeros(4, 5)).shape == (4, 3)
+
+
+def test_custom_model_by_import_path_and_clear_errors():
+    model = build_model(model_spec("custom_models:TinyNet", 4, 2, {"width": 3}))
+    assert model.body[0].out_features == 3
+    with pytest.raises(ConfigError, match="cannot import model"):
+        build_model(model_spec("no_such_pkg.nets:Net", 4, 2, {}))
+    with pytest.raises(ConfigError, match="must accept in_features"):
+        build_model(model_spec("custom_models:TinyNet", 4, 2, {"depth": 3}))
+
+
+def test_training_is_reproducible_and_learns(breast_cancer):
+    config, prepared = breast_cancer
+    first = train_model(config, prepared, build_loaders(config, prepared))
+    second = train_model(config, prepared, build_loaders(config, prepared))
+    assert first.history.epochs == second.history.epochs
+    losses = first.history.history["train_loss"]
+    assert losses[-1] < losses[0] * 0.5
+    assert set(first.history.history) == {"train_loss", "val_loss", "val_accuracy", "val_f1_macro", "val_auroc"}
+
+
+def test_non_finite_loss_names_epoch_and_batch(breast_cancer):
+    _, prepared = breast_cancer
+    config = TrainConfig(model="custom_models:NaNAfterFirstStep", epochs=3)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, batch 2"):
+        train_model(config, prepared, build_loaders(config, prepared))
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(breast_cancer):
+    _, prepared = breast_cancer
+    config = TrainConfig(epochs=200, patience=3, lr=0.01)
+    trained = train_model(config, prepared, build_loaders(config, prepared))
+    val_losses = trained.history.history["val_loss"]
+    assert len(val_losses) < 200
+    assert trained.best_epoch == int(np.argmin(val_losses)) + 1
+    assert len(val_losses) == trained.best_epoch + 3
+
+
+def test_best_weights_callback_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    from tasks.callbacks import FitState
+
+    state = FitState(model=model, optimizer=optimizer, epochs=3)
+    best = BestWeights(Monitor("val_loss"), tmp_path / "best.pt")
+    for epoch, loss in enumerate([0.5, 0.3, 0.4], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        state.epoch, state.logs = epoch, {"val_loss": loss}
+        best.on_epoch_end(state)
+    best.on_fit_end(state)
+    assert model.weight.flatten().tolist() == [2.0, 2.0]  # epoch 2's weights restored
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert saved["epoch"] == 2 and saved["score"] == 0.3 and set(saved) >= {"model", "optimizer"}
+
+
+def test_early_stopping_min_delta_and_max_mode():
+    monitor = Monitor("val_accuracy", min_delta=0.05)
+    stopper = EarlyStopping(monitor, patience=2)
+    from tasks.callbacks import FitState
+
+    state = FitState(model=torch.nn.Linear(1, 1), optimizer=None, epochs=10)
+    for epoch, acc in enumerate([0.80, 0.90, 0.93, 0.94], start=1):  # +0.03 and +0.04 are below min_delta
+        state.epoch, state.logs = epoch, {"val_accuracy": acc}
+        stopper.on_epoch_end(state)
+    assert state.stop and monitor.best == 0.90
+
+
+def test_unknown_monitor_is_a_config_error(breast_cancer):
+    _, prepared = breast_cancer
+    config = TrainConfig(monitor="val_rmse")
+    with pytest.raises(ConfigError, match="monitor 'val_rmse' is not logged for classification"):
+        train_model(config, prepared, build_loaders(config, prepared))
+
+
+def test_callbacks_see_every_epoch(breast_cancer):
+    config, prepared = breast_cancer
+
+    class Count(Callback):
+        epochs: list[int] = []
+
+        def on_epoch_end(self, state):
+            self.epochs.append(state.epoch)
+
+    from tasks.training import fit
+    from flows.steps import task_metrics
+    from tasks.compile import make_loss, make_optimizer
+
+    loaders = build_loaders(config, prepared)
+    model = build_model(model_spec("mlp", prepared.preprocessor.n_features, 2, {}))
+    counter = Count()
+    history = fit(model, loaders.train, loaders.val, epochs=3, optimizer=make_optimizer("sgd", model.parameters(), 0.01),
+                  loss_fn=make_loss("auto", "classification"), metrics=task_metrics(prepared),
+                  device=torch.device("cpu"), callbacks=[counter])
+    assert counter.epochs == [1, 2, 3] and len(history) == 3
