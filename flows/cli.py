@@ -72,10 +72,12 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
     config = load_config(args.config, **overrides)
 
-    from flows.runtime import configure_environment
+    from flows.runtime import configure_environment, quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
     from flows.train import train
+
+    quiet_user_error_tracebacks()
 
     result = train(config)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")

@@ -53,3 +53,24 @@ def configure_environment() -> None:
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     logging.getLogger("fitflow").setLevel(logging.INFO)  # Prefect forwards it (PREFECT_LOGGING_EXTRA_LOGGERS)
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Drop the traceback from Prefect's failure logs when the error is the user's to fix.
+
+    The message of a FitflowError already says what is wrong and how to fix it; a page of
+    engine frames above it only hides that line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.errors import FitflowError
+
+        if record.exc_info and isinstance(record.exc_info[1], FitflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Install the filter on Prefect's run loggers (after prefect configured its logging)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorWithoutTraceback())

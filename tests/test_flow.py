@@ -1,0 +1,119 @@
+"""End-to-end: the real `train` flow on a real Prefect server and a real MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_mixed_classification_csv, write_regression_csv
+from mlflow.tracking import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+from flows.config import TrainConfig
+from flows.train import train
+from tasks.data import load_table
+from tasks.errors import TrainingError
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def test_train_flow_on_the_shipped_dataset(mlflow_uri):
+    result = train(TrainConfig(experiment="e2e"))
+    assert result.test_metrics["test_accuracy"] >= 0.95
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # params: the whole config plus dataset facts
+    for name in TrainConfig.model_fields:
+        assert name in run.data.params
+    assert run.data.params["epochs"] == "30" and run.data.params["hidden_sizes"] == "[64, 32]"
+    rows = [int(run.data.params[f"data.rows_{split}"]) for split in ("train", "val", "test")]
+    assert sum(rows) == 569 and rows[1] == rows[2] == 86 and run.data.params["data.n_classes"] == "2"
+    # per-epoch metrics with step = epoch, Keras-style names; test metrics at the end
+    epochs = result.epochs_trained
+    for name in ("train_loss", "val_loss", "val_accuracy", "val_f1_macro", "val_auroc"):
+        steps = [m.step for m in client.get_metric_history(result.run_id, name)]
+        assert sorted(steps) == list(range(1, epochs + 1)), name
+    assert {"test_loss", "test_accuracy", "test_f1_macro", "test_auroc"} <= set(run.data.metrics)
+    # the dataset as a run input, with its digest
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest and dataset_input.dataset.name == "breast_cancer"
+    assert run.data.tags["fitflow.dataset_digest"] == dataset_input.dataset.digest
+    # artifacts: learning curves and the best checkpoint
+    artifacts = {a.path for folder in ("plots", "checkpoints") for a in client.list_artifacts(result.run_id, folder)}
+    assert artifacts == {"plots/learning_curves.png", "checkpoints/best.pt"}
+    # the MLflow run and the Prefect flow run point at each other
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        assert f"mlflow_run_id:{result.run_id}" in prefect.read_flow_run(flow_run_id).tags
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert {"train-summary", "mlflow-run"} <= {a.key for a in artifacts}
+    # the model predicts raw rows of the original file in the original label space
+    raw = load_table("breast_cancer")
+    predictions = mlflow.pyfunc.load_model(result.model_uri).predict(raw.drop(columns=["diagnosis"]))
+    assert set(predictions["prediction"]) <= {"malignant", "benign"}
+    assert (predictions["prediction"] == raw["diagnosis"]).mean() > 0.95
+    assert np.allclose(predictions[["probability_benign", "probability_malignant"]].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_same_seed_same_metrics_and_the_prep_cache_is_hit(mlflow_uri):
+    config = TrainConfig(epochs=4, patience=0, experiment="determinism")
+    first = train(config)
+    second = train(config)
+    assert first.history == second.history and first.test_metrics == second.test_metrics
+    client = MlflowClient(mlflow_uri)
+    second_flow_run = client.get_run(second.run_id).data.tags["prefect.flow_run_id"]
+    assert _task_states(second_flow_run)["prepare"] == "Cached"
+    other = train(config.model_copy(update={"seed": 1}))
+    assert other.history != first.history
+    other_flow_run = client.get_run(other.run_id).data.tags["prefect.flow_run_id"]
+    assert _task_states(other_flow_run)["prepare"] == "Completed"  # the seed changes the split
+
+
+def test_regression_target(mlflow_uri, tmp_path):
+    path = write_regression_csv(tmp_path / "houses.csv")
+    result = train(TrainConfig(data=str(path), target="price", epochs=60, lr=0.01, experiment="regression"))
+    assert result.test_metrics["test_r2"] > 0.9
+    assert {"val_rmse", "val_mae", "val_r2"} <= set(result.history)
+    raw = pd.read_csv(path)
+    predicted = mlflow.pyfunc.load_model(result.model_uri).predict(raw.drop(columns=["price"]))["prediction"]
+    assert np.sqrt(np.mean((predicted - raw["price"]) ** 2)) < 0.5 * raw["price"].std()
+
+
+def test_csv_with_string_categoricals_missing_values_and_string_labels(mlflow_uri, tmp_path):
+    path = write_mixed_classification_csv(tmp_path / "mixed.csv")
+    result = train(TrainConfig(data=str(path), target="label", epochs=40, experiment="mixed"))
+    assert result.test_metrics["test_accuracy"] > 0.8
+    raw = pd.read_csv(path)
+    rows = raw.drop(columns=["label"])
+    rows.loc[0, "colour"] = "purple"  # unseen category: documented as all-zero one-hot
+    predictions = mlflow.pyfunc.load_model(result.model_uri).predict(rows)
+    assert set(predictions["prediction"]) <= {"yes", "no"}
+
+
+def test_custom_module_by_import_path(mlflow_uri):
+    config = TrainConfig(model="custom_models:TinyNet", model_kwargs={"width": 16}, epochs=5, experiment="custom")
+    result = train(config)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    assert len(model.predict(load_table("breast_cancer").head(3))) == 3
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).data.params["model"] == "custom_models:TinyNet"
+
+
+def test_a_failing_run_ends_failed_with_the_error(mlflow_uri):
+    with pytest.raises(TrainingError, match="epoch 1, batch 2"):
+        train(TrainConfig(model="custom_models:NaNAfterFirstStep", experiment="failing"))
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "loss became nan at epoch 1, batch 2" in run.data.tags["fitflow.error"]
