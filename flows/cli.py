@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"fitflow: error: {message} (see {self.prog} --help)\n")
 
 
 def _json_object(text: str) -> dict[str, Any]:

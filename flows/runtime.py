@@ -73,4 +73,6 @@ class _UserErrorWithoutTraceback(logging.Filter):
 def quiet_user_error_tracebacks() -> None:
     """Install the filter on Prefect's run loggers (after prefect configured its logging)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_UserErrorWithoutTraceback())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorWithoutTraceback())

@@ -27,6 +27,10 @@ from flows.runtime import configure_environment  # noqa: E402
 configure_environment()
 os.environ.pop("MLFLOW_TRACKING_URI")  # each test that tracks sets its own store (fixture below)
 
+# Import prefect now, while pytest's session-wide capture is in place: Prefect binds its console
+# log handler to the sys.stderr of the moment, and a test's capsys stream is closed after it.
+import prefect.main  # noqa: E402, F401  (configures logging)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

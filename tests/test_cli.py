@@ -1,0 +1,122 @@
+"""The CLI contract: flags and YAML for every field; bad input -> exit 2, one line, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from flows.config import TrainConfig, load_config
+from tasks.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = "x,y,label\n"
+ROWS = "".join(f"{i},{i % 7},{'ab'[i % 2]}\n" for i in range(60))
+
+
+def _runs(uri: str) -> list:
+    if not os.path.exists(uri.removeprefix("sqlite:///")):
+        return []  # no store was even created: the input was rejected before tracking began
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _write(tmp_path: Path, name: str, content: str | bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing file": (lambda p: ["--data", str(p / "nope.csv")], "data file not found"),
+    "empty file": (lambda p: ["--data", _write(p, "empty.csv", "")], "is empty"),
+    "header only": (lambda p: ["--data", _write(p, "header.csv", HEADER)], "header but no data rows"),
+    "binary file": (lambda p: ["--data", _write(p, "bin.csv", bytes(range(256)) * 4)], "not a readable CSV"),
+    "extension lies": (lambda p: ["--data", _write(p, "fake.parquet", HEADER + ROWS)], "is not a Parquet file"),
+    "missing target": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--target", "lable"], "did you mean 'label'"),
+    "target all missing": (lambda p: ["--data", _write(p, "nolabel.csv", HEADER + "".join(f"{i},{i},\n" for i in range(60)))], "has no values"),
+    "single class": (lambda p: ["--data", _write(p, "one.csv", HEADER + "".join(f"{i},{i},a\n" for i in range(60)))], "single class"),
+    "too few rows": (lambda p: ["--data", _write(p, "few.csv", HEADER + "1,2,a\n2,3,b\n3,4,a\n")], "too few to split"),
+    "garbage in numeric column": (
+        lambda p: ["--data", _write(p, "garbage.csv", HEADER + ROWS + "oops,1,a\n")],
+        "column 'x' row 61: 'oops' is not a number",
+    ),
+    "infinite value": (lambda p: ["--data", _write(p, "inf.csv", HEADER + ROWS + "inf,1,b\n")], "column 'x' row 61 holds an infinite value"),
+    "duplicate columns": (lambda p: ["--data", _write(p, "dup.csv", "x,x,label\n" + ROWS)], "duplicate column names: 'x'"),
+    "negative epochs": (lambda p: ["--epochs", "-3"], "'epochs': Input should be greater than or equal to 1"),
+    "unknown optimizer": (lambda p: ["--optimizer", "adamax"], "invalid choice: 'adamax'"),
+    "unknown yaml field": (lambda p: ["--config", _write(p, "c.yaml", "epoch: 3\n")], "unknown config field 'epoch'"),
+    "invalid yaml value": (lambda p: ["--config", _write(p, "c.yaml", "optimizer: adamax\n")], "invalid config value for 'optimizer'"),
+}
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse rejects unknown choices before main's body runs
+        return exit.code
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_clear_line(case, tmp_path, mlflow_uri, capsys):
+    make_args, message = BAD_INPUTS[case]
+    args = make_args(tmp_path)
+    if "--data" in args and "--target" not in args:
+        args += ["--target", "label"]
+    if "--epochs" not in args:
+        args += ["--epochs", "2"]
+    assert _exit_code(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fitflow: error:") and message in last, last
+    assert not [run for run in _runs(mlflow_uri) if run.info.status == "RUNNING"]
+
+
+def test_yaml_file_and_flag_overrides(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 7\nhidden_sizes: [16, 8]\noptimizer: sgd\n")
+    config = load_config(path, epochs="3")
+    assert (config.epochs, config.hidden_sizes, config.optimizer) == (3, [16, 8], "sgd")
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_config_field_is_a_flag():
+    from flows.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {opt for action in train._actions for opt in action.option_strings}
+    for name in TrainConfig.model_fields:
+        assert "--" + name.replace("_", "-") in flags
+
+
+def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
+    """The installed `fitflow` command: a real run, then a bad file, against the test server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    exe = Path(sys.executable).with_name("fitflow")
+    ok = subprocess.run([str(exe), "train", "--epochs", "3", "--experiment", "cli"], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "MLflow run:" in ok.stdout and "test_accuracy=" in ok.stdout
+    (run,) = _runs(env["MLFLOW_TRACKING_URI"])
+    assert run.info.status == "FINISHED" and run.info.run_id in ok.stdout
+
+    bad = subprocess.run([str(exe), "train", "--data", str(tmp_path / "missing.csv")], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("fitflow: error: data file not found")
+
+
+def test_help_documents_the_fields():
+    out = subprocess.run([str(Path(sys.executable).with_name("fitflow")), "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for text in ("--batch-size", "--lr", "--experiment", "Rows per training step", "{adam,adamw,sgd}"):
+        assert text in out.stdout
