@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -102,12 +108,25 @@ def test_csv_with_string_categoricals_missing_values_and_string_labels(mlflow_ur
     assert set(predictions["prediction"]) <= {"yes", "no"}
 
 
-def test_custom_module_by_import_path(mlflow_uri):
+def test_custom_module_by_import_path(mlflow_uri, tmp_path):
     config = TrainConfig(model="custom_models:TinyNet", model_kwargs={"width": 16}, epochs=5, experiment="custom")
     result = train(config)
-    model = mlflow.pyfunc.load_model(result.model_uri)
-    assert len(model.predict(load_table("breast_cancer").head(3))) == 3
     assert MlflowClient(mlflow_uri).get_run(result.run_id).data.params["model"] == "custom_models:TinyNet"
+    # A fresh process where the test helpers are not importable, with pickle loading forbidden:
+    # the model must bring its own code (code_paths) and load without any pickle.
+    script = (
+        "import mlflow, pandas as pd, sys; "
+        "m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "rows = pd.read_csv(sys.argv[2]).drop(columns=['diagnosis']).head(3); "
+        "print(list(m.predict(rows)['prediction']))"
+    )
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("PYTHONPATH", None)
+    data = Path(__file__).resolve().parents[1] / "data" / "breast_cancer.csv"
+    out = subprocess.run([sys.executable, "-c", script, result.model_uri, str(data)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert set(ast.literal_eval(out.stdout.strip().splitlines()[-1])) <= {"malignant", "benign"}
 
 
 def test_a_failing_run_ends_failed_with_the_error(mlflow_uri):
