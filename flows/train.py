@@ -110,7 +110,7 @@ def log_outcome(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, ru
     if trained.checkpoint is not None:
         tracking.log_artifact(run.client, run.run_id, trained.checkpoint, "checkpoints")
     example = table.drop(columns=[config.target]).head(5)
-    model_uri = tracking.log_pyfunc_model(run.run_id, trained.model, trained.spec, prepared.preprocessor, example)
+    model_uri = tracking.log_pyfunc_model(run.client, run.run_id, trained.model, trained.spec, prepared.preprocessor, example)
     run.client.set_tag(run.run_id, "fitflow.model_uri", model_uri)
     return model_uri
 

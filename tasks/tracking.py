@@ -121,6 +121,7 @@ class MlflowMetrics(Callback):
 
 
 def log_pyfunc_model(
+    client: MlflowClient,
     run_id: str,
     model: torch.nn.Module,
     spec: dict[str, Any],
@@ -146,11 +147,17 @@ def log_pyfunc_model(
                                        "model_spec": str(files["model_spec.json"]),
                                        "weights": str(files["weights.pt"])}))
         signature = infer_signature(example, serving.predict(None, example))
+        # Created here, in the run's experiment: left to MLflow, the model would land in the
+        # fluent "active" experiment (Default, artifacts in the CWD's ./mlruns).
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                            params=run.data.params, tags={"fitflow.model": spec["model"]})
         info = Model.log(
             artifact_path=None,
             name="model",
             flavor=mlflow.pyfunc,
             run_id=run_id,
+            model_id=logged.model_id,
             python_model=str(MODEL_CODE),
             artifacts={"preprocessor": str(files["preprocessor.json"]),
                        "model_spec": str(files["model_spec.json"]),

@@ -31,8 +31,11 @@ def _task_states(flow_run_id: str) -> dict[str, str]:
         return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
-def test_train_flow_on_the_shipped_dataset(mlflow_uri):
+def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")  # nothing may be written relative to the working directory
+    before = set(os.listdir("."))
     result = train(TrainConfig(experiment="e2e"))
+    assert set(os.listdir(".")) == before
     assert result.test_metrics["test_accuracy"] >= 0.95
 
     client = MlflowClient(mlflow_uri)
@@ -65,6 +68,10 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     assert {"train-summary", "mlflow-run"} <= {a.key for a in artifacts}
+    # the model is a LoggedModel of the run, in the run's experiment, stored beside the database
+    logged = client.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == result.run_id
+    assert logged.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     # the model predicts raw rows of the original file in the original label space
     raw = load_table("breast_cancer")
     predictions = mlflow.pyfunc.load_model(result.model_uri).predict(raw.drop(columns=["diagnosis"]))
