@@ -9,9 +9,10 @@ it appears in all four. This module imports only pydantic so that `fitflow --hel
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -180,3 +181,20 @@ def describe_validation_error(err: ValidationError, source: str | None = None) -
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     return f"invalid config value for '{field}'{where}: {message}{got_text}{more}"
+
+
+def as_flow_signature(return_annotation: Any = Any) -> inspect.Signature:
+    """TrainConfig's fields as keyword-only parameters, for a flow that takes them flat.
+
+    Prefect builds a deployment's parameter schema (the UI form, and what `prefect deployment
+    run --param epochs=3` validates) from the flow function's signature. Constraints travel
+    in the annotation (Annotated[int, Ge(1)]), descriptions in the default's FieldInfo.
+    """
+    parameters = []
+    for name, field in TrainConfig.model_fields.items():
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        parameters.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+            default=Field(field.default, description=field.description),
+        ))
+    return inspect.Signature(parameters, return_annotation=return_annotation)

@@ -18,15 +18,16 @@ from prefect import flow, get_client, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from flows.config import TrainConfig
+from flows.config import TrainConfig, as_flow_signature, describe_validation_error
 from flows.runtime import artifact_location, fitflow_home, tracking_uri
 from flows.steps import (
     Run, Trained, load_table_task, make_loaders_task, prep_spec, prepare_task, test_model_task, train_model_task,
 )
 from tasks import tracking
 from tasks.data import Prepared, resolve_source
+from tasks.errors import ConfigError
 from tasks.plots import plot_learning_curves
 
 log = logging.getLogger("fitflow")
@@ -43,9 +44,14 @@ class TrainResult(BaseModel):
     test_metrics: dict[str, float]
 
 
-@flow(name="train", description="Train a PyTorch model on a table and track it in MLflow.")
-def train(config: TrainConfig = TrainConfig()) -> TrainResult:
+def train(config: TrainConfig) -> TrainResult:
+    """Run the `train` flow for a config (from Python, the CLI and tests)."""
+    return train_flow(**config.model_dump())
+
+
+def _train(**fields) -> TrainResult:
     """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
+    config = config_from_parameters(fields)
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
     prepared = prepare_task(table, prep_spec(config), validation)
@@ -63,6 +69,22 @@ def train(config: TrainConfig = TrainConfig()) -> TrainResult:
     )
     publish_summary(config, result)
     return result
+
+
+# The flow takes the config's fields as flat parameters (JSON data): the deployment's form shows
+# each field with its description, default, bounds and choices, and `prefect deployment run
+# 'train/default' --param epochs=3` works. The signature is generated, so TrainConfig stays the
+# single source of truth.
+_train.__signature__ = as_flow_signature(TrainResult)
+train_flow = flow(name="train", description="Train a PyTorch model on a table and track it in MLflow.")(_train)
+
+
+def config_from_parameters(fields: dict) -> TrainConfig:
+    """Validate flow parameters as a TrainConfig; a bad value fails before any work starts."""
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
 
 
 @task(name="start_run", cache_policy=NO_CACHE)
