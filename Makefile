@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test mlflow-ui clean-state
+.PHONY: setup run test mlflow-ui clean-state prefect-server deploy serve
 
 $(BIN)/fitflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,15 @@ mlflow-ui: setup
 
 clean-state:
 	rm -rf .fitflow
+
+# Team / server path (see README "Scheduled and UI-triggered runs"): a Prefect server on
+# 127.0.0.1:4200, then the deployments of prefect.yaml, served (`serve`) or for workers (`deploy`).
+prefect-server: setup
+	PREFECT_HOME="$(or $(FITFLOW_HOME),$(CURDIR)/.fitflow)/prefect" $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: setup
+	$(BIN)/fitflow setup --gpus $(or $(GPUS),1)
+	FITFLOW_REPO="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
+
+serve: setup
+	$(BIN)/fitflow serve --limit $(or $(GPUS),1)

@@ -13,7 +13,7 @@ import typing
 from typing import Any, NoReturn
 
 from flows.config import TrainConfig, load_config
-from tasks.errors import FitflowError
+from tasks.errors import ConfigError, FitflowError
 
 EXIT_USAGE = 2
 
@@ -65,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
     _add_config_flags(train)
     train.set_defaults(handler=_train)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the deployments of prefect.yaml, schedules included, from this process",
+        description="Serve every deployment of prefect.yaml with its schedules (Prefect's serve): the quick path "
+        "for one machine without a work pool. Needs a Prefect server (PREFECT_API_URL).",
+    )
+    serve.add_argument("--limit", type=int, default=1, metavar="N", help="flow runs at once (default: 1, one per GPU)")
+    serve.set_defaults(handler=_serve)
+
+    setup = commands.add_parser(
+        "setup",
+        help="create the gpu-pool work pool and the GPU concurrency limits on the Prefect server",
+        description="Create or update the work pool 'gpu-pool' (process type) and the 'gpu' tag concurrency "
+        "limit of the training task, both to N concurrent training runs. Needs PREFECT_API_URL.",
+    )
+    setup.add_argument("--gpus", type=int, default=1, metavar="N", help="concurrent training runs (default: 1)")
+    setup.set_defaults(handler=_setup)
     return parser
 
 
@@ -84,6 +102,32 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.runtime import configure_environment
+
+    configure_environment()
+    from flows.deployments import serve
+
+    serve(limit=_positive(args.limit, "--limit"))
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from flows.runtime import configure_environment
+
+    configure_environment()
+    from flows.deployments import setup
+
+    setup(gpus=_positive(args.gpus, "--gpus"))
+    return 0
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{flag} must be at least 1 (got {value})")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

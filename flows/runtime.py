@@ -24,6 +24,8 @@ PREFECT_DEFAULTS = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "fitflow",
     # the plain functions log through "fitflow" outside flow runs too (notebooks, tests)
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # MLflow draws download bars when it validates a model's input example: noise in run logs
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
