@@ -75,22 +75,37 @@ class BestWeights(Callback):
             return
         self.best_state = copy.deepcopy(state.model.state_dict())
         if self.path is not None:
-            checkpoint = {
-                "epoch": state.epoch,
-                "monitor": self.monitor.metric,
-                "score": self.monitor.best,
-                "model": state.model.state_dict(),
-                "optimizer": state.optimizer.state_dict(),
-            }
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".partial")
-            torch.save(checkpoint, partial)
-            os.replace(partial, self.path)  # atomic: a crash never leaves a half-written checkpoint
+            save_checkpoint(self.path, state, monitor=self.monitor.metric, score=self.monitor.best)
 
     def on_fit_end(self, state: FitState) -> None:
         if self.best_state is not None:
             state.model.load_state_dict(self.best_state)
             log.info("restored the best weights: epoch %d, %s=%.4f", self.monitor.best_epoch, self.monitor.metric, self.monitor.best)
+
+
+class LastCheckpoint(Callback):
+    """Writes the state after every epoch: a cancelled or crashed run keeps its last epoch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        save_checkpoint(self.path, state)
+
+
+def save_checkpoint(path: Path, state: FitState, **extra: Any) -> None:
+    """Model and optimizer state dicts, the epoch and its logs; written atomically."""
+    checkpoint = {
+        "epoch": state.epoch,
+        "logs": dict(state.logs),
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
 class EarlyStopping(Callback):

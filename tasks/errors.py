@@ -19,3 +19,7 @@ class DataError(FitflowError):
 
 class TrainingError(FitflowError):
     """Training cannot go on (a NaN/inf loss, a model that does not fit the data)."""
+
+
+class TrackingError(FitflowError):
+    """The MLflow tracking store cannot be reached or refuses this client."""

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.callbacks import Callback, FitState
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, TrackingError
 
 log = logging.getLogger("fitflow")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -36,11 +36,16 @@ def local_store_uri(home: Path) -> str:
 
 
 def prepare_store(uri: str) -> None:
-    """Create or migrate a local sqlite store under a file lock.
+    """Make sure the store can take a run before any training starts.
 
-    Several processes opening a fresh sqlite store at once race in MLflow's migrations and
-    crash (GUIDE.md 2.1); the first one through the lock migrates, the others find it done.
+    A tracking server is asked one cheap question with a short timeout: MLflow's client would
+    otherwise retry for minutes before failing. A local sqlite store is created or migrated
+    under a file lock: several processes opening a fresh one at once race in MLflow's
+    migrations and crash (GUIDE.md 2.1); the first through the lock migrates.
     """
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+        return
     if not uri.startswith("sqlite:///"):
         return
     from filelock import FileLock
@@ -49,6 +54,27 @@ def prepare_store(uri: str) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=300):
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Raise TrackingError (naming the URI and the cause) unless the server answers an API call."""
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    headers = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"} if os.environ.get("MLFLOW_TRACKING_TOKEN") else {}
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                                auth=(user, password) if user else None, headers=headers, timeout=timeout)
+    except requests.Timeout:
+        raise TrackingError(f"MLflow tracking server {uri} did not answer within {timeout:.0f} s; check that it is up (MLFLOW_TRACKING_URI)") from None
+    except requests.RequestException as err:
+        cause = type(err).__name__ + (": connection refused" if "refused" in str(err).lower() else "")
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({cause}); start it or fix MLFLOW_TRACKING_URI") from None
+    if response.status_code in (401, 403):
+        raise TrackingError(f"MLflow tracking server {uri} refused the credentials (HTTP {response.status_code}); "
+                            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server")
+    if response.status_code >= 400:
+        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status_code} ({response.text[:200].strip()}); check MLFLOW_TRACKING_URI")
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
@@ -73,7 +99,8 @@ def fail_on_error(client: MlflowClient, run_id: str) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        # Not an Exception: an interrupt, exit, or Prefect's TerminationSignal on cancellation.
+        status = "FAILED" if isinstance(err, Exception) else "KILLED"
         client.set_tag(run_id, "fitflow.error", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(run_id, status)
         raise
