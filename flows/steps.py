@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks import tracking
-from tasks.callbacks import BestWeights, EarlyStopping, LRSchedule, Monitor, Progress
+from tasks.callbacks import BestWeights, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
 from tasks.device import resolve_device
@@ -95,6 +95,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     if scheduler is not None:
         callbacks.append(LRSchedule(scheduler, monitor))
     if run is not None:
+        callbacks.append(LastCheckpoint(run.checkpoint_dir / "last.pt"))  # what a cancelled run keeps
         callbacks.append(tracking.MlflowMetrics(run.client, run.run_id))
     log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
     history = fit(
@@ -134,5 +135,7 @@ load_table_task = task(load_table, name="load_table", retries=2, retry_delay_sec
 prepare_task = task(prepare, name="prepare", cache_key_fn=_prepare_cache_key,
                     cache_expiration=timedelta(days=30), persist_result=True)
 make_loaders_task = task(build_loaders, name="make_loaders", cache_policy=NO_CACHE)
-train_model_task = task(train_model, name="train_model", cache_policy=NO_CACHE, tags=["training"])
+# "gpu": `fitflow setup --gpus N` puts a tag concurrency limit on it, so parallel runs (flows,
+# sweep trials) never train more models at once than there are GPUs.
+train_model_task = task(train_model, name="train_model", cache_policy=NO_CACHE, tags=["training", "gpu"])
 test_model_task = task(test_model, name="test_model", cache_policy=NO_CACHE)

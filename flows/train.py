@@ -51,6 +51,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(**fields) -> TrainResult:
     """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
+    log.setLevel(logging.INFO)  # the per-epoch lines are the run's log, also under workers and serve
     config = config_from_parameters(fields)
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
