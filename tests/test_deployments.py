@@ -1,0 +1,142 @@
+"""Deployments on a real Prefect server: prefect.yaml, parameter validation, serve, cancel.
+
+The harness server is a real Prefect API in a subprocess; `prefect deploy` and `fitflow serve`
+run as real processes against it, the way a user runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect import get_client
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+
+from flows.deployments import GPU_POOL, GPU_TAG, deployment_specs
+from flows.train import train
+from flows.config import TrainConfig
+from tasks.errors import TrackingError
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def server_env(tmp_path) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "FITFLOW_REPO": str(REPO),
+            "FITFLOW_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _delete_deployment(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_deployment(client.read_deployment_by_name(name).id)
+        except Exception:  # not there
+            pass
+
+
+def test_setup_and_deploy_all_from_prefect_yaml(server_env):
+    setup = _cli(str(BIN / "fitflow"), "setup", "--gpus", "2", env=server_env)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    deploy = _cli(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", env=server_env)
+    assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(GPU_POOL).concurrency_limit == 2
+        assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
+        for spec in deployment_specs():
+            deployment = client.read_deployment_by_name(f"train/{spec['name']}")
+            assert deployment.work_pool_name == GPU_POOL and deployment.enforce_parameter_schema
+            assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        (schedule,) = client.read_deployment_by_name("train/default").schedules
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+        assert schedule.parameters == {"experiment": "nightly", "epochs": 50}
+        schema = client.read_deployment_by_name("train/default").parameter_openapi_schema["properties"]
+        assert schema["epochs"]["minimum"] == 1 and "description" in schema["batch_size"]
+
+    bad = _cli(str(BIN / "prefect"), "deployment", "run", "train/default", "--param", "epochs=-1", env=server_env)
+    assert "Validation failed for field 'epochs'" in " ".join((bad.stdout + bad.stderr).split())
+    choice = _cli(str(BIN / "prefect"), "deployment", "run", "train/default", "--param", "optimizer=adamax", env=server_env)
+    assert "is not one of ['adam', 'adamw', 'sgd']" in " ".join((choice.stdout + choice.stderr).split())
+    good = _cli(str(BIN / "prefect"), "deployment", "run", "train/default", "--param", "epochs=3", "--param", "lr=0.01",
+                env=server_env)
+    assert good.returncode == 0 and "'epochs': 3" in good.stdout
+
+
+def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
+    _delete_deployment("train/default")  # a work-pool deployment of the same name would shadow the served one
+    serve = subprocess.Popen([str(BIN / "fitflow"), "serve"], cwd=REPO, env=server_env,
+                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_served_deployment("train/default")
+        done = run_deployment("train/default", parameters={"epochs": 3, "patience": 0, "experiment": "served"}, timeout=300)
+        assert done.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+        client = MlflowClient(server_env["MLFLOW_TRACKING_URI"])
+        (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
+        assert run.data.tags["prefect.flow_run_id"] == str(done.id)
+
+        # A long run, cancelled while it trains: it stops, keeps its last epoch, ends KILLED.
+        long = run_deployment("train/default", parameters={"epochs": 100000, "patience": 0, "experiment": "cancelled"},
+                              timeout=0)
+        run_id = _wait_for_epochs(client, "cancelled", at_least=2)
+        with get_client(sync_client=True) as prefect:
+            prefect.set_flow_run_state(long.id, Cancelling(), force=True)
+            deadline = time.monotonic() + 120
+            while not prefect.read_flow_run(long.id).state.is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+            assert prefect.read_flow_run(long.id).state.is_cancelled()
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", run.data.tags.get("fitflow.error")
+        epochs = len(client.get_metric_history(run_id, "val_loss"))
+        time.sleep(3)
+        assert len(client.get_metric_history(run_id, "val_loss")) == epochs  # training has stopped
+        last = Path(server_env["FITFLOW_HOME"]) / "checkpoints" / run_id / "last.pt"
+        assert last.is_file()
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def _wait_for_served_deployment(name: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except Exception:
+                time.sleep(1)
+    raise AssertionError(f"fitflow serve did not register {name}")
+
+
+def _wait_for_epochs(client: MlflowClient, experiment: str, at_least: int, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = client.get_experiment_by_name(experiment) if Path(client.tracking_uri.removeprefix("sqlite:///")).exists() else None
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= at_least:
+            return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no run in '{experiment}' reached {at_least} epochs")
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable"):
+        train(TrainConfig(epochs=2))
+    assert time.monotonic() - started < 30
