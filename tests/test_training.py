@@ -145,3 +145,69 @@ def test_callbacks_see_every_epoch(breast_cancer):
                   loss_fn=make_loss("auto", "classification"), metrics=task_metrics(prepared),
                   device=torch.device("cpu"), callbacks=[counter])
     assert counter.epochs == [1, 2, 3] and len(history) == 3
+
+
+def test_mixed_precision_is_ignored_on_cpu_with_a_log_line(breast_cancer, caplog):
+    config, prepared = breast_cancer
+    config = config.model_copy(update={"precision": "bf16", "epochs": 2})
+    with caplog.at_level("INFO", logger="fitflow"):
+        trained = train_model(config, prepared, build_loaders(config, prepared))
+    assert len(trained.history) == 2
+    assert "precision=bf16 is ignored on cpu" in caplog.text
+
+
+def test_gradient_clipping_bounds_each_step():
+    """SGD with lr=1: each step moves the weights by at most grad_clip (the clipped norm)."""
+    from tasks.metrics import TaskMetrics
+    from tasks.training import fit
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32) * 100
+    y = (x[:, 0] > 0).astype(np.int64)
+    loader = make_loader(x, y, batch_size=16, shuffle=True)
+    model = torch.nn.Linear(4, 2)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    fit(model, loader, loader, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        loss_fn=torch.nn.CrossEntropyLoss(), metrics=TaskMetrics("classification", 2), device=torch.device("cpu"),
+        grad_clip=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < float((after - before).norm()) <= 4 * 1e-3 + 1e-6  # 4 steps
+
+
+def test_lr_schedules_step_per_epoch():
+    from tasks.callbacks import FitState, LRSchedule
+    from tasks.compile import make_scheduler
+
+    model = torch.nn.Linear(1, 1)
+    for name, values, expected in (("step", [1, 1, 1], [0.5, 0.25, 0.125]), ("plateau", [1, 1, 1, 1], [1, 1, 0.5, 0.5])):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        schedule = LRSchedule(make_scheduler(name, optimizer, epochs=10, step_size=1 if name == "step" else 5, gamma=0.5),
+                              Monitor("val_loss"))
+        state = FitState(model=model, optimizer=optimizer, epochs=10)
+        seen = []
+        for epoch, value in enumerate(values, start=1):
+            state.epoch, state.logs = epoch, {"val_loss": value}
+            schedule.on_epoch_end(state)
+            seen.append(optimizer.param_groups[0]["lr"])
+        assert seen == expected, name
+
+
+def test_named_device_must_exist():
+    from tasks.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_progress_bar_on_a_terminal(breast_cancer):
+    from tasks.callbacks import FitState, Progress
+
+    progress = Progress(interactive=True)
+    state = FitState(model=torch.nn.Linear(1, 1), optimizer=None, epochs=2)
+    progress.on_fit_start(state)
+    for epoch in (1, 2):
+        state.epoch, state.logs = epoch, {"train_loss": 0.5, "val_loss": 0.4}
+        progress.on_epoch_end(state)
+    progress.on_fit_end(state)
+    assert progress.bar.tasks[0].completed == 2 and "val_loss=0.4000" in progress.bar.tasks[0].description
