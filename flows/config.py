@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
     precision: Literal["32", "bf16", "fp16"] = Field(
         "32", description="Mixed precision on CUDA; ignored (with a log line) elsewhere."
     )
+    num_threads: int = Field(
+        1, ge=0, le=1024,
+        description="CPU threads for torch (0: torch's default, one per core); 1 avoids oversubscribing shared cores.",
+    )
     num_workers: int = Field(0, ge=0, le=64, description="Loader worker processes (0: gather in the main process, fastest for in-memory data).")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
 

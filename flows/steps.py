@@ -22,7 +22,7 @@ from tasks import tracking
 from tasks.callbacks import BestWeights, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
-from tasks.device import resolve_device
+from tasks.device import resolve_device, set_cpu_threads
 from tasks.errors import ConfigError, FitflowError
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
@@ -82,6 +82,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
                        "dropout": config.dropout, "batch_norm": config.batch_norm})
     model = build_model(spec)
     device = resolve_device(config.device)
+    set_cpu_threads(config.num_threads)
     model.to(device)  # before the optimizer: it must hold the parameters that will be trained
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum)
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)

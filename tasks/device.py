@@ -39,3 +39,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision bf16 is not supported by this GPU; use --precision fp16 or 32")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def set_cpu_threads(threads: int) -> None:
+    """torch's intra-op threads for this process; 0 keeps torch's default (one per core).
+
+    Measured here (GUIDE.md 6, benchmarks/): a second thread gives nothing to a small MLP, and
+    when other processes share the cores, two spinning OpenMP threads collapse (10-25x slower
+    epochs in this session's runs), so fitflow's default is 1.
+    """
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
