@@ -162,28 +162,26 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
     table = _with_known_target(table, spec.target, "data")
     check_features(table, spec.target)
     task = infer_task(table[spec.target], spec.task)
+    # Splits are row positions into `table`, never copies of it: fitting and encoding read one
+    # column of one split at a time, so the peak stays near the table plus the float32 features.
     if validation is None:
         train_rows, val_rows, test_rows = split_rows(table[spec.target], task, spec)
-        train, val, test = table.iloc[train_rows], table.iloc[val_rows], table.iloc[test_rows]
     else:
         validation = _with_known_target(validation, spec.target, "validation data")
         check_features(validation, spec.target)
         no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
         train_rows, _, test_rows = split_rows(table[spec.target], task, no_val)
-        train, val, test = table.iloc[train_rows], validation, table.iloc[test_rows]
-    preprocessor = Preprocessor.fit(train, spec.target, task, spec.max_categories)
+    preprocessor = Preprocessor.fit(table, spec.target, task, spec.max_categories, rows=train_rows)
+    train, test = _encode(preprocessor, table, train_rows), _encode(preprocessor, table, test_rows)
+    val = _encode(preprocessor, table, val_rows) if validation is None else _encode(preprocessor, validation, None)
     log.info("prepared %s: %d train / %d val / %d test rows, %d features",
-             task, len(train), len(val), len(test), preprocessor.n_features)
-    return Prepared(
-        train=_encode(preprocessor, train),
-        val=_encode(preprocessor, val),
-        test=_encode(preprocessor, test),
-        preprocessor=preprocessor,
-    )
+             task, len(train.targets), len(val.targets), len(test.targets), preprocessor.n_features)
+    return Prepared(train=train, val=val, test=test, preprocessor=preprocessor)
 
 
-def _encode(preprocessor: Preprocessor, frame: pd.DataFrame) -> Split:
-    return Split(preprocessor.transform(frame), preprocessor.encode_target(frame[preprocessor.target]))
+def _encode(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:
+    labels = frame[preprocessor.target] if rows is None else frame[preprocessor.target].iloc[rows]
+    return Split(preprocessor.transform(frame, rows), preprocessor.encode_target(labels))
 
 
 def _with_known_target(table: pd.DataFrame, target: str, what: str) -> pd.DataFrame:

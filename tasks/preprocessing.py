@@ -73,10 +73,12 @@ class Preprocessor:
     # --- fitting --------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, target: str, task: str, max_categories: int) -> Preprocessor:
+    def fit(cls, frame: pd.DataFrame, target: str, task: str, max_categories: int,
+            rows: np.ndarray | None = None) -> Preprocessor:
+        """Learn the preprocessing from `frame` (only its `rows`: the training split)."""
         prep = cls(target=target, task=task)
-        for name in (c for c in train.columns if c != target):
-            column = train[name]
+        for name in (c for c in frame.columns if c != target):
+            column = _rows(frame[name], rows)  # one column at a time: no copy of the whole split
             if _is_numeric(column):
                 values = _as_float(column)
                 median = float(np.nanmedian(values)) if np.isfinite(values).any() else 0.0
@@ -89,7 +91,7 @@ class Preprocessor:
                 fill = ranked[0][0] if ranked else OTHER
                 kept = [value for value, _ in ranked[:max_categories]]
                 prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories))
-        labels = train[target]
+        labels = _rows(frame[target], rows)
         if task == "classification":
             prep.classes = sorted(_plain(v) for v in labels.unique()) if _is_numeric(labels) else sorted(labels.astype(str).unique())
         else:
@@ -99,19 +101,22 @@ class Preprocessor:
 
     # --- applying -------------------------------------------------------------------------
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Raw columns (any order, extra columns ignored) -> float32 features."""
+    def transform(self, frame: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndarray:
+        """Raw columns (any order, extra columns ignored) -> float32 features, for `rows` or all."""
         missing = [name for name in self.input_columns if name not in frame.columns]
         if missing:
             raise DataError(f"input is missing column(s) {', '.join(map(repr, missing))} that the model was trained on; add them (values may be empty)")
-        out = np.zeros((len(frame), self.n_features), dtype=np.float32)
+        out = np.zeros((len(frame) if rows is None else len(rows), self.n_features), dtype=np.float32)
         for j, col in enumerate(self.numeric):
-            values = _as_float(frame[col.name], strict=True)
-            values = np.where(np.isnan(values), col.median, values)
-            out[:, j] = (values - col.mean) / col.std
+            values = _as_float(_rows(frame[col.name], rows), strict=True)
+            np.copyto(values, col.median, where=np.isnan(values))
+            values -= col.mean
+            values /= col.std
+            out[:, j] = values
         offset = len(self.numeric)
         for col in self.categorical:
-            text = frame[col.name].astype(str).where(frame[col.name].notna(), col.fill)
+            column = _rows(frame[col.name], rows)
+            text = column.astype(str).where(column.notna(), col.fill)
             codes = pd.Categorical(text, categories=col.categories).codes.astype(np.int64)
             if col.other:
                 codes[codes < 0] = len(col.categories)
@@ -177,7 +182,7 @@ def check_features(table: pd.DataFrame, target: str) -> None:
         column = table[name]
         if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
             _reject_infinite(name, column, _as_float(column))
-        elif types.is_object_dtype(column) or types.is_string_dtype(column):
+        elif (types.is_object_dtype(column) or types.is_string_dtype(column)) and _mostly_numbers(column):
             parsed = pd.to_numeric(column, errors="coerce")
             present = column.notna() & (column.astype(str).str.strip() != "")
             bad = present & parsed.isna()
@@ -214,12 +219,24 @@ def _is_numeric(column: pd.Series) -> bool:
     if types.is_numeric_dtype(column):
         return True
     present = column.dropna()
-    return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").notna().all())
+    return len(present) > 0 and _mostly_numbers(present) and bool(pd.to_numeric(present, errors="coerce").notna().all())
+
+
+def _mostly_numbers(column: pd.Series, sample: int = 1000) -> bool:
+    """Could this text column be numeric? A sample answers before a full parse of millions of strings."""
+    present = column.dropna()
+    head = present.iloc[np.linspace(0, len(present) - 1, min(sample, len(present))).astype(int)] if len(present) else present
+    return len(head) > 0 and pd.to_numeric(head, errors="coerce").notna().mean() >= _NUMERIC_SHARE - 0.1
+
+
+def _rows(column: pd.Series, rows: np.ndarray | None) -> pd.Series:
+    return column if rows is None else column.iloc[rows]
 
 
 def _as_float(column: pd.Series, strict: bool = False) -> np.ndarray:
+    """A new, writable float64 array of the column's values (NaN where missing)."""
     if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
-        return column.to_numpy(dtype=np.float64, na_value=np.nan)
+        return column.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # callers modify it in place
     parsed = pd.to_numeric(column, errors="coerce")
     if strict:
         bad = column.notna() & parsed.isna() & (column.astype(str).str.strip() != "")
