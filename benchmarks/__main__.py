@@ -1,0 +1,88 @@
+"""python -m benchmarks [--smoke] [--only NAME ...]: run, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before fitflow's setting of 1 below
+
+# (name, full-size call, smoke-size call): smoke runs every code path on tiny data for CI.
+SUITE = {
+    "loaders": (lambda t, p: [r for n, b in ((100_000, 256), (100_000, 4096), (1_000_000, 256), (1_000_000, 4096))
+                              for r in t.loader_throughput(n, b, rounds=3, max_batches=100)],
+                lambda t, p: t.loader_throughput(10_000, 256, rounds=1, max_batches=10)),
+    "epoch": (lambda t, p: t.epoch_time(100_000, 20_000, rounds=3), lambda t, p: t.epoch_time(5_000, 1_000, rounds=1)),
+    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=4),
+                 lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1)),
+    "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
+                lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
+    "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=2),
+                  lambda t, p: t.lightning_ratio(5_000, 1_000, epochs=1, rounds=1)),
+    "end-to-end": (lambda t, p: p.end_to_end(rounds=2, epochs=10), None),
+    "prepare": (lambda t, p: p.prepare_cost(1_000_000), lambda t, p: p.prepare_cost(20_000)),
+    "scaling": (lambda t, p: [t.scaling(rounds=1, sizes=(100_000, 1_000_000)),
+                              p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],
+                lambda t, p: [t.scaling(rounds=1, sizes=(2_000, 4_000)), p.prepare_scaling(rounds=1, sizes=(2_000, 4_000))]),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that every benchmark runs")
+    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these")
+    args = parser.parse_args()
+    logging.getLogger("fitflow").setLevel(logging.WARNING)  # no per-epoch lines in the table's way
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from benchmarks import pipeline, training
+
+    torch.set_num_threads(1)  # fitflow's default; the threads benchmark measures the alternative
+    results, started = [], time.perf_counter()
+    for name in args.only or SUITE:
+        full, smoke = SUITE[name]
+        run = smoke if args.smoke else full
+        if run is None:
+            continue
+        print(f"running {name} ...", flush=True)
+        results += run(training, pipeline)
+    report = {
+        "command": "python -m benchmarks" + (" --smoke" if args.smoke else ""),
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+                   f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": [r.to_dict() for r in results],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"benchmarks-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['command']}  ({report['machine']}; {report['seconds']} s)")
+    for column in ("benchmark", "baseline -> candidate", "median", "min-max", "target", "note"):
+        table.add_column(column)
+    for r in report["results"]:
+        if "ratios" in r:
+            table.add_row(r["name"], f"{r['baseline']} -> {r['candidate']}", f"{r['median']:.3f}x",
+                          f"{r['min']:.3f}-{r['max']:.3f}", r["target"], r["note"])
+        else:
+            table.add_row(r["name"], "", f"{r['value']:.3g} {r['unit']}", "", r["target"], r["note"])
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

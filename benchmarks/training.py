@@ -1,0 +1,181 @@
+"""Loader throughput, epoch time against hand-written loops and Lightning, tracking overhead."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.harness import Comparison, Measurement, compare, timed
+from benchmarks.workload import BATCH, FitflowRunner, best_epoch, make_data, make_model, tutorial_epoch
+
+
+def loader_throughput(n_rows: int, batch: int, rounds: int, max_batches: int) -> list:
+    """fitflow's training loader vs DataLoader(TensorDataset(x, y), shuffle=True), per batch."""
+    from tasks.loaders import make_loader
+
+    data = make_data(n_rows, 1)
+    fitflow = make_loader(data.x.numpy(), data.y.numpy(), batch, shuffle=True, seed=0)
+    naive = DataLoader(TensorDataset(data.x, data.y), batch_size=batch, shuffle=True)
+    n_batches = min(max_batches, len(fitflow))
+
+    def first_batches(loader) -> None:
+        for i, _ in enumerate(loader):
+            if i + 1 == n_batches:
+                break
+
+    def fitflow_epoch() -> None:
+        for _ in fitflow:
+            pass
+
+    label = f"loader N={n_rows:,} batch={batch}"
+    results: list = [compare(label, ("naive DataLoader", lambda: first_batches(naive)),
+                             ("fitflow loader", lambda: first_batches(fitflow)), rounds,
+                             target="speed-up reported", note=f"time for the first {n_batches} batches")]
+    # The floor: bytes one epoch gathers, at the copy bandwidth measured on the same tensors.
+    epoch_bytes = data.x.numel() * data.x.element_size() + data.y.numel() * data.y.element_size()
+    copy_s = min(timed(lambda: (data.x.clone(), data.y.clone())) for _ in range(3))
+    floor_s = copy_s  # a clone reads and writes every byte once, as a gather of every row does
+    epoch_s = min(timed(fitflow_epoch) for _ in range(max(1, rounds // 2)))
+    results.append(Measurement(f"{label}: epoch / bandwidth floor", epoch_s / floor_s, "x",
+                               note=f"epoch {epoch_s * 1e3:.1f} ms, floor {floor_s * 1e3:.2f} ms "
+                                    f"({epoch_bytes / 1e6:.0f} MB at {epoch_bytes / copy_s / 1e9:.1f} GB/s)"))
+    return results
+
+
+def epoch_time(n_train: int, n_val: int, rounds: int) -> list[Comparison]:
+    """One epoch of fitflow's train_model against the tutorial loop and the best hand loop."""
+    data = make_data(n_train, n_val)
+    fitflow = FitflowRunner(data, tracking=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def hand(loop):
+        def run() -> None:
+            model = make_model()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            loop(model, optimizer, data, generator) if loop is best_epoch else loop(model, optimizer, data)
+        return run
+
+    size = f"{n_train // 1000}k train + {n_val // 1000}k val"
+    return [
+        compare(f"epoch vs tutorial loop ({size})", ("tutorial loop", hand(tutorial_epoch)),
+                ("fitflow", fitflow.epoch), rounds, target="<= 0.45"),
+        compare(f"epoch vs best hand loop ({size})", ("best hand loop", hand(best_epoch)),
+                ("fitflow", fitflow.epoch), rounds, target="<= 1.05",
+                note="fitflow: default callbacks, checkpoints, MLflow logging, torchmetrics (accuracy, macro-F1, AUROC)"),
+    ]
+
+
+def tracking_overhead(n_train: int, n_val: int, rounds: int) -> list:
+    data = make_data(n_train, n_val)
+    with_tracking, without = FitflowRunner(data, tracking=True), FitflowRunner(data, tracking=False)
+    results: list = [compare("epoch with MLflow logging vs without", ("no tracking", without.epoch),
+                             ("MLflow logging", with_tracking.epoch), rounds, target="<= 1.02",
+                             note="also without tracking: no checkpoints (they belong to a tracked run)")]
+    results.append(model_logging_time())
+    return results
+
+
+def model_logging_time() -> Measurement:
+    """Wall time of logging the shipped MLP as the pyfunc model (explicit pip requirements)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.config import TrainConfig
+    from flows.steps import build_loaders, prep_spec, train_model
+    from tasks.data import load_table, prepare
+    from tasks.tracking import experiment_id, log_pyfunc_model, prepare_store
+
+    config = TrainConfig(epochs=1)
+    table = load_table(config.data)
+    prepared = prepare(table, prep_spec(config))
+    trained = train_model(config, prepared, build_loaders(config, prepared))
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        prepare_store(uri)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp = experiment_id(client, "bench", Path(tmp, "artifacts").as_uri())
+        example = table.drop(columns=[config.target]).head(5)
+        times = []
+        for _ in range(3):
+            run_id = client.create_run(exp).info.run_id
+            start = time.perf_counter()
+            log_pyfunc_model(client, run_id, trained.model, trained.spec, prepared.preprocessor, example)
+            times.append(time.perf_counter() - start)
+    return Measurement("model logging (shipped MLP, pyfunc)", float(np.median(times)), "s", target="<= 0.5",
+                       note=f"median of 3: {', '.join(f'{t:.2f}' for t in times)} s")
+
+
+def thread_setting(n_train: int, rounds: int, default_threads: int) -> Comparison:
+    """The best hand loop with torch's default threads (one per core) vs fitflow's default of 1."""
+    data = make_data(n_train, 1000)
+    generator = torch.Generator().manual_seed(0)
+
+    def loop(threads: int):
+        def run() -> None:
+            torch.set_num_threads(threads)
+            model = make_model()
+            best_epoch(model, torch.optim.Adam(model.parameters(), lr=1e-3), data, generator)
+        return run
+
+    result = compare(f"threads: 1 vs torch default ({default_threads})", (f"{default_threads} threads", loop(default_threads)),
+                     ("1 thread (fitflow default)", loop(1)), rounds, target="<= 1.0")
+    torch.set_num_threads(1)
+    return result
+
+
+def lightning_ratio(n_train: int, n_val: int, epochs: int, rounds: int) -> list:
+    """Lightning's Trainer.fit on the same model and data (fast loader, no per-step self.log)."""
+    try:
+        import lightning as L
+    except ImportError:
+        return [Measurement("Lightning Trainer.fit vs fitflow", float("nan"), "x",
+                            note="lightning not installed: pip install -e '.\\[bench]'")]
+    import torch.nn.functional as F
+
+    from tasks.loaders import make_loader
+
+    data = make_data(n_train, n_val)
+    fitflow = FitflowRunner(data, tracking=True)
+    fitflow.config = fitflow.config.model_copy(update={"epochs": epochs, "patience": 0})
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            out = self.net(x)
+            self.log_dict({"val_loss": F.cross_entropy(out, y), "val_acc": (out.argmax(1) == y).float().mean()},
+                          on_epoch=True)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def lightning_fit() -> None:
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(Module(), make_loader(data.x.numpy(), data.y.numpy(), BATCH, shuffle=True),
+                    make_loader(data.x_val.numpy(), data.y_val.numpy(), 1024))
+
+    return [compare(f"Lightning Trainer.fit vs fitflow ({epochs} epochs)", ("fitflow", fitflow.epoch),
+                    ("Lightning", lightning_fit), rounds, target=">= 1.5",
+                    note="Lightning with fitflow's fast loader and epoch-level logging (its best case)")]
+
+
+def scaling(rounds: int, sizes: tuple[int, int]) -> Comparison:
+    small, large = (FitflowRunner(make_data(n, n // 5), tracking=True) for n in sizes)
+    return compare(f"epoch time {sizes[1] // 1000}k vs {sizes[0] // 1000}k rows", (f"{sizes[0] // 1000}k", small.epoch),
+                   (f"{sizes[1] // 1000}k", large.epoch), rounds, target=f"~{sizes[1] / sizes[0]:.0f} (linear)")
+

@@ -1,0 +1,33 @@
+"""The benchmark suite's quick mode: every benchmark runs and reports finite figures.
+
+Speed is never asserted here (shared, noisy machines); docs/benchmarks.md has the measured
+ratios of the full run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_smoke_mode_runs_every_benchmark():
+    before = set((REPO / "benchmarks" / "results").glob("*.json"))
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "loaders", "epoch", "tracking",
+                          "threads", "prepare", "scaling"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (written,) = set((REPO / "benchmarks" / "results").glob("*.json")) - before
+    report = json.loads(written.read_text())
+    written.unlink()
+    names = [r["name"] for r in report["results"]]
+    for expected in ("loader N=10,000 batch=256", "epoch vs tutorial loop", "epoch vs best hand loop",
+                     "epoch with MLflow logging vs without", "model logging", "threads", "prepare 20,000 rows",
+                     "epoch time", "prepare 4k vs 2k rows"):
+        assert any(name.startswith(expected) for name in names), expected
+    for r in report["results"]:
+        value = r["median"] if "ratios" in r else r["value"]
+        assert math.isfinite(value) and value > 0, r
