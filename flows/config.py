@@ -97,6 +97,12 @@ class TrainConfig(BaseModel):
     # --- tracking -------------------------------------------------------------------------
     experiment: str = Field("fitflow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name (default: MLflow's generated name).")
+    register_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",  # the name goes into models:/<name>@<alias> URIs
+        description="Register the model under this name in the MLflow registry; alias 'champion' moves to it "
+        "only when it beats the current champion on the same test data, else it becomes 'challenger'.",
+    )
 
     @field_validator("hidden_sizes")
     @classmethod

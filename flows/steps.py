@@ -8,6 +8,7 @@ notebooks call the plain functions, the flow calls the tasks. Retries only where
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks import tracking
-from tasks.callbacks import BestWeights, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
+from tasks.callbacks import BestWeights, Callback, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
 from tasks.device import resolve_device, set_cpu_threads
@@ -68,8 +69,12 @@ def task_metrics(prepared: Prepared) -> TaskMetrics:
     return TaskMetrics(p.task, len(p.classes or []), p.target_mean, p.target_std)
 
 
-def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None) -> Trained:
-    """Compile (optimizer, loss, schedule) and fit with the default callbacks."""
+def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
+                extra_callbacks: Sequence[Callback] = (), progress: bool = True) -> Trained:
+    """Compile (optimizer, loss, schedule) and fit with the default callbacks, then `extra_callbacks`.
+
+    `progress=False` drops the per-epoch progress (a sweep trains several models at once).
+    """
     task_name = prepared.preprocessor.task
     known = metric_names(task_name, "train") + metric_names(task_name, "val")
     if config.monitor not in known:
@@ -90,7 +95,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     checkpoint = run.checkpoint_dir / "best.pt" if run else None
     best = BestWeights(monitor, checkpoint)
     # Order: progress prints the epoch first; the best weights are kept before anything may stop the run.
-    callbacks = [Progress(), best]
+    callbacks: list[Callback] = [Progress(), best] if progress else [best]
     if config.patience > 0:
         callbacks.append(EarlyStopping(monitor, config.patience))
     if scheduler is not None:
@@ -98,6 +103,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     if run is not None:
         callbacks.append(LastCheckpoint(run.checkpoint_dir / "last.pt"))  # what a cancelled run keeps
         callbacks.append(tracking.MlflowMetrics(run.client, run.run_id))
+    callbacks.extend(extra_callbacks)  # last: they see an epoch that is already logged and checkpointed
     log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
     history = fit(
         model, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,

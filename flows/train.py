@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from flows.config import TrainConfig, as_flow_signature, describe_validation_error
 from flows.runtime import artifact_location, fitflow_home, tracking_uri
+from flows.registry import register_model_task
 from flows.steps import (
     Run, Trained, load_table_task, make_loaders_task, prep_spec, prepare_task, test_model_task, train_model_task,
 )
@@ -42,6 +43,7 @@ class TrainResult(BaseModel):
     epochs_trained: int
     history: dict[str, list[float]]
     test_metrics: dict[str, float]
+    registered: str | None = None  # "models:/<name>/<version> is champion: <reason>" with register_model
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -62,11 +64,14 @@ def _train(**fields) -> TrainResult:
         trained = train_model_task(config, prepared, loaders, run)
         test_metrics = test_model_task(config, prepared, loaders, trained)
         model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
+    decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
+                if config.register_model else None)
     result = TrainResult(
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
         mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),
         best_epoch=trained.best_epoch, epochs_trained=len(trained.history),
         history=trained.history.history, test_metrics=test_metrics,
+        registered=str(decision) if decision else None,
     )
     publish_summary(config, result)
     return result
@@ -89,25 +94,35 @@ def config_from_parameters(fields: dict) -> TrainConfig:
 
 
 @task(name="start_run", cache_policy=NO_CACHE)
-def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame) -> Run:
-    """Create the MLflow run, linked to this flow run both ways; log params and the dataset."""
+def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, parent_run_id: str | None = None,
+              params: dict[str, str] | None = None) -> Run:
+    """Create the MLflow run, linked to this flow run both ways; log params and the dataset.
+
+    With `parent_run_id` it is a child run (a sweep's trial), nested by the explicit
+    `mlflow.parentRunId` tag, so nesting holds in any thread or process; the parent holds the
+    flow run's links. `params` replace the config's fields as params (a sweep's own run).
+    """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
-    tags = {"fitflow.flow": "train", "mlflow.source.name": "flows/train.py"}
+    flow_name = flow_run.flow_name or "train"
+    tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if flow_run.id:
         tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
         if flow_run.ui_url:
             tags["prefect.flow_run_url"] = flow_run.ui_url
     run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
     with tracking.fail_on_error(client, run_id):
-        tracking.log_params(client, run_id, {**config.flat_params(), **{f"data.{k}": v for k, v in prepared.facts.items()}})
+        own = config.flat_params() if params is None else params
+        tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
         source = str(resolve_source(config.data))
         digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
         client.set_tag(run_id, "fitflow.dataset_digest", digest)
-        if flow_run.id:
+        if flow_run.id and not parent_run_id:
             _tag_flow_run(flow_run.id, run_id)
             create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
                                  link_text=f"MLflow run {run_id}")
@@ -126,7 +141,9 @@ def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
 def log_outcome(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run: Run,
                 trained: Trained, test_metrics: dict[str, float]) -> str:
     """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
-    tracking.log_metrics(run.client, run.run_id, test_metrics, step=trained.best_epoch)
+    # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch
+    best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
+    tracking.log_metrics(run.client, run.run_id, {**test_metrics, **best}, step=trained.best_epoch)
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")
         tracking.log_artifact(run.client, run.run_id, png, "plots")

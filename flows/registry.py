@@ -1,0 +1,141 @@
+"""The MLflow model registry behind a promotion gate.
+
+`register_model` adds a run's model as a new version of a registered model and decides its
+alias: `champion` moves to it only when it beats the current champion on the monitored metric
+measured on the same test data; otherwise the version becomes `challenger`. The reason, with
+both scores, goes into the version's description and tags, so the registry UI says why.
+
+"The same test data" means the same dataset (the `fitflow.dataset_digest` tag of both runs)
+cut into the same test split (the split settings: target, task, seed, fractions). Scores from
+different test data are not comparable: the newcomer then stays `challenger` and the reason
+says so; move `champion` by hand if it should ship (MLflow UI, or `set_registered_model_alias`).
+Two registrations of the same name at the very same moment may both read the old champion;
+run them one after the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mlflow.entities import Run as MlflowRun
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.callbacks import Monitor
+from tasks.errors import ConfigError
+
+log = logging.getLogger("fitflow")
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+# The params that decide which rows end up in the test split (see tasks/data.split_rows).
+_SPLIT_PARAMS = ("target", "data.task", "seed", "test_fraction", "val_fraction", "validation_data")
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    alias: str
+    metric: str
+    score: float
+    champion_version: str | None
+    champion_score: float | None
+    reason: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.uri} is {self.alias}: {self.reason}"
+
+
+def test_metric(monitor: str) -> str:
+    """The test-split counterpart of the monitored metric: val_accuracy -> test_accuracy."""
+    return "test_" + monitor.split("_", 1)[1]
+
+
+def test_data_key(run: MlflowRun) -> dict[str, str | None]:
+    """What fixes a run's test rows: the dataset digest and the split settings."""
+    params = run.data.params
+    key = {"dataset_digest": run.data.tags.get("fitflow.dataset_digest")}
+    key.update({name: params.get(name) for name in _SPLIT_PARAMS})
+    if key["validation_data"] not in (None, "null"):
+        key["val_fraction"] = None  # a separate validation file: the split ignores val_fraction
+    return key
+
+
+def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str, monitor: str) -> Decision:
+    """Register the run's model as a new version of `name` and gate the `champion` alias."""
+    metric = test_metric(monitor)
+    run = client.get_run(run_id)
+    if metric not in run.data.metrics:
+        raise ConfigError(f"run {run_id} has no metric '{metric}' to compare models by; monitor a metric the test split logs")
+    score = run.data.metrics[metric]
+    _ensure_registered_model(client, name)
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
+    champion = _current_champion(client, name)
+    decision = _decide(client, name, str(version), metric, score, run, champion)
+    client.set_registered_model_alias(name, decision.alias, decision.version)
+    client.update_model_version(name, decision.version, description=decision.reason)
+    tags = {"fitflow.gate": decision.alias, "fitflow.gate_metric": metric, "fitflow.score": f"{score:.6g}",
+            "fitflow.gate_reason": decision.reason}
+    if decision.champion_version is not None:
+        tags["fitflow.champion_version"] = decision.champion_version
+    if decision.champion_score is not None:
+        tags["fitflow.champion_score"] = f"{decision.champion_score:.6g}"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, decision.version, key, value)
+    log.info("registered %s", decision)
+    return decision
+
+
+def _decide(client: MlflowClient, name: str, version: str, metric: str, score: float, run: MlflowRun,
+            champion) -> Decision:
+    if champion is None:
+        return Decision(name, version, CHAMPION, metric, score, None, None,
+                        f"first version of '{name}' ({metric} {score:.4f})")
+    champion_run = client.get_run(champion.run_id) if champion.run_id else None
+    old_key = test_data_key(champion_run) if champion_run else None
+    new_key = test_data_key(run)
+    if old_key != new_key:
+        differ = sorted(k for k in new_key if old_key is None or old_key.get(k) != new_key[k])
+        return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
+                        f"not comparable with champion v{champion.version}: tested on different data "
+                        f"({', '.join(differ)} differ); {metric} {score:.4f}. Move 'champion' by hand if it should ship")
+    champion_score = champion_run.data.metrics.get(metric)
+    if champion_score is None:
+        return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
+                        f"champion v{champion.version} has no {metric} to compare with; {metric} {score:.4f}")
+    lower = Monitor(metric).lower_is_better
+    better = score < champion_score if lower else score > champion_score
+    relation = ("<" if lower else ">") if better else ("=" if score == champion_score else (">" if lower else "<"))
+    verdict = "beats" if better else "does not beat"
+    reason = (f"{metric} {score:.4f} {relation} {champion_score:.4f} of champion v{champion.version}: "
+              f"{verdict} it on the same test data (dataset {new_key['dataset_digest']})")
+    return Decision(name, version, CHAMPION if better else CHALLENGER, metric, score, champion.version,
+                    champion_score, reason)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="Registered by fitflow; alias 'champion' is the model that ships.")
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _current_champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+register_model_task = task(register_model, name="register_model", cache_policy=NO_CACHE)
