@@ -13,6 +13,7 @@ import sys
 import typing
 from typing import Any, NoReturn
 
+from flows.cli_compare import add_commands as add_compare_commands
 from flows.config import TrainConfig, load_config
 from tasks.errors import ConfigError, FitflowError
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
     _add_config_flags(train)
     train.set_defaults(handler=_train)
+    add_compare_commands(commands)  # sweep, predict, runs
 
     serve = commands.add_parser(
         "serve",
@@ -102,6 +104,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
+    if result.registered:
+        print(f"registered: {result.registered}")
     return 0
 
 

@@ -125,12 +125,13 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
-def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, target: str, name: str) -> str:
-    """Log the raw table as the run's training input; returns its digest."""
+def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, target: str | None, name: str,
+                context: str = "training") -> str:
+    """Log the raw table as the run's input (`context`: training, or prediction); returns its digest."""
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         dataset = mlflow.data.from_pandas(table, source=source, targets=target, name=name)
-    tags = [InputTag(key="mlflow.data.context", value="training")]
+    tags = [InputTag(key="mlflow.data.context", value=context)]
     client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
     return dataset.digest
 

@@ -1,0 +1,123 @@
+"""The compare-and-ship commands of `fitflow`: sweep, predict, runs (flows/cli.py adds them).
+
+Like the rest of the CLI, heavy libraries load only once a command runs; user errors raise
+FitflowError, which flows/cli.py turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flows.config import load_config
+from flows.sweep_config import load_sweep_config
+
+
+def add_commands(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="hyperparameter sweep: trials as child MLflow runs of one parent (the Prefect flow `sweep`)",
+        description="Train many variants of a base config (grid, random or Optuna TPE), up to --parallelism at once, "
+        "each as a child MLflow run of one parent run that gets the ranking, a plot and the best trial. "
+        "The YAML file holds base:, space:, n_trials:, sampler:, parallelism:, prune: (see the README).",
+    )
+    sweep.add_argument("--config", metavar="FILE.yaml", help="YAML file of the sweep (base config and search space)")
+    sweep.add_argument("--n-trials", type=int, metavar="N", help="budget: number of trials (overrides the file)")
+    sweep.add_argument("--parallelism", type=int, metavar="N", help="trials trained at once (overrides the file)")
+    sweep.add_argument("--sampler", choices=["tpe", "random", "grid"], help="search strategy (overrides the file)")
+    sweep.add_argument("--experiment", metavar="NAME", help="MLflow experiment (overrides base.experiment)")
+    sweep.set_defaults(handler=_sweep)
+
+    predict = commands.add_parser(
+        "predict",
+        help="score a CSV/Parquet table with a model (the Prefect flow `predict`)",
+        description="Load a model by models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<id>/model "
+        "or a run id; write its predictions (class probabilities for classifiers) and a summary; log a prediction run.",
+    )
+    predict.add_argument("--model", required=True, metavar="URI", help="e.g. models:/churn@champion")
+    predict.add_argument("--data", required=True, metavar="FILE", help="CSV or Parquet of raw rows")
+    predict.add_argument("--out", required=True, metavar="FILE", help="predictions file, .csv or .parquet")
+    predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
+                         help="categories never seen in training: encode like rare values and count them (default), or fail")
+    predict.add_argument("--experiment", metavar="NAME", default="fitflow-predictions", help="MLflow experiment of the prediction run")
+    predict.set_defaults(handler=_predict)
+
+    runs = commands.add_parser(
+        "runs",
+        help="rank an experiment's runs by a metric (MLflow's search API)",
+        description="Print the top runs of an MLflow experiment: run id, name, status, parent (sweeps), the params "
+        "that differ between them and their final metrics, sorted by --sort (losses ascending, scores descending).",
+    )
+    runs.add_argument("--experiment", required=True, metavar="NAME", help="MLflow experiment name")
+    runs.add_argument("--sort", default="val_loss", metavar="METRIC",
+                      help="metric to rank by, e.g. val_accuracy, best_val_accuracy, test_r2 (default: val_loss)")
+    runs.add_argument("--top", type=int, default=20, metavar="N", help="how many runs (default: 20)")
+    runs.add_argument("--sweep", metavar="RUN_ID", help="only the trials of this sweep (its parent run id)")
+    runs.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    runs.set_defaults(handler=_runs)
+
+
+def _environment() -> None:
+    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+
+    configure_environment()  # before prefect is imported: it reads its settings at import
+    quiet_user_error_tracebacks()
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    overrides = {"n_trials": args.n_trials, "parallelism": args.parallelism, "sampler": args.sampler}
+    config = load_sweep_config(args.config, **overrides)
+    if args.experiment:
+        base = load_config(None, **{**config.base.model_dump(), "experiment": args.experiment})
+        config = config.model_copy(update={"base": base})
+    _environment()
+    from flows.sweep import sweep
+
+    result = sweep(config)
+    print(f"sweep run: {result.parent_run_id}  ({result.mlflow_url})")
+    for row in result.trials:
+        params = "  ".join(f"{name}={json.dumps(row[name])}" for name in config.space)
+        score = row.get(f"best_{config.base.monitor}")
+        print(f"  #{row['rank']:<3} trial {row['trial']:<3} {row['state']:<8} "
+              f"{config.base.monitor}={'-' if score is None else f'{score:.4f}'}  {params}")
+    print(f"best: {result.best_run_id}  model: {result.best_model_uri}")
+    if result.registered:
+        print(f"registered: {result.registered}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.errors import ConfigError
+
+    _environment()
+    from flows.predict import PredictConfig, output_path, predict, resolve_model_task
+    from tasks.data import resolve_source
+
+    try:
+        config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--{first['loc'][0]}: {first['msg']}") from None
+    # The same checks the flow makes first, before Prefect starts: a typo fails in a second.
+    output_path(config.out, config.data)
+    resolve_source(config.data)
+    resolve_model_task.fn(config.model)
+    result = predict(config)
+    print(f"predictions: {result.out}  summary: {result.summary_path}")
+    print(f"model: {result.model_uri}  MLflow run: {result.run_id}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from flows.runtime import tracking_uri
+    from flows.runs import as_json, print_table, ranked_runs
+
+    _environment()
+    rows = ranked_runs(tracking_uri(), args.experiment, args.sort, args.top, args.sweep)
+    if args.json:
+        print(as_json(rows))
+    else:
+        print_table(rows, args.sort, args.experiment)
+    return 0

@@ -1,0 +1,204 @@
+"""The `predict` flow: a registered (or logged) model scores a table of raw rows.
+
+Reads top to bottom: resolve and load the model -> read the rows -> check them against what
+the model was trained on (tasks/scoring.py) -> predict -> write the predictions and a summary
+-> one MLflow run that records the input, the model version and the summary. Every problem a
+user can fix is found before the MLflow run is created and raises a one-line FitflowError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import mlflow
+import pandas as pd
+from mlflow.entities import LoggedModelInput
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from flows.runtime import artifact_location, tracking_uri
+from flows.steps import load_table_task
+from tasks import scoring, tracking
+from tasks.data import resolve_source
+from tasks.errors import ConfigError
+
+log = logging.getLogger("fitflow")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+OUTPUT_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<run id>/model or a run id"
+
+
+class PredictConfig(BaseModel):
+    model: str = Field(..., min_length=1, description=f"The model: {URI_FORMS}.")
+    data: str = Field(..., min_length=1, description="CSV or Parquet file of raw rows (the training columns; the target may be absent).")
+    out: str = Field(..., min_length=1, description="Predictions file, .csv or .parquet; the summary goes beside it (<out>.summary.json).")
+    unseen: Literal["encode", "error"] = Field(
+        "encode", description="Categorical values never seen in training: encode them as training encoded rare values (and count them), or fail.")
+    experiment: str = Field("fitflow-predictions", min_length=1, description="MLflow experiment of the prediction run.")
+
+
+class PredictResult(BaseModel):
+    run_id: str
+    model_uri: str  # the exact model that scored (models:/<name>/<version> or models:/m-<id>)
+    out: str
+    summary_path: str
+    summary: dict
+
+
+@dataclass
+class ModelRef:
+    uri: str  # what to load: pinned to one version, so an alias that moves meanwhile changes nothing
+    model_id: str | None
+    name: str | None = None
+    version: str | None = None
+    source_run_id: str | None = None
+
+
+@flow(name="predict", description="Score a CSV/Parquet table with a registered MLflow model; log the prediction run.")
+def predict(config: PredictConfig) -> PredictResult:
+    """Resolve the model -> read rows -> check -> predict -> write -> track."""
+    out, kind = output_path(config.out, config.data)
+    ref = resolve_model_task(config.model)
+    model = load_model_task(ref)
+    frame = load_table_task(config.data)
+    predictions, summary = score_task(model, frame, config.unseen)
+    summary = {"model": ref.uri, "registered": f"{ref.name}/{ref.version}" if ref.name else None,
+               "data": config.data, **summary}
+    summary_path = write_outputs(predictions, summary, out, kind)
+    run_id = track_prediction(config, ref, frame, summary, predictions.head(100), out, summary_path)
+    log.info("wrote %d predictions to %s (MLflow run %s)", len(predictions), out, run_id)
+    return PredictResult(run_id=run_id, model_uri=ref.uri, out=str(out), summary_path=str(summary_path), summary=summary)
+
+
+def output_path(out: str, data: str) -> tuple[Path, str]:
+    path = Path(out).expanduser()
+    kind = OUTPUT_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"--out {out}: write predictions to a .csv or .parquet file")
+    if path.exists() and path.resolve() == resolve_source(data).resolve():
+        raise ConfigError(f"--out {out} is the input file; choose another output path")
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name a file such as {path / 'predictions.csv'}")
+    return path, kind
+
+
+@task(name="resolve_model", cache_policy=NO_CACHE)
+def resolve_model_task(uri: str) -> ModelRef:
+    """Pin `uri` to one model: registry aliases and versions, logged model ids, runs."""
+    client = MlflowClient(tracking_uri())
+    try:
+        return _resolve(client, uri.strip())
+    except MlflowException as err:
+        raise ConfigError(f"model {uri!r} cannot be read from {tracking_uri()}: {err.message.splitlines()[0]}") from None
+
+
+def _resolve(client: MlflowClient, uri: str) -> ModelRef:
+    registry = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", uri)
+    if uri.startswith("models:/m-"):
+        model = _or_none(lambda: client.get_logged_model(uri.removeprefix("models:/")))
+        if model is None:
+            raise ConfigError(f"no logged model {uri}; copy the model URI that `fitflow train` printed")
+        return ModelRef(uri, model.model_id, source_run_id=model.source_run_id)
+    if registry:
+        name, alias, number = registry.groups()
+        if _or_none(lambda: client.get_registered_model(name)) is None:
+            raise ConfigError(f"no registered model '{name}'; register one with `fitflow train --register-model {name}`")
+        version = _or_none(lambda: client.get_model_version_by_alias(name, alias)) if alias else \
+            _or_none(lambda: client.get_model_version(name, number))
+        if version is None and alias:
+            aliases = sorted(client.get_registered_model(name).aliases)
+            raise ConfigError(f"registered model '{name}' has no alias '{alias}'; its aliases are: {', '.join(aliases) or 'none'}")
+        if version is None:
+            latest = max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=0)
+            raise ConfigError(f"registered model '{name}' has no version {number}; versions are 1 to {latest}")
+        # A version registered from a logged model keeps its id in `source` (models:/m-...).
+        model_id = version.model_id or (version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None)
+        pinned = f"models:/{model_id}" if model_id else f"models:/{name}/{version.version}"
+        return ModelRef(pinned, model_id, name, str(version.version), version.run_id)
+    run_id = uri.removeprefix("runs:/").split("/")[0] if uri.startswith("runs:/") else uri
+    if not _RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"model {uri!r} is not a model URI; use {URI_FORMS}")
+    run = _or_none(lambda: client.get_run(run_id))
+    if run is None or "fitflow.model_uri" not in run.data.tags:
+        raise ConfigError(f"run {run_id} {'does not exist' if run is None else 'logged no fitflow model'}; pick a finished training run")
+    return _resolve(client, run.data.tags["fitflow.model_uri"])
+
+
+def _or_none(call):
+    try:
+        return call()
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+@task(name="load_model", cache_policy=NO_CACHE)
+def load_model_task(ref: ModelRef):
+    mlflow.set_tracking_uri(tracking_uri())  # registry URIs resolve through MLflow's fluent layer
+    model = mlflow.pyfunc.load_model(ref.uri)
+    if not hasattr(model.unwrap_python_model(), "preprocessor"):
+        raise ConfigError(f"model {ref.uri} was not trained by fitflow (no fitted preprocessing); use a fitflow model")
+    return model
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
+    """Check the rows (errors name column and row), predict, summarise."""
+    prep = model.unwrap_python_model().preprocessor
+    rows, handling = scoring.check_rows(frame, prep, unseen)
+    predictions = model.predict(rows)
+    return predictions, {**scoring.summarise(predictions, prep, frame), **handling}
+
+
+@task(name="write_predictions", cache_policy=NO_CACHE)
+def write_outputs(predictions: pd.DataFrame, summary: dict, out: Path, kind: str) -> Path:
+    """Predictions row for row with the input (row i of the output scores row i of the input)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    predictions.to_parquet(out, index=False) if kind == "parquet" else predictions.to_csv(out, index=False)
+    summary_path = out.with_name(out.name + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    return summary_path
+
+
+@task(name="track_prediction", cache_policy=NO_CACHE)
+def track_prediction(config: PredictConfig, ref: ModelRef, frame: pd.DataFrame, summary: dict,
+                     sample: pd.DataFrame, out: Path, summary_path: Path) -> str:
+    """One MLflow run: the input dataset, the model as input (MLflow's link), the summary and tags."""
+    uri = tracking_uri()
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
+    tags = {"fitflow.flow": "predict", "mlflow.source.name": "flows/predict.py", "fitflow.model_uri": ref.uri,
+            "fitflow.model_requested": config.model, "fitflow.predictions": str(out.resolve())}
+    if ref.name:
+        tags.update({"fitflow.model_name": ref.name, "fitflow.model_version": ref.version})
+    if ref.source_run_id:
+        tags["fitflow.source_run_id"] = ref.source_run_id
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = flow_run.id
+    run_name = f"predict-{ref.name}-v{ref.version}" if ref.name else "predict"
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    with tracking.finished_or_failed(client, run_id):
+        tracking.log_params(client, run_id, {"model": config.model, "data": config.data, "unseen": config.unseen})
+        source = str(resolve_source(config.data))
+        tracking.log_dataset(client, run_id, frame, source, None, Path(source).stem, context="prediction")
+        if ref.model_id:
+            client.log_inputs(run_id, models=[LoggedModelInput(ref.model_id)])
+        numbers = {"rows": summary["rows"], **{f"input_{k}": v for k, v in summary.get("metrics", {}).items()}}
+        tracking.log_metrics(client, run_id, numbers, step=0)
+        tracking.log_artifact(client, run_id, summary_path)
+        with tempfile.TemporaryDirectory() as tmp:  # the first rows, not the whole file: outputs may be large
+            sample.to_csv(Path(tmp) / "predictions_head.csv", index=False)
+            tracking.log_artifact(client, run_id, Path(tmp) / "predictions_head.csv")
+    return run_id

@@ -1,0 +1,80 @@
+"""`fitflow runs`: an experiment's runs ranked by a metric, from MLflow's search API.
+
+The numbers are MLflow's own (a run's latest value of each metric, as the MLflow UI shows
+them) and MLflow does the sorting. Per-epoch metrics (val_accuracy) hold the last epoch;
+`best_<monitor>` (e.g. best_val_accuracy) holds the value of the weights that were kept, which
+is what a sweep ranks by. Runs without the metric come last; ties go to the run that started first,
+as in a sweep's own ranking.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from tasks.callbacks import Monitor
+from tasks.errors import ConfigError
+
+MAX_PARAM_COLUMNS = 6
+SHOWN_METRICS = ("test_accuracy", "test_f1_macro", "test_auroc", "test_rmse", "test_mae", "test_r2", "test_loss")
+
+
+def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20,
+                parent_run_id: str | None = None) -> list[dict[str, Any]]:
+    """The top runs of `experiment` by `sort` (losses and errors ascending), as plain rows."""
+    if top < 1:
+        raise ConfigError(f"--top must be at least 1 (got {top})")
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"no MLflow experiment '{experiment}' in {uri}; experiments: {', '.join(names) or 'none'}")
+    direction = "ASC" if Monitor(sort).lower_is_better else "DESC"
+    filter_string = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    runs = client.search_runs([found.experiment_id], filter_string=filter_string,
+                              order_by=[f"metrics.`{sort}` {direction}", "attributes.start_time ASC"], max_results=top)
+    return [_row(run, sort) for run in runs]
+
+
+def _row(run, sort: str) -> dict[str, Any]:
+    metrics = run.data.metrics
+    shown = {name: metrics[name] for name in (sort, *SHOWN_METRICS) if name in metrics}
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+            "parent": run.data.tags.get("mlflow.parentRunId"), "params": dict(run.data.params), "metrics": shown}
+
+
+def varying_params(rows: list[dict[str, Any]]) -> list[str]:
+    """The params whose values differ between the rows: the ones worth a column."""
+    names = sorted({name for row in rows for name in row["params"]
+                    if name != "run_name" and not name.startswith(("data.", "sweep.", "best."))})
+    varying = [n for n in names if len({row["params"].get(n) for row in rows}) > 1]
+    return varying[:MAX_PARAM_COLUMNS]
+
+
+def print_table(rows: list[dict[str, Any]], sort: str, experiment: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    params = varying_params(rows)
+    metrics = [m for m in (sort, *SHOWN_METRICS) if any(m in row["metrics"] for row in rows)]
+    table = Table(title=f"{experiment}: {len(rows)} run(s) by {sort}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("run id", no_wrap=True)
+    for name in ("name", "status", "parent"):
+        table.add_column(name)
+    for name in params:
+        table.add_column(name)
+    for name in metrics:
+        table.add_column(name, justify="right", style="bold" if name == sort else None)
+    for rank, row in enumerate(rows, 1):
+        values = [row["params"].get(p, "") for p in params]
+        numbers = [f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "" for m in metrics]
+        table.add_row(str(rank), row["run_id"], row["name"] or "", row["status"], (row["parent"] or "")[:8],
+                      *values, *numbers)
+    Console(width=max(Console().width, 200)).print(table)  # wide: run ids stay whole when piped
+
+
+def as_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=1)
