@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -197,7 +197,7 @@ def test_nightly_schedule_is_registered_in_its_time_zone_and_a_scheduled_run_fir
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
     from prefect.client.schemas.filters import FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.client.schemas.schedules import IntervalSchedule
 
     deployment = prefect.read_deployment_by_name(DEPLOYMENT)
     (nightly,) = deployment.schedules
@@ -219,13 +219,16 @@ def test_nightly_schedule_is_registered_in_its_time_zone_and_a_scheduled_run_fir
         assert (local.hour, local.minute) == (2, 0) and local > datetime.now(ZoneInfo("Europe/Berlin"))
         assert flow_run.parameters["experiment"] == "nightly"
 
-    # a schedule that fires at the next minute, run by the worker like the nightly one
-    (every_minute,) = prefect.create_deployment_schedules(
-        deployment.id, [(CronSchedule(cron="* * * * *", timezone="Europe/Berlin"), True)],
+    # a second schedule of the deployment, due 75 s from now (then daily): the server's scheduler,
+    # which plans new schedules once a minute, puts its run on the calendar, and the worker starts
+    # it when it is due, as it will at 02:00
+    due = datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(seconds=75)
+    (soon,) = prefect.create_deployment_schedules(
+        deployment.id, [(IntervalSchedule(interval=timedelta(days=1), anchor_date=due, timezone="Europe/Berlin"), True)],
         parameters={"epochs": 1, "experiment": f"{EXPERIMENT}-scheduled"},
     )
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         fired = []
         while not fired and time.monotonic() < deadline:
             fired = [r for r in prefect.read_flow_runs(
@@ -233,10 +236,12 @@ def test_nightly_schedule_is_registered_in_its_time_zone_and_a_scheduled_run_fir
                 if r.auto_scheduled and r.parameters.get("experiment") == f"{EXPERIMENT}-scheduled"
                 and r.state_type not in (StateType.SCHEDULED, StateType.PENDING)]
             time.sleep(2)
-        assert fired, "no run of the every-minute schedule started"
+        assert fired, f"the run of the schedule due at {due} never started"
     finally:
-        prefect.delete_deployment_schedule(deployment.id, every_minute.id)  # no more after this one
-    flow_run = wait_for_final_state(prefect, min(fired, key=lambda r: r.expected_start_time).id, team_stack)
+        prefect.delete_deployment_schedule(deployment.id, soon.id)
+    (flow_run,) = fired
+    assert flow_run.expected_start_time.timestamp() == pytest.approx(due.timestamp(), abs=1)
+    flow_run = wait_for_final_state(prefect, flow_run.id, team_stack)
     assert flow_run.state.is_completed(), f"scheduled run ended {flow_run.state.name}: {flow_run.state.message}"
     run, _ = assert_tracked(mlflow_client, flow_run, epochs=1, experiment=f"{EXPERIMENT}-scheduled")
     print(f"\nscheduled flow run {flow_run.id} ({flow_run.expected_start_time}) -> MLflow run {run.info.run_id}")
