@@ -23,7 +23,7 @@ from tasks import tracking
 from tasks.callbacks import BestWeights, Callback, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
-from tasks.device import resolve_device, set_cpu_threads
+from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError, FitflowError
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
@@ -60,8 +60,12 @@ def prep_spec(config: TrainConfig) -> PrepSpec:
 
 
 def build_loaders(config: TrainConfig, prepared: Prepared) -> Loaders:
-    cuda = resolve_device(config.device).type == "cuda"
-    return make_loaders(prepared, config.batch_size, config.drop_last, config.num_workers, pin_memory=cuda, seed=config.seed)
+    """On a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously."""
+    device = resolve_device(config.device)
+    splits = (prepared.train, prepared.val, prepared.test)
+    resident = resident_device(sum(s.features.nbytes + s.targets.nbytes for s in splits), device)
+    return make_loaders(prepared, config.batch_size, config.drop_last, config.num_workers,
+                        pin_memory=device.type == "cuda" and resident is None, seed=config.seed, device=resident)
 
 
 def task_metrics(prepared: Prepared) -> TaskMetrics:
@@ -89,6 +93,8 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     device = resolve_device(config.device)
     set_cpu_threads(config.num_threads)
     model.to(device)  # before the optimizer: it must hold the parameters that will be trained
+    if config.torch_compile:
+        model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum)
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
     monitor = Monitor(config.monitor, config.min_delta)

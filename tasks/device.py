@@ -50,3 +50,14 @@ def set_cpu_threads(threads: int) -> None:
     """
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def resident_device(nbytes: int, device: torch.device, share: float = 0.5) -> torch.device | None:
+    """`device` when it is a GPU with room for `nbytes` of data (at most `share` of its free memory)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > share * free:
+        log.info("data (%.1f GB) stays in pinned host memory: more than %.0f%% of the GPU's free memory", nbytes / 1e9, share * 100)
+        return None
+    return device

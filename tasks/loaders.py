@@ -5,6 +5,8 @@ collates them: measured here 20-70x slower than one `index_select` per batch, an
 for a whole small-MLP epoch (GUIDE.md section 6). `BatchLoader` shuffles with `randperm` and
 gathers each batch with `index_select`; with `num_workers > 0` the same gathers run in
 DataLoader workers (a dataset whose items are whole batches), with `pin_memory` on CUDA.
+On a GPU with room for the data, the tensors live on the GPU and batches are gathered there:
+no host-to-device copy per batch at all.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ _EVAL_BATCH = 1024  # inference keeps no activations for backward, so bigger bat
 class BatchIndices(Sampler[torch.Tensor]):
     """Index tensors of each batch; a new permutation per epoch when shuffling."""
 
-    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> None:
+    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 device: torch.device | None = None) -> None:
         self.n_rows, self.batch_size, self.shuffle, self.drop_last = n_rows, batch_size, shuffle, drop_last
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on any device
+        self.device = device
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_rows, self.batch_size)
@@ -35,6 +39,8 @@ class BatchIndices(Sampler[torch.Tensor]):
         # A generator: the permutation is drawn at the first batch, not when iter() is called.
         # DataLoader's worker iterator calls iter() twice at start; an eager draw would skip one.
         order = torch.randperm(self.n_rows, generator=self.generator) if self.shuffle else torch.arange(self.n_rows)
+        if self.device is not None:
+            order = order.to(self.device)  # one copy per epoch; the batches then gather on the device
         for i in range(len(self)):
             yield order[i * self.batch_size : (i + 1) * self.batch_size]
 
@@ -85,16 +91,20 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> BatchLoader | DataLoader:
+    """A loader over in-memory arrays; with `device`, the data lives there (no per-batch copies)."""
     # np.require copies only arrays that are read-only (pandas' copy-on-write) or not contiguous
     x = torch.from_numpy(np.require(features, np.float32, ["C", "W"]))
     y = torch.from_numpy(np.require(targets, None, ["C", "W"]))
     if y.dtype != torch.int64:  # regression: (rows, 1) so that loss(model(x), y) needs no reshaping
         y = y.float().reshape(-1, 1)
+    if device is not None:
+        x, y = x.to(device), y.to(device)
     dataset = GatherDataset(x, y)
-    batches = BatchIndices(len(y), batch_size, shuffle, drop_last, seed)
-    if num_workers == 0:
-        return BatchLoader(dataset, batches, pin_memory)
+    batches = BatchIndices(len(y), batch_size, shuffle, drop_last, seed, device)
+    if num_workers == 0 or device is not None:  # worker processes cannot share device tensors
+        return BatchLoader(dataset, batches, pin_memory and device is None)
     return DataLoader(
         dataset, sampler=batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=True,
@@ -108,10 +118,14 @@ def make_loaders(
     num_workers: int = 0,
     pin_memory: bool = False,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> Loaders:
-    """Train (shuffled, optional drop_last) and val/test (in order, every row) loaders."""
+    """Train (shuffled, optional drop_last) and val/test (in order, every row) loaders.
+
+    `device`: keep all three splits resident there (see `tasks.device.resident_device`).
+    """
     eval_batch = max(batch_size, _EVAL_BATCH)
-    common = {"num_workers": num_workers, "pin_memory": pin_memory}
+    common = {"num_workers": num_workers, "pin_memory": pin_memory, "device": device}
     return Loaders(
         train=make_loader(prepared.train.features, prepared.train.targets, batch_size, True, drop_last, seed=seed, **common),
         val=make_loader(prepared.val.features, prepared.val.targets, eval_batch, **common),

@@ -11,6 +11,7 @@ import random
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from torch import nn
 from tasks.callbacks import Callback, FitState
 from tasks.device import autocast_dtype
 from tasks.errors import TrainingError
-from tasks.metrics import TaskMetrics
+
+if TYPE_CHECKING:  # torchmetrics stays optional for the bare engine (benchmarks/gpu.py)
+    from tasks.metrics import TaskMetrics
 
 
 @dataclass
@@ -59,7 +62,7 @@ def fit(
     epochs: int,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
-    metrics: TaskMetrics,
+    metrics: TaskMetrics | None,
     device: torch.device,
     callbacks: Sequence[Callback] = (),
     precision: str = "32",
@@ -69,7 +72,8 @@ def fit(
     history = History()
     callbacks = [_Record(history), *callbacks]
     model.to(device)
-    metrics.to(device)
+    if metrics is not None:
+        metrics.to(device)
     amp_dtype = autocast_dtype(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = FitState(model=model, optimizer=optimizer, epochs=epochs)
@@ -111,7 +115,7 @@ def evaluate(
     model: nn.Module,
     loader,
     loss_fn: nn.Module,
-    metrics: TaskMetrics,
+    metrics: TaskMetrics | None,
     device: torch.device,
     split: str = "test",
     amp_dtype: torch.dtype | None = None,
@@ -126,8 +130,9 @@ def evaluate(
                 outputs = model(x)
             total += loss_fn(outputs.float(), y) * len(y)
             seen += len(y)
-            metrics.update(outputs, y)
-    logs = {"loss": float(total) / seen, **metrics.compute()}
+            if metrics is not None:
+                metrics.update(outputs, y)
+    logs = {"loss": float(total) / seen, **(metrics.compute() if metrics is not None else {})}
     return {f"{split}_{name}": value for name, value in logs.items()}
 
 

@@ -211,3 +211,20 @@ def test_progress_bar_on_a_terminal(breast_cancer):
         progress.on_epoch_end(state)
     progress.on_fit_end(state)
     assert progress.bar.tasks[0].completed == 2 and "val_loss=0.4000" in progress.bar.tasks[0].description
+
+
+def test_device_resident_loader_yields_the_same_batches():
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = np.arange(40)
+    host = [yb.tolist() for _, yb in make_loader(x, y, 8, shuffle=True, seed=5)]
+    resident = make_loader(x, y, 8, shuffle=True, seed=5, device=torch.device("cpu"))
+    assert [yb.tolist() for _, yb in resident] == host
+
+
+def test_torch_compile_keeps_the_state_dict_keys(breast_cancer):
+    config, prepared = breast_cancer
+    config = config.model_copy(update={"torch_compile": True, "epochs": 1})
+    trained = train_model(config, prepared, build_loaders(config, prepared))
+    plain = build_model(trained.spec)
+    assert list(trained.model.state_dict()) == list(plain.state_dict())
+    assert np.isfinite(trained.history.history["val_loss"][0])
