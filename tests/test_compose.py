@@ -186,7 +186,9 @@ def test_images_match_the_installed_versions_and_the_project_layout():
     assert "WORKDIR /app" in dockerfile and "FITFLOW_REPO=/app" in dockerfile
     for path in ("flows", "tasks", "data", "prefect.yaml", "pyproject.toml"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", dockerfile, re.M), path
-    assert SERVICES["worker"]["environment"]["FITFLOW_REPO"] == "/app"
+    # `deployments` registers FITFLOW_REPO of the image as the working directory: the worker's image
+    assert SERVICES["deployments"]["build"] == SERVICES["worker"]["build"] == SERVICES["worker-cpu"]["build"]
+    assert SERVICES["deployments"]["image"] == SERVICES["worker"]["image"]
     prefect_yaml = (REPO / "prefect.yaml").read_text()
     assert "{{ $FITFLOW_REPO }}" in prefect_yaml and "gpu-pool" in prefect_yaml
 
