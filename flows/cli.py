@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup.add_argument("--gpus", type=int, default=1, metavar="N", help="concurrent training runs (default: 1)")
     setup.set_defaults(handler=_setup)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="close MLflow runs left RUNNING by a Prefect flow run that is over (a killed process)",
+        description="Find MLflow runs still RUNNING whose Prefect flow run (tag prefect.flow_run_id) has ended, "
+        "and end them FAILED (crashed, failed) or KILLED (cancelled), the reason in the tag fitflow.closed_by.",
+    )
+    doctor.add_argument("--dry-run", action="store_true", help="report what would be closed, change nothing")
+    doctor.set_defaults(handler=_doctor)
     return parser
 
 
@@ -138,6 +147,19 @@ def _setup(args: argparse.Namespace) -> int:
     from flows.deployments import setup
 
     setup(gpus=_positive(args.gpus, "--gpus"))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from flows.runtime import configure_environment, tracking_uri
+
+    configure_environment()
+    from flows.doctor import check_runs
+
+    findings = check_runs(tracking_uri(), fix=not args.dry_run)
+    for f in findings:
+        print(f"{f.run_id}  flow run {f.flow_run_id or '-'} ({f.flow_run_state or '-'}): {f.action}")
+    print(f"{len(findings)} RUNNING run(s) checked in {tracking_uri()}")
     return 0
 
 
