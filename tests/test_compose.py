@@ -244,9 +244,10 @@ def test_the_command_check_rejects_a_bad_command(argv):
         parse_command(argv)
 
 
-def test_fitflow_command_check_rejects_a_bad_command():
+def test_fitflow_command_check_rejects_a_bad_command(capsys):
     with pytest.raises(SystemExit):
         parse_command(["fitflow", "setup", "--cpus", "1"])
+    assert "--cpus" in capsys.readouterr().err
 
 
 # --- compose's interpolation, as tests/stack.py implements it ----------------------------------
