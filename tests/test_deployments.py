@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.deployments import run_deployment
+from prefect.flows import load_flow_from_entrypoint
 from prefect.states import Cancelling
 
 from flows.deployments import GPU_POOL, GPU_TAG, deployment_specs
@@ -57,8 +58,10 @@ def test_setup_and_deploy_all_from_prefect_yaml(server_env):
     with get_client(sync_client=True) as client:
         assert client.read_work_pool(GPU_POOL).concurrency_limit == 2
         assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
-        for spec in deployment_specs():
-            deployment = client.read_deployment_by_name(f"train/{spec['name']}")
+        names = {f"{load_flow_from_entrypoint(str(REPO / spec['entrypoint'])).name}/{spec['name']}" for spec in deployment_specs()}
+        assert names == {"train/default", "sweep/default", "predict/batch"}
+        for name in names:
+            deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == GPU_POOL and deployment.enforce_parameter_schema
             assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
         (schedule,) = client.read_deployment_by_name("train/default").schedules
@@ -77,7 +80,8 @@ def test_setup_and_deploy_all_from_prefect_yaml(server_env):
 
 
 def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
-    _delete_deployment("train/default")  # a work-pool deployment of the same name would shadow the served one
+    for name in ("train/default", "sweep/default", "predict/batch"):
+        _delete_deployment(name)  # a work-pool deployment of the same name would shadow the served one
     serve = subprocess.Popen([str(BIN / "fitflow"), "serve"], cwd=REPO, env=server_env,
                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
