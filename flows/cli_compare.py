@@ -76,7 +76,8 @@ def _sweep(args: argparse.Namespace) -> int:
     result = sweep(config)
     print(f"sweep run: {result.parent_run_id}  ({result.mlflow_url})")
     for row in result.trials:
-        params = "  ".join(f"{name}={json.dumps(row[name])}" for name in config.space)
+        # lists arrive as JSON text (table rows); other values print as JSON
+        params = "  ".join(f"{n}={row[n] if isinstance(row[n], str) else json.dumps(row[n])}" for n in config.space)
         score = row.get(f"best_{config.base.monitor}")
         print(f"  #{row['rank']:<3} trial {row['trial']:<3} {row['state']:<8} "
               f"{config.base.monitor}={'-' if score is None else f'{score:.4f}'}  {params}")
