@@ -245,3 +245,21 @@ def test_nightly_schedule_is_registered_in_its_time_zone_and_a_scheduled_run_fir
     assert flow_run.state.is_completed(), f"scheduled run ended {flow_run.state.name}: {flow_run.state.message}"
     run, _ = assert_tracked(mlflow_client, flow_run, epochs=1, experiment=f"{EXPERIMENT}-scheduled")
     print(f"\nscheduled flow run {flow_run.id} ({flow_run.expected_start_time}) -> MLflow run {run.info.run_id}")
+
+
+def test_a_run_against_a_server_that_refuses_the_credentials_fails_before_training(team_stack: TeamStack, monkeypatch):
+    """The training flow's first tracking step (start_run -> prepare_store) on the real basic-auth server."""
+    import time
+
+    from tasks.errors import TrackingError
+    from tasks.tracking import prepare_store
+
+    user, password = team_stack.mlflow_credentials
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password + "-wrong")
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"MLflow tracking server {team_stack.mlflow_uri} refused the credentials \(HTTP 401\)"):
+        prepare_store(team_stack.mlflow_uri)
+    assert time.monotonic() - started < 30
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    prepare_store(team_stack.mlflow_uri)  # the right credentials pass
