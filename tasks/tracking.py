@@ -137,15 +137,29 @@ def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: 
 
 
 class MlflowMetrics(Callback):
-    """Logs each epoch's metrics in one batch call, with step = epoch."""
+    """Logs each epoch's metrics in one batch call, with step = epoch, off the training thread.
+
+    The write (17 ms on sqlite, more against a server) happens in MLflow's async logging
+    thread while the next epoch trains; `on_fit_end` waits for every write, so nothing is lost.
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.pending: list = []  # MLflow's RunOperations of the epochs not yet confirmed written
 
     def on_epoch_end(self, state: FitState) -> None:
         logs = dict(state.logs)
         logs["lr"] = state.optimizer.param_groups[0]["lr"]
-        log_metrics(self.client, self.run_id, logs, step=state.epoch)
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, state.epoch) for key, value in logs.items()]
+        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+
+    def on_fit_end(self, state: FitState) -> None:
+        # Runs on success and on failure or cancellation alike (fit's finally): every epoch is in
+        # the store before the run can be closed; a write that failed raises here.
+        pending, self.pending = self.pending, []
+        for operation in pending:
+            operation.wait()
 
 
 def log_pyfunc_model(
