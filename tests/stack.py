@@ -256,18 +256,7 @@ class TeamStack:
         return result
 
     def wait_http(self, process: Process, url: str, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not process.alive():
-                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{process.name} not healthy at {url} after {timeout:.0f} s:\n{process.log_tail()}")
+        wait_http(process, url, timeout)
 
     # --- the services, in compose's order ------------------------------------------------
     def start(self) -> TeamStack:
@@ -395,3 +384,19 @@ class started_stack(ExitStack):
         except BaseException:
             self.close()
             raise
+
+
+def wait_http(process: Process, url: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Wait until `url` answers 200; fail at once, with its log, if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{process.name} not healthy at {url} after {timeout:.0f} s:\n{process.log_tail()}")

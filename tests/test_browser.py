@@ -16,15 +16,13 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stack import REPO, Process, free_port
+from stack import REPO, Process, free_port, wait_http
 
 pytestmark = pytest.mark.browser
 
@@ -46,21 +44,6 @@ def _require(found: bool, message: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(message)  # CI installs them (.ci/run, the test extra); never skip there
         pytest.skip(message)
-
-
-def _wait_http(process: Process, url: str, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process.alive():
-            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{process.log_tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{process.name} not answering {url} after {timeout:.0f} s:\n{process.log_tail()}")
 
 
 class UiStack:
@@ -92,10 +75,10 @@ class UiStack:
         mlflow = self.spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", self.tracking_uri,
                                        "--host", "127.0.0.1", "--port", self.mlflow_url.rsplit(":", 1)[1],
                                        "--workers", "1"], self.root, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        _wait_http(prefect, f"{self.prefect_url}/api/health")
-        _wait_http(mlflow, f"{self.mlflow_url}/health")  # it has created the store's tables by now
+        wait_http(prefect, f"{self.prefect_url}/api/health")
+        wait_http(mlflow, f"{self.mlflow_url}/health")  # it has created the store's tables by now
         serve = self.spawn("serve", [str(BIN / "fitflow"), "serve"], REPO, PREFECT_API_URL=f"{self.prefect_url}/api")
-        _wait_http(serve, f"{self.prefect_url}/api/deployments/name/train/default")
+        wait_http(serve, f"{self.prefect_url}/api/deployments/name/train/default")
         return self
 
     def logs(self) -> str:
