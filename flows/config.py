@@ -97,6 +97,20 @@ class TrainConfig(BaseModel):
     patience: int = Field(5, ge=0, description="Epochs without improvement before stopping (0: never stop early).")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitored metric that counts as improvement.")
 
+    # --- crash recovery -------------------------------------------------------------------
+    keep_checkpoints: int = Field(
+        2, ge=1, le=10_000, description="Epoch checkpoints kept per run (the newest); a killed run resumes from the newest."
+    )
+    retries: int = Field(
+        1, ge=0, le=10,
+        description="Retries of the training step after a crash (not after bad input); each resumes from the last epoch checkpoint.",
+    )
+    resume: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$",
+        description="MLflow run id to continue from its last epoch checkpoint; the run's own config is used, "
+        "other fields are ignored.",
+    )
+
     # --- tracking -------------------------------------------------------------------------
     experiment: str = Field("fitflow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name (default: MLflow's generated name).")
@@ -142,8 +156,34 @@ class TrainConfig(BaseModel):
         return self
 
     def flat_params(self) -> dict[str, str]:
-        """Every field as an MLflow param (strings; lists and dicts as JSON)."""
-        return {name: _param_text(value) for name, value in self.model_dump(mode="json").items()}
+        """Every field as an MLflow param (strings; lists and dicts as JSON); `resume` is not a setting of the run."""
+        return {name: _param_text(value) for name, value in self.model_dump(mode="json", exclude={"resume"}).items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> TrainConfig:
+        """The config of a logged run, from its MLflow params (the inverse of `flat_params`)."""
+        import json
+
+        from pydantic import TypeAdapter
+
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            if name not in params:
+                continue
+            text = params[name]
+            try:  # strings were logged as they are (precision "32" too); everything else as JSON
+                TypeAdapter(field.annotation).validate_python(text, strict=True)
+                is_text = text != "null" or field.default is not None
+            except ValidationError:
+                is_text = False
+            try:
+                values[name] = text if is_text else json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"param '{name}' of the run is not valid JSON ({text!r}); was it logged by fitflow?") from None
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(err, source="the run's params")) from None
 
 
 def _param_text(value: Any) -> str:

@@ -20,7 +20,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks import tracking
-from tasks.callbacks import BestWeights, Callback, EarlyStopping, LastCheckpoint, LRSchedule, Monitor, Progress
+from tasks.callbacks import BestWeights, Callback, EarlyStopping, LRSchedule, Monitor, Progress
+from tasks.checkpoints import Checkpoints
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
 from tasks.device import resident_device, resolve_device, set_cpu_threads
@@ -37,7 +38,7 @@ log = logging.getLogger("fitflow")
 class Run:
     """The MLflow run a flow run writes to, passed explicitly to every step."""
 
-    client: MlflowClient
+    client: MlflowClient | None
     run_id: str
     experiment_id: str
     checkpoint_dir: Path
@@ -100,14 +101,18 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     monitor = Monitor(config.monitor, config.min_delta)
     checkpoint = run.checkpoint_dir / "best.pt" if run else None
     best = BestWeights(monitor, checkpoint)
-    # Order: progress prints the epoch first; the best weights are kept before anything may stop the run.
-    callbacks: list[Callback] = [Progress(), best] if progress else [best]
+    stateful: dict[str, Callback] = {"best_weights": best}
     if config.patience > 0:
-        callbacks.append(EarlyStopping(monitor, config.patience))
+        stateful["early_stopping"] = EarlyStopping(monitor, config.patience)
     if scheduler is not None:
-        callbacks.append(LRSchedule(scheduler, monitor))
+        stateful["lr_schedule"] = LRSchedule(scheduler, monitor)
+    # Order: progress prints the epoch first; the best weights are kept before anything may stop
+    # the run; the checkpoint holds the epoch after every callback with state has seen it.
+    callbacks: list[Callback] = [Progress(), *stateful.values()] if progress else list(stateful.values())
     if run is not None:
-        callbacks.append(LastCheckpoint(run.checkpoint_dir / "last.pt"))  # what a cancelled run keeps
+        # Resumes from the newest epoch checkpoint when there is one: a retried task, `--resume`.
+        callbacks.append(Checkpoints(run.checkpoint_dir, stateful, config.keep_checkpoints, run.run_id))
+    if run is not None and run.client is not None:  # a Run without a client: checkpoints only (notebooks, tests)
         callbacks.append(tracking.MlflowMetrics(run.client, run.run_id))
     callbacks.extend(extra_callbacks)  # last: they see an epoch that is already logged and checkpointed
     log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
@@ -136,6 +141,17 @@ def _retry_transient_io(task, task_run, state) -> bool:
         return True
     except Exception:
         return False
+    return False
+
+
+def retry_after_crash(task, task_run, state) -> bool:
+    """Retry training after a crash (lost device, killed worker thread, I/O), not after bad input."""
+    try:
+        state.result()
+    except FitflowError:
+        return False
+    except Exception:
+        return True
     return False
 
 

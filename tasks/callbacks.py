@@ -1,7 +1,9 @@
 """Callbacks: everything around the training loop that is not the loop itself.
 
 A callback sees the `FitState` after each epoch (the epoch's logs, the model, the optimizer)
-and may set `state.stop`. Order matters only where noted in `fit`'s caller.
+and may set `state.stop`. Order matters only where noted in `fit`'s caller. A callback with
+state that a resumed run needs (best score, patience left, the LR schedule) saves it through
+`state_dict`/`load_state_dict`; `Checkpoints` (tasks/checkpoints.py) writes it every epoch.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ class FitState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     epochs: int
-    epoch: int = 0
+    epoch: int = 0  # the last completed epoch: 0 at the start, k after resuming from epoch k
     logs: dict[str, float] = field(default_factory=dict)
     stop: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)  # every completed epoch's logs
+    scaler: torch.amp.GradScaler | None = None
 
 
 class Callback:
@@ -38,6 +42,11 @@ class Callback:
     def on_epoch_end(self, state: FitState) -> None: ...
 
     def on_fit_end(self, state: FitState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
 
 class Monitor:
@@ -61,9 +70,15 @@ class Monitor:
             self.best, self.best_epoch = value, epoch
         return better
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.best, self.best_epoch = saved["best"], saved["best_epoch"]
+
 
 class BestWeights(Callback):
-    """Keeps the best weights (restored at the end) and saves the best checkpoint to disk."""
+    """Keeps the best weights; at the end restores them and writes the best checkpoint."""
 
     def __init__(self, monitor: Monitor, checkpoint_path: str | Path | None = None) -> None:
         self.monitor = Monitor(monitor.metric)  # improvement without min_delta: any better epoch is kept
@@ -71,41 +86,33 @@ class BestWeights(Callback):
         self.best_state: dict[str, Any] | None = None
 
     def on_epoch_end(self, state: FitState) -> None:
-        if not self.monitor.update(state.logs, state.epoch):
-            return
-        self.best_state = copy.deepcopy(state.model.state_dict())
-        if self.path is not None:
-            save_checkpoint(self.path, state, monitor=self.monitor.metric, score=self.monitor.best)
+        if self.monitor.update(state.logs, state.epoch):
+            self.best_state = copy.deepcopy(state.model.state_dict())
 
     def on_fit_end(self, state: FitState) -> None:
-        if self.best_state is not None:
-            state.model.load_state_dict(self.best_state)
-            log.info("restored the best weights: epoch %d, %s=%.4f", self.monitor.best_epoch, self.monitor.metric, self.monitor.best)
+        if self.best_state is None:
+            return
+        state.model.load_state_dict(self.best_state)
+        log.info("restored the best weights: epoch %d, %s=%.4f", self.monitor.best_epoch, self.monitor.metric, self.monitor.best)
+        if self.path is not None:  # once, at the end: the epoch checkpoints already hold the best state
+            best_logs = state.history[self.monitor.best_epoch - 1] if state.history else {}
+            save_checkpoint(self.path, {"epoch": self.monitor.best_epoch, "logs": best_logs, "model": self.best_state,
+                                        "monitor": self.monitor.metric, "score": self.monitor.best})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "best_state": self.best_state}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(saved["monitor"])
+        self.best_state = saved["best_state"]
 
 
-class LastCheckpoint(Callback):
-    """Writes the state after every epoch: a cancelled or crashed run keeps its last epoch."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_epoch_end(self, state: FitState) -> None:
-        save_checkpoint(self.path, state)
-
-
-def save_checkpoint(path: Path, state: FitState, **extra: Any) -> None:
-    """Model and optimizer state dicts, the epoch and its logs; written atomically."""
-    checkpoint = {
-        "epoch": state.epoch,
-        "logs": dict(state.logs),
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        **extra,
-    }
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """torch.save, atomically: write a partial file, then rename it over the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(checkpoint, partial)
-    os.replace(partial, path)  # atomic: a crash never leaves a half-written checkpoint
+    os.replace(partial, path)  # a crash never leaves a half-written checkpoint under the real name
 
 
 class EarlyStopping(Callback):
@@ -120,6 +127,13 @@ class EarlyStopping(Callback):
             log.info("early stopping at epoch %d: %s has not improved for %d epochs", state.epoch, self.monitor.metric, self.patience)
             state.stop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "waited": self.waited}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(saved["monitor"])
+        self.waited = saved["waited"]
+
 
 class LRSchedule(Callback):
     """Steps the learning-rate scheduler once per epoch (plateau: on the monitored metric)."""
@@ -132,6 +146,12 @@ class LRSchedule(Callback):
             self.scheduler.step(self.monitor.value(state.logs))
         else:
             self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(saved["scheduler"])
 
 
 class Progress(Callback):

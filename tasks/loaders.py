@@ -23,13 +23,20 @@ _EVAL_BATCH = 1024  # inference keeps no activations for backward, so bigger bat
 
 
 class BatchIndices(Sampler[torch.Tensor]):
-    """Index tensors of each batch; a new permutation per epoch when shuffling."""
+    """Index tensors of each batch; a new permutation per epoch when shuffling.
+
+    The permutation is a pure function of (seed, epoch), like DistributedSampler's: a resumed
+    run sets the epoch and gets the order the uninterrupted run had, with no generator state
+    to save. `fit` calls `set_epoch` before each epoch; without it, epochs count up from 0.
+    """
 
     def __init__(self, n_rows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  device: torch.device | None = None) -> None:
         self.n_rows, self.batch_size, self.shuffle, self.drop_last = n_rows, batch_size, shuffle, drop_last
-        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on any device
-        self.device = device
+        self.seed, self.epoch, self.device = seed, 0, device
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_rows, self.batch_size)
@@ -38,11 +45,19 @@ class BatchIndices(Sampler[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator: the permutation is drawn at the first batch, not when iter() is called.
         # DataLoader's worker iterator calls iter() twice at start; an eager draw would skip one.
-        order = torch.randperm(self.n_rows, generator=self.generator) if self.shuffle else torch.arange(self.n_rows)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = self.order(epoch)
         if self.device is not None:
             order = order.to(self.device)  # one copy per epoch; the batches then gather on the device
         for i in range(len(self)):
             yield order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The row order of an epoch (on the CPU: the same order on any device)."""
+        if not self.shuffle:
+            return torch.arange(self.n_rows)
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        return torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(seed))
 
 
 class GatherDataset(Dataset[Batch]):
@@ -59,16 +74,19 @@ class GatherDataset(Dataset[Batch]):
 
 
 class BatchLoader:
-    """Iterates (features, targets) batches in the main process, no collate, no workers."""
+    """Iterates (features, targets) batches in the main process, no collate, no workers.
 
-    def __init__(self, dataset: GatherDataset, batches: BatchIndices, pin_memory: bool = False) -> None:
-        self.dataset, self.batches, self.pin_memory = dataset, batches, pin_memory
+    `sampler` is named as DataLoader's is, so `loader.sampler.set_epoch(epoch)` works on both.
+    """
+
+    def __init__(self, dataset: GatherDataset, sampler: BatchIndices, pin_memory: bool = False) -> None:
+        self.dataset, self.sampler, self.pin_memory = dataset, sampler, pin_memory
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[Batch]:
-        for rows in self.batches:
+        for rows in self.sampler:
             features, targets = self.dataset[rows]
             if self.pin_memory:  # page-locked memory lets the host-to-GPU copy run asynchronously
                 features, targets = features.pin_memory(), targets.pin_memory()

@@ -39,14 +39,6 @@ class History:
         return len(self.epochs)
 
 
-class _Record(Callback):
-    def __init__(self, history: History) -> None:
-        self.history = history
-
-    def on_epoch_end(self, state: FitState) -> None:
-        self.history.epochs.append(dict(state.logs))
-
-
 def seed_everything(seed: int) -> None:
     """Same seed, same weights, same batch order, same dropout masks (on CPU, bit for bit)."""
     random.seed(seed)
@@ -68,19 +60,25 @@ def fit(
     precision: str = "32",
     grad_clip: float | None = None,
 ) -> History:
-    """Train for up to `epochs` epochs, validating after each; returns the History."""
+    """Train for up to `epochs` epochs, validating after each; returns the History.
+
+    A callback's `on_fit_start` may restore a checkpoint (tasks/checkpoints.py): the loop then
+    continues after `state.epoch`, with the history of the epochs before it.
+    """
     history = History()
-    callbacks = [_Record(history), *callbacks]
     model.to(device)
     if metrics is not None:
         metrics.to(device)
     amp_dtype = autocast_dtype(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = FitState(model=model, optimizer=optimizer, epochs=epochs)
+    state = FitState(model=model, optimizer=optimizer, epochs=epochs, history=history.epochs, scaler=scaler)
     for callback in callbacks:
         callback.on_fit_start(state)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(state.epoch + 1, epochs + 1):
+            if state.stop:  # set by a callback: early stopping (also in a resumed run that had stopped)
+                break
+            _set_epoch(train_loader, epoch)  # the shuffle is a function of (seed, epoch): resumable
             model.train()
             batch_losses = torch.zeros(len(train_loader), device=device)  # summed on device: no sync per step
             seen = 0
@@ -101,10 +99,9 @@ def fit(
             state.epoch = epoch
             state.logs = {"train_loss": float(batch_losses.sum()) / seen}
             state.logs.update(evaluate(model, val_loader, loss_fn, metrics, device, "val", amp_dtype))
+            state.history.append(dict(state.logs))
             for callback in callbacks:
                 callback.on_epoch_end(state)
-            if state.stop:
-                break
     finally:
         for callback in callbacks:
             callback.on_fit_end(state)
@@ -142,6 +139,12 @@ def predict_outputs(model: nn.Module, features: torch.Tensor, batch_size: int = 
     device = next(model.parameters()).device
     with torch.inference_mode():
         return torch.cat([model(chunk.to(device)).float().cpu() for chunk in features.split(batch_size)])
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)  # BatchLoader and DataLoader both name it so
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

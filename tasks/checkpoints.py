@@ -1,0 +1,150 @@
+"""Epoch checkpoints that a killed run resumes from exactly.
+
+After every epoch `Checkpoints` writes `epoch-NNNNN.pt` (atomically: a partial file renamed
+into place) and keeps the newest `keep`. A checkpoint holds everything the next epoch depends
+on, so a resumed run ends with the same weights, bit for bit on CPU, as one never stopped:
+
+- model, optimizer and AMP scaler state; the callbacks' state (best score and best weights,
+  patience left, the LR scheduler), through their `state_dict`;
+- every random generator: python, numpy, torch, and CUDA's when it is in use (dropout draws
+  from torch's);
+- the data order: the shuffle is a function of (seed, epoch) (tasks/loaders.py), so the
+  completed epoch is the position; there is no generator state to save;
+- the epoch, its logs and the whole history, and the MLflow run id it belongs to.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain containers only,
+never arbitrary pickled objects, so a tampered file cannot run code. A truncated or tampered
+file is a TrainingError naming the file and what to do, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+from zipfile import BadZipFile
+
+import numpy as np
+import torch
+
+from tasks.callbacks import Callback, FitState, save_checkpoint
+from tasks.errors import TrainingError
+
+log = logging.getLogger("fitflow")
+FORMAT = 1
+_NAME = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+class Checkpoints(Callback):
+    """Writes the full training state after every epoch; resumes from the newest one at the start.
+
+    `stateful`: the callbacks whose state a resumed run needs, by a stable name.
+    """
+
+    def __init__(self, directory: str | Path, stateful: dict[str, Callback], keep: int = 2,
+                 run_id: str | None = None) -> None:
+        self.directory, self.stateful, self.keep, self.run_id = Path(directory), stateful, keep, run_id
+        self.resumed_from = 0
+
+    def on_fit_start(self, state: FitState) -> None:
+        newest = latest_checkpoint(self.directory)
+        if newest is None:
+            return
+        saved = load_checkpoint(newest)
+        if self.run_id is not None and saved.get("run_id") not in (None, self.run_id):
+            raise TrainingError(f"checkpoint {newest} belongs to run {saved['run_id']}, not {self.run_id}; "
+                                "move it away or resume that run")
+        restore(state, saved, self.stateful)
+        self.resumed_from = state.epoch
+        log.info("resumed from %s: epoch %d of %d", newest, state.epoch, state.epochs)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        checkpoint = {
+            "format": FORMAT,
+            "run_id": self.run_id,
+            "epoch": state.epoch,
+            "stop": state.stop,
+            "logs": dict(state.logs),
+            "history": [dict(logs) for logs in state.history],
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+            "callbacks": {name: callback.state_dict() for name, callback in self.stateful.items()},
+            "rng": rng_state(),
+        }
+        save_checkpoint(self.directory / f"epoch-{state.epoch:05d}.pt", checkpoint)
+        for old in checkpoint_files(self.directory)[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+
+def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback]) -> None:
+    """Put a checkpoint back: model, optimizer, scaler, callbacks, history and random generators."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scaler is not None and saved["scaler"]:
+        state.scaler.load_state_dict(saved["scaler"])
+    for name, callback in stateful.items():
+        if name not in saved["callbacks"]:
+            raise TrainingError(f"the checkpoint has no state for '{name}': it was written with another config; "
+                                "resume with the run's own config (fitflow train --resume <run id>)")
+        callback.load_state_dict(saved["callbacks"][name])
+    state.epoch, state.stop, state.logs = saved["epoch"], saved["stop"], dict(saved["logs"])
+    state.history[:] = [dict(logs) for logs in saved["history"]]
+    set_rng_state(saved["rng"])
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The epoch checkpoints in a folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    files = checkpoint_files(directory)
+    return files[-1] if files else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True; a damaged or foreign file is a clear TrainingError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: not a file fitflow wrote
+        reason = str(err).strip().splitlines()[0][:200]
+        raise TrainingError(f"refusing to load checkpoint {path}: it holds objects other than tensors and plain data "
+                            f"({reason}); delete it to resume from the previous epoch, or start a new run") from None
+    except (RuntimeError, EOFError, BadZipFile, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"checkpoint {path} is damaged ({reason}); delete it to resume from the previous "
+                            "epoch, or start a new run") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise TrainingError(f"checkpoint {path} is not a fitflow epoch checkpoint (format {FORMAT}); "
+                            "delete it to resume from the previous epoch, or start a new run")
+    return saved
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator training draws from, as tensors and plain data (loadable with weights_only)."""
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": [name, torch.from_numpy(mt.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA just to save it
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

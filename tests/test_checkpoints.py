@@ -1,0 +1,144 @@
+"""Epoch checkpoints: exact resume of the plain training step, and damaged or foreign files.
+
+Real torch, no Prefect, no MLflow. The killed-process version (SIGKILL of `fitflow train`, then
+`--resume`) is tests/test_resume.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from flows.config import TrainConfig
+from flows.steps import Run, build_loaders, prep_spec, train_model
+from tasks.callbacks import Callback
+from tasks.checkpoints import checkpoint_files, load_checkpoint, rng_state, set_rng_state
+from tasks.data import load_table, prepare
+from tasks.errors import TrainingError
+
+
+class Epochs(Callback):
+    """Records which epochs this process trained."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_epoch_end(self, state) -> None:
+        self.seen.append(state.epoch)
+
+
+class CrashAt(Callback):
+    """Raises after an epoch's checkpoint is written: a crash between two epochs."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, state) -> None:
+        if state.epoch == self.epoch:
+            raise RuntimeError(f"simulated crash after epoch {self.epoch}")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    config = TrainConfig()
+    return prepare(load_table(config.data), prep_spec(config))
+
+
+def _run(tmp_path, name: str) -> Run:
+    # MlflowMetrics is only added with a client; these tests check the training state alone
+    return Run(client=None, run_id=name.ljust(32, "0"), experiment_id="0", checkpoint_dir=tmp_path / name)
+
+
+def _train(config, prepared, run, extra=()):
+    loaders = build_loaders(config, prepared)
+    return train_model(config, prepared, loaders, run, extra_callbacks=extra, progress=False)
+
+
+@pytest.mark.parametrize("options", [
+    {"scheduler": "cosine", "dropout": 0.3, "patience": 0},
+    {"scheduler": "plateau", "optimizer": "sgd", "patience": 3, "batch_norm": True},
+])
+def test_resume_after_a_crash_gives_bit_identical_weights(tmp_path, prepared, options):
+    config = TrainConfig(epochs=9, batch_size=32, keep_checkpoints=3, **options)
+    whole = _train(config, prepared, _run(tmp_path, "a"))
+
+    crashed = _run(tmp_path, "b")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(config, prepared, crashed, extra=[CrashAt(4)])
+    random.random(), np.random.rand(), torch.rand(3)  # the crashed process' generators moved on
+    assert [p.name for p in checkpoint_files(crashed.checkpoint_dir)] == [f"epoch-0000{i}.pt" for i in (2, 3, 4)]
+    epochs = Epochs()
+    resumed = _train(config, prepared, crashed, extra=[epochs])
+
+    assert epochs.seen == [5, 6, 7, 8, 9]  # it continued; it did not start over
+    assert resumed.history.history == whole.history.history  # every epoch, the ones before the crash too
+    assert resumed.best_epoch == whole.best_epoch
+    for key, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[key]), key
+    last_a = load_checkpoint(checkpoint_files(tmp_path / "a")[-1])
+    last_b = load_checkpoint(checkpoint_files(crashed.checkpoint_dir)[-1])
+    assert last_a["epoch"] == last_b["epoch"]
+    for key, tensor in last_a["model"].items():  # the last epoch's weights, not only the restored best
+        assert torch.equal(tensor, last_b["model"][key]), key
+    assert len(checkpoint_files(crashed.checkpoint_dir)) == 3  # the newest `keep_checkpoints` only
+
+
+def test_a_run_that_stopped_early_resumes_as_stopped(tmp_path, prepared):
+    config = TrainConfig(epochs=200, patience=2, lr=0.05)
+    run = _run(tmp_path, "c")
+    first = _train(config, prepared, run)
+    assert len(first.history) < 200
+    epochs = Epochs()
+    again = _train(config, prepared, run, extra=[epochs])  # e.g. a retry after a crash in testing or model logging
+    assert epochs.seen == []
+    assert again.history.history == first.history.history and again.best_epoch == first.best_epoch
+
+
+def test_rng_state_round_trips_through_weights_only_files(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+def test_damaged_and_foreign_checkpoints_are_clear_errors(tmp_path, prepared):
+    config = TrainConfig(epochs=2)
+    run = _run(tmp_path, "d")
+    _train(config, prepared, run)
+    newest = checkpoint_files(run.checkpoint_dir)[-1]
+
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(TrainingError, match=r"epoch-00002.pt is damaged .*delete it to resume from the previous"):
+        _train(config, prepared, run)
+
+    class Payload:  # what a tampered file would carry: a global that runs code when unpickled
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": 1, "model": Payload()}, newest)
+    with pytest.raises(TrainingError, match="refusing to load checkpoint .*objects other than tensors"):
+        _train(config, prepared, run)
+
+    with open(newest, "wb") as f:
+        pickle.dump({"format": 1}, f)  # a plain pickle, not a torch zip file
+    with pytest.raises(TrainingError, match="epoch-00002.pt"):
+        _train(config, prepared, run)
+
+    torch.save({"weights": torch.zeros(1)}, newest)
+    with pytest.raises(TrainingError, match="not a fitflow epoch checkpoint"):
+        _train(config, prepared, run)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, prepared):
+    config = TrainConfig(epochs=1)
+    _train(config, prepared, _run(tmp_path, "e"))
+    other = Run(client=None, run_id="f" * 32, experiment_id="0", checkpoint_dir=tmp_path / "e")
+    with pytest.raises(TrainingError, match="belongs to run e0+, not f+"):
+        _train(config, prepared, other)
