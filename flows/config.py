@@ -24,7 +24,8 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class TrainConfig(BaseModel):
     """Everything one training run needs; every field has a default but `data`/`target` pair."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf min_delta or grad_clip would pass every bound and silently do nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------
     data: str = Field(
@@ -46,7 +47,7 @@ class TrainConfig(BaseModel):
     max_categories: int = Field(
         50, ge=1, le=10_000, description="One-hot columns per categorical feature; rarer values share one."
     )
-    seed: int = Field(42, ge=0, description="Seeds the split, the weights and the batch order (same seed, same run).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds the split, the weights and the batch order (same seed, same run).")
 
     # --- optimisation (Keras' compile) ----------------------------------------------------
     epochs: int = Field(30, ge=1, le=100_000, description="Maximum number of passes over the training split.")
@@ -199,7 +200,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         values.update(_read_yaml(Path(path)))
     values.update(overrides)
     try:
-        return TrainConfig(**values)
+        return TrainConfig.model_validate(values)  # not TrainConfig(**values): YAML keys may be numbers
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, source=str(path) if path else None)) from None
 
@@ -212,7 +213,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({_one_line(str(err).splitlines()[0])}); fix its syntax") from None
+    except ValueError as err:  # a scalar YAML cannot convert: a 5000-digit int, a date like 2024-13-01
+        raise ConfigError(f"config file {path} holds a value that cannot be read ({_one_line(str(err).split(';')[0], 120)}); fix it") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -223,17 +226,30 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
     """One line for the first problem: which field, what is wrong, what is allowed."""
     first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "config"
-    where = f" in {source}" if source else ""
+    field = _one_line(".".join(str(part) for part in first["loc"]) or "config")
+    where = f" in {_one_line(source, 200)}" if source else ""
     if first["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, TrainConfig.model_fields, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; see `fitflow train --help` for the fields"
         return f"unknown config field '{field}'{where}{hint}"
     message = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_text = "" if isinstance(got, dict) else f" (got {_one_line(_repr(got))})"
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     return f"invalid config value for '{field}'{where}: {message}{got_text}{more}"
+
+
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr (Python's int_max_str_digits)
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """Unprintable characters escaped and long text cut, so that an error stays one readable line."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def as_flow_signature(return_annotation: Any = Any) -> inspect.Signature:

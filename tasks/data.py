@@ -85,7 +85,7 @@ def _is_text(head: bytes) -> bool:
 def _read_csv(path: Path) -> pd.DataFrame:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         header = next(csv.reader(handle), [])
-    _reject_duplicate_columns(path, header)
+    _reject_duplicate_columns(f"data file {path}", header)
     try:
         return pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
     except pd.errors.EmptyDataError:
@@ -101,16 +101,16 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
-        _reject_duplicate_columns(path, pq.read_schema(path).names)
+        _reject_duplicate_columns(f"data file {path}", pq.read_schema(path).names)
         return pq.read_table(path).to_pandas()
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"data file {path} is not a readable Parquet file ({err}); re-export it") from None
 
 
-def _reject_duplicate_columns(path: Path, names: list[str]) -> None:
-    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+def _reject_duplicate_columns(what: str, names: list) -> None:
+    duplicates = sorted((name for name, count in Counter(names).items() if count > 1), key=str)
     if duplicates:
-        raise DataError(f"data file {path} has duplicate column names: {', '.join(map(repr, duplicates))}; rename them so each column is unique")
+        raise DataError(f"{what} has duplicate column names: {', '.join(map(repr, duplicates))}; rename them so each column is unique")
 
 
 # --- preparation ------------------------------------------------------------------------
@@ -185,6 +185,7 @@ def _encode(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | 
 
 
 def _with_known_target(table: pd.DataFrame, target: str, what: str) -> pd.DataFrame:
+    _reject_duplicate_columns(f"the {what}", list(table.columns))  # a frame built in memory, not read by load_table
     if target not in table.columns:
         close = difflib.get_close_matches(target, [str(c) for c in table.columns], n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"columns are: {', '.join(map(str, table.columns[:20]))}"

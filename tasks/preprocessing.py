@@ -23,6 +23,11 @@ from tasks.errors import DataError
 OTHER = "__other__"
 _NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with typos, not a category
 _MAX_AUTO_CLASSES = 20  # integer targets with at most this many values are classes
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # features and targets are trained in float32
+# A value further than this from the training mean (in training standard deviations) is clipped
+# there: in float32 it could become inf and turn the network's output into NaN. Training rows
+# never reach it (their z-scores are at most sqrt(rows)); only far-out validation or new rows do.
+_MAX_Z = 1e6
 
 
 @dataclass
@@ -93,7 +98,9 @@ class Preprocessor:
                 prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories))
         labels = _rows(frame[target], rows)
         if task == "classification":
-            prep.classes = sorted(_plain(v) for v in labels.unique()) if _is_numeric(labels) else sorted(labels.astype(str).unique())
+            # Numbers only from a numeric dtype: an object column mixing 1 and "1" sorts (and matches) as text.
+            numeric = types.is_numeric_dtype(labels) and not types.is_bool_dtype(labels)
+            prep.classes = sorted(_plain(v) for v in labels.unique()) if numeric else sorted(labels.astype(str).unique())
         else:
             y = _as_float(labels)
             prep.target_mean, prep.target_std = float(y.mean()), float(y.std()) or 1.0
@@ -112,6 +119,7 @@ class Preprocessor:
             np.copyto(values, col.median, where=np.isnan(values))
             values -= col.mean
             values /= col.std
+            np.clip(values, -_MAX_Z, _MAX_Z, out=values)
             out[:, j] = values
         offset = len(self.numeric)
         for col in self.categorical:
@@ -181,7 +189,7 @@ def check_features(table: pd.DataFrame, target: str) -> None:
     for name in table.columns:
         column = table[name]
         if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
-            _reject_infinite(name, column, _as_float(column))
+            _reject_out_of_range(name, column, _as_float(column))
         elif (types.is_object_dtype(column) or types.is_string_dtype(column)) and _mostly_numbers(column):
             parsed = pd.to_numeric(column, errors="coerce")
             present = column.notna() & (column.astype(str).str.strip() != "")
@@ -189,14 +197,20 @@ def check_features(table: pd.DataFrame, target: str) -> None:
             if present.any() and 0 < bad.sum() <= (1 - _NUMERIC_SHARE) * present.sum():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 raise DataError(f"column '{name}' row {row + 1}: {column.iloc[row]!r} is not a number, but the rest of the column is numeric; fix the value or leave it empty")
-            _reject_infinite(name, column, parsed.to_numpy(dtype=np.float64, na_value=np.nan))
+            _reject_out_of_range(name, column, parsed.to_numpy(dtype=np.float64, na_value=np.nan))
 
 
-def _reject_infinite(name: Any, column: pd.Series, values: np.ndarray) -> None:
+def _reject_out_of_range(name: Any, column: pd.Series, values: np.ndarray) -> None:
     infinite = np.isinf(values)
     if infinite.any():
         row = int(np.flatnonzero(infinite)[0])
         raise DataError(f"column '{name}' row {row + 1} holds an infinite value ({column.iloc[row]}); replace it with a finite number or leave it empty")
+    # Beyond float32 a feature or target would be inf, and its mean and std overflow even in float64.
+    huge = np.abs(values) > _FLOAT32_MAX
+    if huge.any():
+        row = int(np.flatnonzero(huge)[0])
+        raise DataError(f"column '{name}' row {row + 1} holds {column.iloc[row]}, beyond the float32 range (±3.4e38) "
+                        "that fitflow trains in; rescale the column or replace the value")
 
 
 def infer_task(labels: pd.Series, requested: str) -> str:
@@ -243,7 +257,7 @@ def _as_float(column: pd.Series, strict: bool = False) -> np.ndarray:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"column '{column.name}' row {row + 1}: {column.iloc[row]!r} is not a number; numeric columns need numbers (or empty values)")
-    return parsed.to_numpy(dtype=np.float64, na_value=np.nan)
+    return parsed.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)  # may be a read-only view otherwise
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,335 @@
+"""Property-based tests of bad input: data preparation, config validation, the predict path.
+
+Each generated input must either work (prepared data that is finite and consistent, a valid
+TrainConfig, finite predictions of the right length) or be refused with one of the project's
+errors (a FitflowError) carrying one clear line. Anything else, a KeyError or a ValueError from
+pandas, fails the property. Hypothesis is derandomized (CI is reproducible) and bounded (the
+file runs in well under a minute on two shared cores).
+
+The counts of inputs tried, accepted and refused go to test-artifacts/reliability/properties.json
+(merged per group, so one group's run leaves the others' counts in place).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import __version__ as hypothesis_version
+from hypothesis import strategies as st
+
+from flows.cli import build_parser, main
+from flows.config import TrainConfig, load_config
+from tasks.data import PrepSpec, load_table, prepare, split_rows
+from tasks.errors import ConfigError, FitflowError
+
+REPORT = Path(__file__).resolve().parents[1] / "test-artifacts" / "reliability" / "properties.json"
+EXAMPLES = 150
+BOUNDED = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                          HealthCheck.function_scoped_fixture])
+
+# --- counting ---------------------------------------------------------------------------------
+
+_TALLY: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+_SAMPLES: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+_PASSED: dict[str, dict[str, bool]] = defaultdict(dict)
+_CURRENT: list[str] = ["", ""]  # (group, property) of the running test, set by the fixture below
+
+
+def group(name: str):
+    """Which group of the report a property counts towards."""
+    def mark(test):
+        test.group = name
+        return test
+    return mark
+
+
+def _count(error: FitflowError | None) -> None:
+    group_name, prop = _CURRENT
+    counts = _TALLY[group_name][prop]
+    counts["tried"] += 1
+    if error is None:
+        counts["accepted"] += 1
+        return
+    _assert_clear(str(error))
+    counts["rejected"] += 1
+    counts[f"error:{type(error).__name__}"] += 1
+    samples = _SAMPLES[group_name][prop]
+    if len(samples) < 5 and str(error) not in samples:
+        samples.append(str(error))
+
+
+def _attempt(call):
+    """Run `call`; its result, or None when it raised a FitflowError (which must be one clear line)."""
+    try:
+        result = call()
+    except FitflowError as err:
+        _count(err)
+        return None
+    _count(None)
+    return result
+
+
+def _assert_clear(message: str) -> None:
+    assert message.strip(), "an error without a message"
+    assert "\n" not in message and "\r" not in message, f"not one line: {message!r}"
+    assert len(message) < 1000, f"too long to read: {message[:200]!r}..."
+    assert "Traceback" not in message
+
+
+@pytest.fixture(autouse=True)
+def _record(request):
+    """Count under this test's group; afterwards note whether it passed and merge the report."""
+    _CURRENT[:] = [request.function.group, request.node.name]
+    failed_before = request.session.testsfailed
+    yield
+    _PASSED[_CURRENT[0]][_CURRENT[1]] = request.session.testsfailed == failed_before  # the call's report is in
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    report = json.loads(REPORT.read_text(encoding="utf-8")) if REPORT.is_file() else {}
+    for name, tallies in _TALLY.items():
+        properties = {
+            p: {"tried": c["tried"], "accepted": c["accepted"], "rejected": c["rejected"],
+                "errors": {k.removeprefix("error:"): v for k, v in c.items() if k.startswith("error:")},
+                "passed": _PASSED[name].get(p), "sample_messages": _SAMPLES[name][p]}
+            for p, c in tallies.items()
+        }
+        report[name] = {
+            "tried": sum(p["tried"] for p in properties.values()),
+            "accepted": sum(p["accepted"] for p in properties.values()),
+            "rejected": sum(p["rejected"] for p in properties.values()),
+            "properties": properties,
+            "hypothesis": {"version": hypothesis_version, "max_examples": EXAMPLES, "derandomize": True},
+            "updated": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    REPORT.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+# --- 1. data preparation ------------------------------------------------------------------------
+
+NAMES = st.one_of(st.sampled_from(["x", "y", "label", "größe", "列", "", " ", "a,b", "é\u0301", "🙂"]),
+                  st.text(max_size=6))
+SPECIALS = [np.nan, np.inf, -np.inf, 1e300, -1e300, 1e-300, 0.0, -0.0, 2**63 - 1, -(2**63), "", " ", "nan",
+            "∞", "1e999", "１２", None, True, "x\ny", pd.NaT]
+COLUMN_KINDS = ["int", "float", "bool", "text", "numeric_text", "category", "datetime", "constant", "all_nan",
+                "mixed", "huge", "tiny"]
+
+
+def _column(kind: str, n: int, rng: np.random.Generator) -> pd.Series:
+    if kind == "int":
+        return pd.Series(rng.integers(-1000, 1000, n))
+    if kind == "float":
+        return pd.Series(rng.normal(size=n) * 10.0 ** rng.integers(-5, 5))
+    if kind == "bool":
+        return pd.Series(rng.random(n) < 0.5)
+    if kind == "text":
+        return pd.Series(rng.choice(["rot", "grün", "青", "", "a b", "NULL"], n))
+    if kind == "numeric_text":
+        return pd.Series([f"{v:.3f}" for v in rng.normal(size=n)], dtype=object)
+    if kind == "category":
+        return pd.Series(pd.Categorical(rng.choice(["s", "m", "l"], n)))
+    if kind == "datetime":
+        return pd.Series(pd.to_datetime(rng.integers(0, 2**31, n), unit="s", utc=bool(rng.random() < 0.5)))
+    if kind == "constant":
+        return pd.Series([rng.choice([7, 0.5, "k"])] * n)
+    if kind == "all_nan":
+        return pd.Series([np.nan] * n, dtype=rng.choice(["float64", "object"]))
+    if kind == "mixed":
+        return pd.Series([rng.choice([1, "2", 3.5, None, "drei"]) for _ in range(n)], dtype=object)
+    if kind == "huge":
+        return pd.Series(rng.choice([1e300, -1e300, 1e200, 3.5e38], n))
+    return pd.Series(rng.choice([1e-300, -1e-300, 5e-324, 0.0], n))
+
+
+def _target(kind: str, n: int, rng: np.random.Generator) -> pd.Series:
+    if kind == "one_class":
+        return pd.Series(["only"] * n)
+    if kind == "text_classes":
+        return pd.Series(rng.choice(["ja", "nein", "vielleicht"], n))
+    if kind == "int_classes":
+        return pd.Series(rng.integers(0, 3, n))
+    if kind == "bool_classes":
+        return pd.Series(rng.random(n) < 0.5)
+    if kind == "mixed_classes":
+        return pd.Series([rng.choice([1, "1", 2.0, "2"]) for _ in range(n)], dtype=object)
+    return pd.Series(rng.normal(size=n) * 100)  # regression
+
+
+@st.composite
+def tables(draw) -> tuple[pd.DataFrame, PrepSpec]:
+    """A random table (0-60 rows, 0-5 feature columns, odd names and values), a target, and a spec.
+
+    About half the draws are tables that can be prepared, so that the checks on success run too.
+    """
+    n = draw(st.one_of(st.integers(0, 5), st.integers(20, 60)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    target = draw(st.sampled_from(["target", "label", "ziel 🎯"]))
+    names = draw(st.lists(NAMES.filter(lambda name: name != target), min_size=1, max_size=5, unique=True))
+    if draw(st.integers(0, 9)) == 0:
+        names.append(draw(st.sampled_from(names)))  # a duplicate column name
+    columns = [(name, _column(draw(st.sampled_from(COLUMN_KINDS)), n, rng)) for name in names]
+    target_kind = draw(st.sampled_from(["text_classes", "int_classes", "bool_classes", "regression"] * 3
+                                       + ["mixed_classes", "one_class", "absent"]))
+    if target_kind != "absent":
+        columns.insert(draw(st.integers(0, len(columns))), (target, _target(target_kind, n, rng)))
+    frame = pd.DataFrame({i: values for i, (_, values) in enumerate(columns)}, index=range(n))
+    frame.columns = [name for name, _ in columns]
+    for column, row, value in draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 60),
+                                                     st.sampled_from(SPECIALS)), max_size=3)):
+        if frame.shape[1] and n:  # a special value in a random cell (the column turns object if it must)
+            j, i = column % frame.shape[1], row % n
+            series = frame.iloc[:, j].astype(object)
+            series.iloc[i] = value
+            frame.isetitem(j, series)
+    spec = PrepSpec(target=target, task=draw(st.sampled_from(["auto", "auto", "classification", "regression"])),
+                    val_fraction=draw(st.sampled_from([0.1, 0.15, 0.3])),
+                    test_fraction=draw(st.sampled_from([0.1, 0.15, 0.3])),
+                    max_categories=draw(st.integers(1, 4)), seed=draw(st.integers(0, 2**31)))
+    return frame, spec
+
+
+def _check_prepared(table: pd.DataFrame, spec: PrepSpec, prepared) -> None:
+    """Finite float32 features, rows that add up, equal widths, labels that map back to the originals."""
+    labeled = table[table[spec.target].notna()].reset_index(drop=True)
+    p = prepared.preprocessor
+    fitted = [p.target_mean, p.target_std, *[v for c in p.numeric for v in (c.median, c.mean, c.std)]]
+    assert np.isfinite(fitted).all(), f"fitted statistics overflowed: {p.numeric}"  # else features silently 0
+    splits = (prepared.train, prepared.val, prepared.test)
+    assert sum(len(s.targets) for s in splits) == len(labeled)
+    for split, rows in zip(splits, split_rows(labeled[spec.target], p.task, spec)):
+        assert split.features.dtype == np.float32 and split.features.shape == (len(rows), p.n_features)
+        assert np.isfinite(split.features).all()
+        original = labeled[spec.target].iloc[rows]
+        if p.classes is None:
+            truth = pd.to_numeric(original).to_numpy(dtype=np.float64)
+            assert np.allclose(p.unscale_targets(split.targets.astype(np.float64)), truth,
+                               rtol=1e-4, atol=1e-4 * p.target_std)
+        else:
+            numeric = isinstance(p.classes[0], (int, float))
+            assert [p.classes[c] for c in split.targets] == [v if numeric else str(v) for v in original]
+
+
+@group("data_preparation")
+@BOUNDED
+@given(tables())
+def test_prepare_gives_consistent_finite_data_or_a_clear_error(example):
+    table, spec = example
+    prepared = _attempt(lambda: prepare(table, spec))
+    if prepared is not None:
+        _check_prepared(table, spec, prepared)
+
+
+@group("data_preparation")
+@settings(BOUNDED, max_examples=60)
+@given(tables())
+def test_csv_round_trip_through_load_table(tmp_path, example):
+    table, spec = example
+    path = tmp_path / "table.csv"
+    table.to_csv(path, index=False)
+
+    def load_and_prepare():
+        loaded = load_table(str(path))
+        return loaded, prepare(loaded, spec)
+
+    result = _attempt(load_and_prepare)
+    if result is not None:
+        _check_prepared(result[0], spec, result[1])
+
+
+# --- 2. config validation -----------------------------------------------------------------------
+
+FIELDS = list(TrainConfig.model_fields)
+JUNK_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from([10**30, -(10**30), 2**63, 0, -1]),
+    st.floats(), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-320]),
+    st.text(max_size=12), st.sampled_from(["", "mlp", "adam", "cuda:0", "auto", "val_loss", "30", "1e-3", "…"]),
+)
+JUNK = st.recursive(JUNK_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                          st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                    max_leaves=6)
+KEYS = st.one_of(st.sampled_from(FIELDS), st.text(max_size=10))
+# Ints of more than 4300 digits have no repr (Python's int_max_str_digits): built, never printed by YAML.
+HUGE_INTS = st.integers(4301, 4400).map(lambda digits: 10**digits)
+CONFIG_DICTS = st.one_of(st.dictionaries(KEYS, st.one_of(JUNK, HUGE_INTS), max_size=5),
+                         st.dictionaries(st.sampled_from(FIELDS), JUNK_SCALARS, max_size=2))  # often valid
+YAML_DICTS = st.dictionaries(KEYS, JUNK, max_size=5)
+
+
+def _check_config(config: TrainConfig) -> None:
+    """A valid config has finite numbers and survives its own round trip and MLflow params."""
+    for name, value in config.model_dump().items():
+        if isinstance(value, float):
+            assert np.isfinite(value), f"{name}={value} passed validation"
+    assert TrainConfig(**config.model_dump()) == config
+    torch.Generator().manual_seed(config.seed)  # what training seeds; it refuses seeds beyond 64 bits
+    assert all(isinstance(v, str) for v in config.flat_params().values())
+
+
+@group("config_validation")
+@BOUNDED
+@given(CONFIG_DICTS)
+def test_config_dicts_validate_or_raise_one_line(values):
+    config = _attempt(lambda: load_config(None, **values))
+    if config is not None:
+        _check_config(config)
+
+
+@group("config_validation")
+@BOUNDED
+@given(st.one_of(YAML_DICTS.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=60),
+                 st.sampled_from(["epochs: 1" + "0" * 5000, "lr: .nan", "lr: .inf", "[1, 2]", "- a", "{1: 2}",
+                                  "epochs: !!python/object:os.system ls", "\tepochs: 3", "seed: 0x10", "null"])))
+def test_yaml_files_validate_or_raise_one_line(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    config = _attempt(lambda: load_config(path))
+    if config is not None:
+        _check_config(config)
+
+
+# Values that argparse cannot mistake for flags (`--he` abbreviates --help and would exit 0).
+CLI_VALUES = st.one_of(st.text(alphabet=string.printable + "äß列🙂", max_size=10).filter(lambda t: not t.startswith("-")),
+                       st.integers(-5, 10**20).map(str), st.sampled_from(["nan", "inf", "-1", "1e400", "0"]))
+
+
+def _parses_to_valid_config(argv: list[str]) -> bool:
+    """True when these flags would start a training run (which these tests never do)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        return False
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    try:
+        load_config(args.config, **overrides)
+    except ConfigError:
+        return False
+    return True
+
+
+@group("config_validation")
+@BOUNDED
+@given(st.lists(st.tuples(st.sampled_from(FIELDS), CLI_VALUES), min_size=1, max_size=4))
+def test_cli_flags_exit_2_with_one_line(capsys, pairs):
+    argv = ["train", *[part for name, value in pairs for part in ("--" + name.replace("_", "-"), value)]]
+    if _parses_to_valid_config(argv):
+        _count(None)
+        return
+    capsys.readouterr()  # argparse's refusal, printed while checking
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse refuses a flag before main's handler runs
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fitflow: error: "), captured.err
+    _count(ConfigError(lines[0].removeprefix("fitflow: error: ")))
