@@ -151,7 +151,7 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from flows.runtime import configure_environment, tracking_uri
+    from flows.runtime import configure_environment, redact_uri, tracking_uri
 
     configure_environment()
     from flows.doctor import check_runs
@@ -159,7 +159,7 @@ def _doctor(args: argparse.Namespace) -> int:
     findings = check_runs(tracking_uri(), fix=not args.dry_run)
     for f in findings:
         print(f"{f.run_id}  flow run {f.flow_run_id or '-'} ({f.flow_run_state or '-'}): {f.action}")
-    print(f"{len(findings)} RUNNING run(s) checked in {tracking_uri()}")
+    print(f"{len(findings)} RUNNING run(s) checked in {redact_uri(tracking_uri())}")
     return 0
 
 

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.runtime import artifact_location, tracking_uri
+from flows.runtime import artifact_location, redact_uri, tracking_uri
 from flows.steps import load_table_task
 from tasks import scoring, tracking
 from tasks.data import resolve_source
@@ -99,7 +99,7 @@ def resolve_model_task(uri: str) -> ModelRef:
     try:
         return _resolve(client, uri.strip())
     except MlflowException as err:
-        raise ConfigError(f"model {uri!r} cannot be read from {tracking_uri()}: {err.message.splitlines()[0]}") from None
+        raise ConfigError(f"model {uri!r} cannot be read from {redact_uri(tracking_uri())}: {err.message.splitlines()[0]}") from None
 
 
 def _resolve(client: MlflowClient, uri: str) -> ModelRef:

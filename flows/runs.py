@@ -14,6 +14,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from flows.runtime import redact_uri
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError
 
@@ -30,7 +31,7 @@ def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ConfigError(f"no MLflow experiment '{experiment}' in {uri}; experiments: {', '.join(names) or 'none'}")
+        raise ConfigError(f"no MLflow experiment '{experiment}' in {redact_uri(uri)}; experiments: {', '.join(names) or 'none'}")
     direction = "ASC" if Monitor(sort).lower_is_better else "DESC"
     filter_string = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     runs = client.search_runs([found.experiment_id], filter_string=filter_string,

@@ -38,6 +38,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{fitflow_home() / 'mlflow.db'}"
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` fit to print or store: user info (`user:password@`, `token@`) becomes `***@`.
+
+    Credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, but a URI such as
+    http://user:pw@host works too (requests takes them from it), so every log line, tag, link and
+    error message that names the tracking URI shows it through here. It cuts to the last `@`, not
+    to what urllib parses as the host: a password with an unencoded `/`, `?` or `#` fools the parser.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
+        return uri
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go beside the database (MLflow's default is ./mlruns of the CWD)."""
     if uri.startswith("sqlite:///"):
@@ -54,6 +68,10 @@ def configure_environment() -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    if redact_uri(tracking_uri()) != tracking_uri():
+        # MLflow prints "View run ... at: <tracking URI>/#/..." as a run ends, user info and all;
+        # fitflow prints and links the run itself, redacted
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("fitflow").setLevel(logging.INFO)  # Prefect forwards it (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 

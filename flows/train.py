@@ -21,10 +21,17 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ValidationError
 
 from flows.config import TrainConfig, as_flow_signature, describe_validation_error
-from flows.runtime import artifact_location, fitflow_home, tracking_uri
 from flows.registry import register_model_task
+from flows.runtime import artifact_location, fitflow_home, redact_uri, tracking_uri
 from flows.steps import (
-    Run, Trained, load_table_task, make_loaders_task, prep_spec, prepare_task, test_model_task, train_model_task,
+    Run,
+    Trained,
+    load_table_task,
+    make_loaders_task,
+    prep_spec,
+    prepare_task,
+    test_model_task,
+    train_model_task,
 )
 from tasks import tracking
 from tasks.data import Prepared, resolve_source
@@ -127,7 +134,7 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
             create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
                                  link_text=f"MLflow run {run_id}")
     checkpoint_dir = fitflow_home() / "checkpoints" / run_id
-    log.info("MLflow run %s in experiment '%s' (%s)", run_id, config.experiment, uri)
+    log.info("MLflow run %s in experiment '%s' (%s)", run_id, config.experiment, redact_uri(uri))
     return Run(client, run_id, experiment_id, checkpoint_dir)
 
 

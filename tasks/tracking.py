@@ -24,6 +24,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from flows.runtime import redact_uri
 from tasks.callbacks import Callback, FitState
 from tasks.errors import ConfigError, TrackingError
 
@@ -60,21 +61,23 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     """Raise TrackingError (naming the URI and the cause) unless the server answers an API call."""
     import requests
 
+    server = redact_uri(uri)  # the messages reach the terminal, Prefect's logs and run tags
+
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     headers = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"} if os.environ.get("MLFLOW_TRACKING_TOKEN") else {}
     try:
         response = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
                                 auth=(user, password) if user else None, headers=headers, timeout=timeout)
     except requests.Timeout:
-        raise TrackingError(f"MLflow tracking server {uri} did not answer within {timeout:.0f} s; check that it is up (MLFLOW_TRACKING_URI)") from None
+        raise TrackingError(f"MLflow tracking server {server} did not answer within {timeout:.0f} s; check that it is up (MLFLOW_TRACKING_URI)") from None
     except requests.RequestException as err:
         cause = type(err).__name__ + (": connection refused" if "refused" in str(err).lower() else "")
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({cause}); start it or fix MLFLOW_TRACKING_URI") from None
+        raise TrackingError(f"MLflow tracking server {server} is unreachable ({cause}); start it or fix MLFLOW_TRACKING_URI") from None
     if response.status_code in (401, 403):
-        raise TrackingError(f"MLflow tracking server {uri} refused the credentials (HTTP {response.status_code}); "
+        raise TrackingError(f"MLflow tracking server {server} refused the credentials (HTTP {response.status_code}); "
                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server")
     if response.status_code >= 400:
-        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status_code} ({response.text[:200].strip()}); check MLFLOW_TRACKING_URI")
+        raise TrackingError(f"MLflow tracking server {server} answered HTTP {response.status_code} ({response.text[:200].strip()}); check MLFLOW_TRACKING_URI")
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
@@ -245,5 +248,5 @@ def log_artifact(client: MlflowClient, run_id: str, path: str | Path, folder: st
 
 def run_url(tracking_uri: str, experiment: str, run_id: str) -> str:
     """Where the run is in the MLflow UI (the local store's UI is `mlflow ui` on port 5000)."""
-    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else os.environ.get("FITFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    base = redact_uri(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else os.environ.get("FITFLOW_MLFLOW_UI_URL", "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
