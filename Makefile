@@ -1,25 +1,36 @@
 # fitflow: `make run` trains the default dataset, `make test` runs the test suite.
-# Both create the virtual environment first when it is missing or pyproject.toml changed.
+# Both create the virtual environment first when it is missing or pyproject.toml or
+# constraints.txt changed; every package is installed at its pin in constraints.txt.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel first: a bare `torch` requirement may pull a multi-GB CUDA build.
+# The CPU wheel first: a bare `torch` requirement may pull a multi-GB CUDA build. Its version is
+# the pin in constraints.txt, which leaves the build (+cpu, +cu128) to the index.
 # On a GPU machine: make setup TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
-TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test mlflow-ui clean-state prefect-server deploy serve
+.PHONY: setup lock run test mlflow-ui clean-state prefect-server deploy serve
 
-$(BIN)/fitflow: pyproject.toml
+$(BIN)/fitflow: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet torch $(TORCH_PIP_ARGS) -c constraints.txt
+	$(BIN)/python -m pip install --quiet -e ".[test]" -c constraints.txt
 	touch $@
 
 setup: $(BIN)/fitflow
+
+# After a change to pyproject.toml or a deliberate `pip install -U` in the venv: install what
+# pyproject.toml asks for now (installed versions that still satisfy it stay), then pin the venv.
+# The comment lines at the top of constraints.txt stay; torch is pinned without its build tag.
+# The venv is only created when missing (order-only): a rebuild would apply the old pins.
+lock: | $(BIN)/fitflow
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(BIN)/fitflow
 
 run: setup
 	$(BIN)/fitflow train
