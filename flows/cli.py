@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from flows.cli_compare import add_commands as add_compare_commands
 from flows.config import TrainConfig, load_config
-from tasks.errors import ConfigError, FitflowError
+from tasks.errors import ConfigError, FitflowError, TrackingError
 
 EXIT_USAGE = 2
 
@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--dry-run", action="store_true", help="report what would be closed, change nothing")
     doctor.set_defaults(handler=_doctor)
+
+    upload = commands.add_parser(
+        "upload-metrics",
+        help="send a run's per-epoch metrics kept locally while the tracking server was unreachable",
+        description="Deliver the epochs of the run's metrics journal (<FITFLOW_HOME>/checkpoints/<run id>/metrics.jsonl) "
+        "that never reached MLflow, skipping values the server already has, and end the run with the status kept "
+        "locally when it ended during the outage. Goes to MLFLOW_TRACKING_URI if set, else to the run's own server.",
+    )
+    upload.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id (printed in the warning)")
+    upload.set_defaults(handler=_upload_metrics)
     return parser
 
 
@@ -160,6 +170,41 @@ def _doctor(args: argparse.Namespace) -> int:
     for f in findings:
         print(f"{f.run_id}  flow run {f.flow_run_id or '-'} ({f.flow_run_state or '-'}): {f.action}")
     print(f"{len(findings)} RUNNING run(s) checked in {redact_uri(tracking_uri())}")
+    return 0
+
+
+def _upload_metrics(args: argparse.Namespace) -> int:
+    chosen_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read before configure_environment sets the local default
+    from flows.runtime import configure_environment, fitflow_home, redact_uri
+
+    configure_environment()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tasks.metrics_journal import Journal, steps_text, upload
+    from tasks.tracking import check_server
+
+    if not args.run_id.isalnum():
+        raise ConfigError(f"not an MLflow run id: {args.run_id!r} (32 letters and digits, as the warning printed it)")
+    journal = Journal(fitflow_home() / "checkpoints" / args.run_id)
+    if not journal.path.exists():
+        raise ConfigError(f"run {args.run_id} has no metrics journal at {journal.path}; check the run id and FITFLOW_HOME")
+    uri = chosen_uri or journal.origin()["tracking_uri"]
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)  # still down: one line now, not minutes of MLflow's retries
+    client = MlflowClient(uri)
+    try:
+        client.get_run(args.run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrackingError(f"run {args.run_id} is not on {redact_uri(uri)}; set MLFLOW_TRACKING_URI to the server "
+                            "it was tracked on") from None
+    done = upload(journal, client, args.run_id)
+    print(f"sent epochs {steps_text(done.sent) or '-'} of run {args.run_id} to {redact_uri(uri)}"
+          + (f" (already there: {steps_text(done.present)})" if done.present else ""))
+    if done.ended:
+        print(f"run {args.run_id} ended {done.ended} (its end was kept locally while the server was unreachable)")
     return 0
 
 

@@ -113,7 +113,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         # Resumes from the newest epoch checkpoint when there is one: a retried task, `--resume`.
         callbacks.append(Checkpoints(run.checkpoint_dir, stateful, config.keep_checkpoints, run.run_id))
     if run is not None and run.client is not None:  # a Run without a client: checkpoints only (notebooks, tests)
-        callbacks.append(tracking.MlflowMetrics(run.client, run.run_id))
+        callbacks.append(tracking.MlflowMetrics(run.client, run.run_id, run.checkpoint_dir))
     callbacks.extend(extra_callbacks)  # last: they see an epoch that is already logged and checkpointed
     log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
     history = fit(

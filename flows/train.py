@@ -67,8 +67,9 @@ def _train(**fields) -> TrainResult:
     prepared = prepare_task(table, prep_spec(config), validation)
     loaders = make_loaders_task(config, prepared)
     run = start_run(config, prepared, table)
-    with tracking.finished_or_failed(run.client, run.run_id):
+    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
         trained = train_model_task(config, prepared, loaders, run)
+        tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
         test_metrics = test_model_task(config, prepared, loaders, trained)
         model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)

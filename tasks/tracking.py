@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.runtime import redact_uri
+from tasks import metrics_journal
 from tasks.callbacks import Callback, FitState
 from tasks.errors import ConfigError, TrackingError
 
@@ -97,22 +98,37 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
 
 
 @contextmanager
-def fail_on_error(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """On an error, end the run FAILED (KILLED on interrupt) with the error as a tag, and re-raise."""
+def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None) -> Iterator[None]:
+    """On an error, end the run FAILED (KILLED on interrupt) with the error as a tag, and re-raise.
+
+    With the run's checkpoint `folder`: if its metrics journal holds undelivered epochs, the
+    tracking server was unreachable when training ended, so the end is kept in the journal too
+    (asking the server would wait out MLflow's retries, minutes per call, and then fail);
+    `fitflow upload-metrics <run id>` records both once the server is back.
+    """
     try:
         yield
     except BaseException as err:
         # Not an Exception: an interrupt, exit, or Prefect's TerminationSignal on cancellation.
         status = "FAILED" if isinstance(err, Exception) else "KILLED"
-        client.set_tag(run_id, "fitflow.error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, status)
+        error = f"{type(err).__name__}: {err}"[:5000]
+        journal = metrics_journal.Journal(folder) if folder is not None else None
+        if journal is not None and journal.pending():
+            journal.keep_end(status, int(time.time() * 1000), {
+                "fitflow.error": error,
+                "fitflow.closed_by": "fitflow upload-metrics: the tracking server was unreachable when the run ended"})
+            log.warning("run %s ends %s once `fitflow upload-metrics %s` reaches the tracking server (kept in %s)",
+                        run_id, status, run_id, journal.end_path)
+        else:
+            client.set_tag(run_id, "fitflow.error", error)
+            client.set_terminated(run_id, status)
         raise
 
 
 @contextmanager
-def finished_or_failed(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """End the run FINISHED when the block completes, FAILED/KILLED when it raises."""
-    with fail_on_error(client, run_id):
+def finished_or_failed(client: MlflowClient, run_id: str, folder: Path | None = None) -> Iterator[None]:
+    """End the run FINISHED when the block completes, FAILED/KILLED when it raises (see fail_on_error)."""
+    with fail_on_error(client, run_id, folder):
         yield
     client.set_terminated(run_id, "FINISHED")
 
@@ -131,38 +147,87 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
 def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, target: str | None, name: str,
                 context: str = "training") -> str:
     """Log the raw table as the run's input (`context`: training, or prediction); returns its digest."""
-    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(table, source=source, targets=target, name=name)
+    dataset = _pandas_dataset(table, source, target, name)
     tags = [InputTag(key="mlflow.data.context", value=context)]
     client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
     return dataset.digest
 
 
-class MlflowMetrics(Callback):
-    """Logs each epoch's metrics in one batch call, with step = epoch, off the training thread.
+def dataset_digest(table: pd.DataFrame, source: str, target: str | None) -> str:
+    """The digest `log_dataset` logs for this table (a resumed run checks its data is the same)."""
+    return _pandas_dataset(table, source, target, "digest").digest
 
-    The write (17 ms on sqlite, more against a server) happens in MLflow's async logging
-    thread while the next epoch trains; `on_fit_end` waits for every write, so nothing is lost.
+
+def _pandas_dataset(table: pd.DataFrame, source: str, target: str | None, name: str):
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        return mlflow.data.from_pandas(table, source=source, targets=target, name=name)
+
+
+class MlflowMetrics(Callback):
+    """Logs each epoch's metrics with step = epoch: journaled locally first, sent off the training thread.
+
+    The journal and its delivery thread are in tasks/metrics_journal.py. At fit end (success,
+    failure or cancellation alike: fit's finally) delivery gets up to FITFLOW_TRACKING_WAIT_S
+    (default 30 s: enough to ride out a tracking server's restart, far less than the minutes
+    MLflow's own retries would hold each later call). What is still undelivered then is kept in
+    the journal and named in one warning, with the command that uploads it.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, folder: Path) -> None:
         self.client, self.run_id = client, run_id
-        self.pending: list = []  # MLflow's RunOperations of the epochs not yet confirmed written
+        self.journal = metrics_journal.Journal(folder)
+        self.wait_s = _seconds("FITFLOW_TRACKING_WAIT_S", 30.0)
+        self.delivery: metrics_journal.Delivery | None = None
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.journal.record_origin(self.run_id, redact_uri(self.client.tracking_uri))  # never a password on disk
+        self.journal.end_path.unlink(missing_ok=True)  # a resumed run is going again: its kept end is void
+        entries = self.journal.entries()
+        if state.epoch > (entries[-1].step if entries else 0):  # resumed from a checkpoint written just before a crash
+            self._append(state)
+        self.delivery = metrics_journal.Delivery(self.journal, metrics_journal.sender(self.client, self.run_id))
+        self.delivery.notify()  # epochs a previous attempt left undelivered
 
     def on_epoch_end(self, state: FitState) -> None:
-        logs = dict(state.logs)
-        logs["lr"] = state.optimizer.param_groups[0]["lr"]
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, state.epoch) for key, value in logs.items()]
-        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        self._append(state)
+        self.delivery.notify()
+
+    def _append(self, state: FitState) -> None:
+        logs = {**state.logs, "lr": state.optimizer.param_groups[0]["lr"]}
+        self.journal.append(metrics_journal.Entry(state.epoch, int(time.time() * 1000), logs))
 
     def on_fit_end(self, state: FitState) -> None:
-        # Runs on success and on failure or cancellation alike (fit's finally): every epoch is in
-        # the store before the run can be closed; a write that failed raises here.
-        pending, self.pending = self.pending, []
-        for operation in pending:
-            operation.wait()
+        if self.delivery is None:
+            return
+        pending = self.delivery.close(self.wait_s)
+        if pending:
+            log.warning(metrics_journal.kept_locally_message(self.journal, self.run_id, redact_uri(self.client.tracking_uri),
+                                                             pending, self.delivery.last_error))
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable)
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{variable} must be a number of seconds, at least 0 (got {text!r})")
+    return value
+
+
+def require_delivered(client: MlflowClient, run_id: str, folder: Path) -> None:
+    """Raise MetricsKeptLocally if training left metrics undelivered (the server is unreachable).
+
+    Called right after training: the steps after it (test metrics, the model) would each wait out
+    MLflow's retries, minutes, before failing the same way.
+    """
+    journal = metrics_journal.Journal(folder)
+    pending = journal.pending()
+    if pending:
+        message = metrics_journal.kept_locally_message(journal, run_id, redact_uri(client.tracking_uri), pending, None)
+        raise metrics_journal.MetricsKeptLocally(f"{message}; the run then ends FAILED (the model was not logged)")
 
 
 def log_pyfunc_model(

@@ -1,0 +1,260 @@
+"""Per-epoch metrics that reach MLflow even when the tracking server goes away for a while.
+
+Write-ahead: each epoch's metrics are first appended to a journal in the run's checkpoint folder
+(flushed and fsync'd, about a millisecond per epoch), then a background thread sends whatever is
+pending to MLflow with one `log_batch` and advances a cursor. Training never waits for MLflow and
+never fails because of it.
+
+While the server is unreachable the sender retries with backoff (0.5 s doubling to 5 s). Each
+try is a single HTTP request with a 10 s timeout: MLflow's client would retry one call for about
+four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, backoff factor 2), and it reads that policy only
+from process-wide environment variables (mlflow#5744), which would change it for every other
+MLflow call of the process too. So the sender posts through `http_request`, the function
+MLflow's own REST store uses, with retries off for this one call. The cursor is advanced only
+after the server accepted a batch, under a file lock that `fitflow upload-metrics` takes too:
+nothing is skipped, and nothing is sent twice. The one window left, a crash between the server's
+answer and the cursor's update, resends a batch that is harmless: the journal keeps each value's
+timestamp, and MLflow's SQL stores drop a metric identical in key, step, timestamp and value
+(their primary key), so the resend adds no row.
+
+Files in `<FITFLOW_HOME>/checkpoints/<run id>/`:
+
+    metrics.jsonl      one line per epoch: {"step": 3, "timestamp": <ms>, "metrics": {"val_loss": 0.41, ...}}
+    metrics.delivered  how many lines of metrics.jsonl MLflow has (replaced atomically)
+    tracking.json      the run id and the tracking URI it lives on (where an upload goes)
+    run_end.json       only while a run ended with metrics undelivered: its status and tags
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.errors import TrackingError
+
+REQUEST_TIMEOUT_S = 10  # one delivery try against a server that accepts connections but does not answer
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
+
+
+class MetricsKeptLocally(TrackingError):
+    """Training ended while some epochs' metrics had not reached the tracking server."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    step: int
+    timestamp: int  # ms since the epoch, when the epoch ended
+    metrics: dict[str, float]
+
+    def as_metrics(self) -> list[Metric]:
+        return [Metric(key, float(value), self.timestamp, self.step) for key, value in self.metrics.items()]
+
+
+class Journal:
+    """The journal, its cursor and the run's kept end, in one run's checkpoint folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / "metrics.jsonl"
+        self.cursor = self.folder / "metrics.delivered"
+        self.origin_path = self.folder / "tracking.json"
+        self.end_path = self.folder / "run_end.json"
+
+    def append(self, entry: Entry) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"step": entry.step, "timestamp": entry.timestamp, "metrics": entry.metrics}) + "\n"
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before anything is sent: a crash loses no epoch
+
+    def entries(self) -> list[Entry]:
+        if not self.path.exists():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines()[: text.count("\n")]  # a line still being written has no newline yet
+        return [Entry(**json.loads(line)) for line in lines if line]
+
+    def delivered(self) -> int:
+        return int(self.cursor.read_text()) if self.cursor.exists() else 0
+
+    def mark_delivered(self, count: int) -> None:
+        _write_atomically(self.cursor, str(count))
+
+    def pending(self) -> list[Entry]:
+        return self.entries()[self.delivered():]
+
+    def lock(self) -> FileLock:
+        """Held while a batch is sent and the cursor moves (the sender thread, `upload`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.folder / "metrics.lock")
+
+    def record_origin(self, run_id: str, tracking_uri: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.origin_path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+
+    def origin(self) -> dict[str, str]:
+        return json.loads(self.origin_path.read_text(encoding="utf-8"))
+
+    def keep_end(self, status: str, end_time: int, tags: dict[str, str]) -> None:
+        _write_atomically(self.end_path, json.dumps({"status": status, "end_time": end_time, "tags": tags}))
+
+    def kept_end(self) -> dict | None:
+        return json.loads(self.end_path.read_text(encoding="utf-8")) if self.end_path.exists() else None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # at fit start, before the first checkpoint made the folder
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def first_batch(entries: list[Entry]) -> list[Entry]:
+    """The longest prefix of whole epochs within MLflow's batch limit (at least one epoch).
+
+    Whole epochs only: a batch is delivered entirely or not at all, so the cursor stays exact.
+    """
+    batch, size = [], 0
+    for entry in entries:
+        size += len(entry.metrics)
+        if batch and size > MAX_METRICS_PER_BATCH:
+            break
+        batch.append(entry)
+    return batch
+
+
+def sender(client: MlflowClient, run_id: str) -> Callable[[list[Metric]], None]:
+    """Send one batch, failing fast: no retries inside the call (the Delivery thread retries)."""
+    uri = client.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return lambda metrics: client.log_batch(run_id, metrics=metrics)  # a local store: no HTTP retries
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    creds = get_default_host_creds(uri)  # the same credentials (MLFLOW_TRACKING_USERNAME, ...) as MlflowClient
+
+    def send(metrics: list[Metric]) -> None:
+        body = json.loads(message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics])))
+        response = http_request(creds, LOG_BATCH, "POST", max_retries=0, backoff_factor=0,
+                                timeout=REQUEST_TIMEOUT_S, json=body)
+        verify_rest_response(response, LOG_BATCH)
+
+    return send
+
+
+class Delivery:
+    """The background sender: sleeps until notified, then sends everything pending, batch by batch."""
+
+    def __init__(self, journal: Journal, send: Callable[[list[Metric]], None]) -> None:
+        self.journal, self.send = journal, send
+        self.wake, self.closing, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.last_error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="fitflow-metrics-delivery", daemon=True)
+        self.thread.start()
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def close(self, wait_s: float) -> list[Entry]:
+        """Give delivery up to `wait_s` to finish, then stop the thread; returns what is still undelivered."""
+        self.closing.set()
+        self.wake.set()
+        self.thread.join(wait_s)
+        self.stop.set()
+        # A try in flight ends within its request timeout; after the join no late batch can
+        # move the cursor, so the caller's report of what is kept locally is exact.
+        self.thread.join(REQUEST_TIMEOUT_S + 5)
+        return self.journal.pending()
+
+    def _run(self) -> None:
+        backoff = 0.0  # 0 while the server answers
+        while not self.stop.is_set():
+            if backoff:
+                self.stop.wait(backoff)  # an epoch's notification does not cut the backoff short
+            else:
+                self.wake.wait()
+            self.wake.clear()
+            try:
+                while not self.stop.is_set() and self._send_batch():
+                    pass
+            # Any failure (unreachable, timed out, refused, a server error): the epochs stay in the
+            # journal and are tried again; the thread must outlive every error to report it at the end.
+            except Exception as err:  # noqa: BLE001
+                self.last_error = f"{type(err).__name__}: {err}"[:300]
+                backoff = min(max(2 * backoff, 0.5), 5.0)
+                continue
+            backoff, self.last_error = 0.0, None
+            if self.closing.is_set():
+                return
+
+    def _send_batch(self) -> bool:
+        with self.journal.lock():
+            done = self.journal.delivered()
+            batch = first_batch(self.journal.entries()[done:])
+            if not batch:
+                return False
+            self.send([metric for entry in batch for metric in entry.as_metrics()])
+            self.journal.mark_delivered(done + len(batch))
+        return True
+
+
+def steps_text(steps: Iterable[int]) -> str:
+    """1, 2, 3, 5, 7, 8 -> '1-3, 5, 7-8'."""
+    ranges: list[list[int]] = []
+    for step in sorted(steps):
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def kept_locally_message(journal: Journal, run_id: str, tracking_uri: str, pending: list[Entry],
+                         cause: str | None) -> str:
+    because = f" ({cause})" if cause else ""
+    return (f"MLflow tracking server {tracking_uri} is unreachable{because}: the metrics of epochs "
+            f"{steps_text(e.step for e in pending)} of run {run_id} are kept locally in {journal.path}; "
+            f"once the server is back, upload them with: fitflow upload-metrics {run_id}")
+
+
+@dataclass
+class Uploaded:
+    sent: list[int]  # steps sent (all their metrics, or those the server lacked)
+    present: list[int]  # steps the server already had in full
+    ended: str | None  # the status recorded for the run, if its end was kept locally
+
+
+def upload(journal: Journal, client: MlflowClient, run_id: str) -> Uploaded:
+    """Deliver the undelivered epochs (skipping values the server has) and the kept end of the run."""
+    with journal.lock():
+        done = journal.delivered()
+        pending = journal.entries()[done:]
+        keys = {key for entry in pending for key in entry.metrics}
+        on_server = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+        sent, present, metrics = [], [], []
+        for entry in pending:
+            missing = [m for m in entry.as_metrics() if m.step not in on_server[m.key]]
+            (sent if missing else present).append(entry.step)
+            metrics.extend(missing)
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+        journal.mark_delivered(done + len(pending))
+        end = journal.kept_end()
+        if end is not None:
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in end["tags"].items()])
+            client.set_terminated(run_id, end["status"], end["end_time"])
+            end_path = journal.end_path
+            os.replace(end_path, end_path.with_name(end_path.name + ".recorded"))  # kept for the record
+    return Uploaded(sent, present, end["status"] if end else None)
