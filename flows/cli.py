@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
+    others = ["--" + name.replace("_", "-") for name in overrides if name != "resume"] + (["--config"] * bool(args.config))
+    if "resume" in overrides and others:
+        raise ConfigError(f"--resume continues a run with the config it was started with; drop {', '.join(others)}")
     config = load_config(args.config, **overrides)
 
     from flows.runtime import configure_environment, quiet_user_error_tracebacks

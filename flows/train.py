@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from flows.config import TrainConfig, as_flow_signature, describe_validation_error
 from flows.registry import register_model_task
+from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.runtime import artifact_location, fitflow_home, redact_uri, tracking_uri
 from flows.steps import (
     Run,
@@ -30,6 +31,7 @@ from flows.steps import (
     make_loaders_task,
     prep_spec,
     prepare_task,
+    retry_after_crash,
     test_model_task,
     train_model_task,
 )
@@ -62,13 +64,17 @@ def _train(**fields) -> TrainResult:
     """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
     log.setLevel(logging.INFO)  # the per-epoch lines are the run's log, also under workers and serve
     config = config_from_parameters(fields)
+    if config.resume:  # continue that run, with the config it was started with (flows/resume.py)
+        config = config_of_run(config.resume)
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
     prepared = prepare_task(table, prep_spec(config), validation)
     loaders = make_loaders_task(config, prepared)
     run = start_run(config, prepared, table)
     with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
-        trained = train_model_task(config, prepared, loaders, run)
+        # a retry resumes from the last epoch checkpoint of this run
+        trained = train_model_task.with_options(retries=config.retries, retry_condition_fn=retry_after_crash)(
+            config, prepared, loaders, run)
         tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
         test_metrics = test_model_task(config, prepared, loaders, trained)
         model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
@@ -109,6 +115,8 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
     With `parent_run_id` it is a child run (a sweep's trial), nested by the explicit
     `mlflow.parentRunId` tag, so nesting holds in any thread or process; the parent holds the
     flow run's links. `params` replace the config's fields as params (a sweep's own run).
+    A run being resumed (`config.resume`, or one an earlier attempt of this flow run left
+    unfinished) is reopened instead: same run, same params, its checkpoints continue it.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
@@ -123,13 +131,20 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
         tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
         if flow_run.ui_url:
             tags["prefect.flow_run_url"] = flow_run.ui_url
-    run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
+    source = str(resolve_source(config.data))
+    earlier = config.resume or (flow_run.id and not parent_run_id and params is None
+                                and unfinished_run_of_flow_run(client, experiment_id, flow_run.id))
+    if earlier:
+        reopen_run(client, earlier, table, source, config, tags)
+        run_id = earlier
+    else:
+        run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
     with tracking.fail_on_error(client, run_id):
-        own = config.flat_params() if params is None else params
-        tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
-        source = str(resolve_source(config.data))
-        digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
-        client.set_tag(run_id, "fitflow.dataset_digest", digest)
+        if not earlier:
+            own = config.flat_params() if params is None else params
+            tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
+            digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
+            client.set_tag(run_id, "fitflow.dataset_digest", digest)
         if flow_run.id and not parent_run_id:
             _tag_flow_run(flow_run.id, run_id)
             create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),

@@ -1,5 +1,7 @@
 """User-style nn.Modules, named by import path in tests (`custom_models:TinyNet`)."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -25,3 +27,21 @@ class NaNAfterFirstStep(nn.Module):
         self.calls += 1
         out = self.linear(x)
         return out * float("nan") if self.training and self.calls > 2 else out
+
+
+class CrashOnceNet(nn.Module):
+    """A user's model whose device fails once: the `crash_at`-th training step raises, unless
+    `marker` exists (it is created at the crash), so a retried task runs through."""
+
+    def __init__(self, in_features: int, out_features: int, crash_at: int, marker: str, width: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, out_features))
+        self.crash_at, self.marker, self.steps = crash_at, marker, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            if self.steps == self.crash_at and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                raise RuntimeError("simulated device failure")
+        return self.body(x)

@@ -1,0 +1,75 @@
+"""Continuing a training run that crashed, was killed or cancelled: same MLflow run, same config.
+
+Three ways in, one mechanism (the epoch checkpoints of tasks/checkpoints.py, found by run id
+under `<FITFLOW_HOME>/checkpoints/<run id>`):
+- `fitflow train --resume <run id>` (or the `resume` field in the Prefect UI form): the config
+  is the run's own, read back from its MLflow params;
+- a retry of the same Prefect flow run (the UI's Retry, flow retries): the MLflow run tagged
+  with this flow run id and not FINISHED is continued instead of starting a new one;
+- a retry of the training task inside one flow run: the same Run, so its checkpoint is found.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+from mlflow.entities import Run as MlflowRun
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from flows.config import TrainConfig
+from flows.runtime import redact_uri, tracking_uri
+from tasks import tracking
+from tasks.errors import ConfigError
+
+log = logging.getLogger("fitflow")
+
+
+def config_of_run(run_id: str) -> TrainConfig:
+    """The config a run was started with, set to resume it; ConfigError if it cannot be resumed."""
+    uri = tracking_uri()
+    tracking.prepare_store(uri)
+    run = _resumable_run(MlflowClient(uri), run_id, uri)
+    return TrainConfig.from_params(run.data.params).model_copy(update={"resume": run_id})
+
+
+def unfinished_run_of_flow_run(client: MlflowClient, experiment_id: str, flow_run_id: str) -> str | None:
+    """The MLflow run an earlier attempt of this flow run left unfinished, if any."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status != 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def reopen_run(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, config: TrainConfig,
+               tags: dict[str, str]) -> None:
+    """Mark the run RUNNING again, after checking it trains on the same data; `tags` link the new flow run."""
+    run = _resumable_run(client, run_id, tracking_uri())
+    logged = run.data.tags.get("fitflow.dataset_digest")
+    digest = tracking.dataset_digest(table, source, config.target)
+    if logged and logged != digest:
+        raise ConfigError(f"the data of run {run_id} has changed (digest {digest}, the run logged {logged}); "
+                          "resume needs the same file, or start a new run")
+    attempt = int(run.data.tags.get("fitflow.attempt", "1")) + 1
+    client.update_run(run_id, status="RUNNING")
+    if "fitflow.error" in run.data.tags:
+        client.set_tag(run_id, "fitflow.previous_error", run.data.tags["fitflow.error"])
+        client.delete_tag(run_id, "fitflow.error")
+    for key, value in {**tags, "fitflow.attempt": str(attempt)}.items():
+        client.set_tag(run_id, key, value)
+    log.info("continuing MLflow run %s (attempt %d, was %s)", run_id, attempt, run.info.status)
+
+
+def _resumable_run(client: MlflowClient, run_id: str, uri: str) -> MlflowRun:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"there is no MLflow run {run_id} in {redact_uri(uri)}; pass the id of a training run "
+                          "(`fitflow runs` lists them) and the same MLFLOW_TRACKING_URI") from None
+    if run.data.tags.get("fitflow.flow") != "train":
+        raise ConfigError(f"run {run_id} is not a run of the train flow; only training runs can be resumed")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} has already finished; there is nothing to resume")
+    return run

@@ -1,0 +1,122 @@
+"""Crash recovery of the real `train` flow: a SIGKILLed `fitflow train` process, then `--resume`;
+and a training task that crashes and is retried by Prefect. Each ends with the weights, bit for
+bit, and the metric steps, exactly once each, of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from flows.config import TrainConfig
+from flows.runtime import fitflow_home
+from flows.train import train
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    """Big enough that an epoch takes a while (a good part of a second here), so the kill lands mid-epoch."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16_000, 12)).astype(np.float32)
+    y = (x[:, :4].sum(axis=1) + 0.5 * rng.normal(size=len(x)) > 0).astype(int)
+    path = tmp_path_factory.mktemp("resume") / "table.csv"
+    pd.DataFrame(x, columns=[f"f{i}" for i in range(12)]).assign(label=y).to_csv(path, index=False)
+    return path
+
+
+def _config(table: Path, **overrides) -> TrainConfig:
+    settings = {"data": str(table), "target": "label", "epochs": EPOCHS, "batch_size": 32, "patience": 0,
+                "dropout": 0.2, "scheduler": "cosine", "experiment": "resume"}
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    run = client.get_run(run_id)
+    return {key: sorted(m.step for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics if key.startswith(("train_", "val_"))}
+
+
+def _best_weights(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, torch.Tensor]:
+    path = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp / run_id))
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _assert_same_training(client, whole_id, resumed_id, tmp: Path) -> None:
+    assert _steps(client, resumed_id) == {key: list(range(1, EPOCHS + 1)) for key in _steps(client, whole_id)}
+    whole, resumed = client.get_run(whole_id).data.metrics, client.get_run(resumed_id).data.metrics
+    assert resumed == whole  # last values of every metric, test metrics included
+    a, b = _best_weights(client, whole_id, tmp), _best_weights(client, resumed_id, tmp)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert client.get_run(resumed_id).info.status == "FINISHED"
+
+
+def test_sigkilled_training_process_resumes_to_bit_identical_weights(table, mlflow_uri, tmp_path, capsys):
+    whole = train(_config(table))  # the uninterrupted run, in this process
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    exe = Path(sys.executable).with_name("fitflow")
+    args = ["train", "--data", str(table), "--target", "label", "--epochs", str(EPOCHS), "--batch-size", "32",
+            "--patience", "0", "--dropout", "0.2", "--scheduler", "cosine", "--experiment", "resume"]
+    process = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = fitflow_home() / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (started := [p.parent for p in checkpoints.glob("*/epoch-00002.pt") if p.parent.name != whole.run_id]):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
+        time.sleep(0.01)
+    time.sleep(0.3)  # into epoch 3
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    killed_dir = started[0]
+    run_id = killed_dir.name
+    assert not (killed_dir / f"epoch-{EPOCHS:05d}.pt").exists()  # it really was stopped during training
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves behind
+
+    capsys.readouterr()
+    assert main(["train", "--resume", run_id]) == 0
+    out = capsys.readouterr().out
+    assert f"MLflow run: {run_id}" in out  # the same run, continued
+    assert client.get_run(run_id).data.tags["fitflow.attempt"] == "2"
+    _assert_same_training(client, whole.run_id, run_id, tmp_path)
+
+
+def test_a_crashed_training_task_is_retried_by_prefect_and_resumes(table, mlflow_uri, tmp_path):
+    marker = tmp_path / "crashed"
+    kwargs = {"crash_at": 2 * 350 + 50, "marker": str(marker)}  # in epoch 3 (350 steps per epoch)
+    marker.touch()  # the reference run must not crash
+    whole = train(_config(table, model="custom_models:CrashOnceNet", model_kwargs=kwargs, retries=0))
+    marker.unlink()
+    retried = train(_config(table, model="custom_models:CrashOnceNet", model_kwargs=kwargs, retries=1))
+    assert marker.exists()  # it did crash once
+    client = MlflowClient(mlflow_uri)
+    assert retried.run_id != whole.run_id
+    _assert_same_training(client, whole.run_id, retried.run_id, tmp_path)
+
+
+def test_resume_refuses_what_it_cannot_continue(table, mlflow_uri, capsys):
+    finished = train(_config(table, epochs=1))
+    capsys.readouterr()
+    for argv, message in [
+        (["train", "--resume", finished.run_id], "has already finished; there is nothing to resume"),
+        (["train", "--resume", "0" * 32], "there is no MLflow run 00000000000000000000000000000000"),
+        (["train", "--resume", finished.run_id, "--lr", "0.1"], "with the config it was started with; drop --lr"),
+        (["train", "--resume", "not-a-run-id"], "invalid config value for 'resume'"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
