@@ -156,6 +156,7 @@ def load_model_task(ref: ModelRef):
 def score_task(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
     """Check the rows (errors name column and row), predict, summarise."""
     prep = model.unwrap_python_model().preprocessor
+    prep.check_columns(frame)  # missing or duplicated model columns, before any per-row check
     rows, handling = scoring.check_rows(frame, prep, unseen)
     predictions = model.predict(rows)
     return predictions, {**scoring.summarise(predictions, prep, frame), **handling}

@@ -10,6 +10,7 @@ Training and the MLflow model apply exactly the same `transform`.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,7 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndarray:
         """Raw columns (any order, extra columns ignored) -> float32 features, for `rows` or all."""
-        missing = [name for name in self.input_columns if name not in frame.columns]
-        if missing:
-            raise DataError(f"input is missing column(s) {', '.join(map(repr, missing))} that the model was trained on; add them (values may be empty)")
+        self.check_columns(frame)
         out = np.zeros((len(frame) if rows is None else len(rows), self.n_features), dtype=np.float32)
         for j, col in enumerate(self.numeric):
             values = _as_float(_rows(frame[col.name], rows), strict=True)
@@ -132,6 +131,16 @@ class Preprocessor:
             out[rows, offset + codes[rows]] = 1.0
             offset += col.width
         return out
+
+    def check_columns(self, frame: pd.DataFrame) -> None:
+        """Each column the model was trained on is there, once (twice, frame[name] is a table)."""
+        missing = [name for name in self.input_columns if name not in frame.columns]
+        if missing:
+            raise DataError(f"input is missing column(s) {', '.join(map(repr, missing))} that the model was trained on; add them (values may be empty)")
+        counts = Counter(frame.columns)
+        twice = [name for name in self.input_columns if counts[name] > 1]
+        if twice:
+            raise DataError(f"input has column(s) {', '.join(map(repr, twice))} more than once; keep one of each")
 
     def encode_target(self, labels: pd.Series) -> np.ndarray:
         if self.classes is None:
