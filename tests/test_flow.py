@@ -41,9 +41,8 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # params: the whole config plus dataset facts
-    for name in TrainConfig.model_fields:
-        assert name in run.data.params
+    # params: the whole config plus dataset facts (`resume` names another run, it is not a setting)
+    assert set(TrainConfig.model_fields) - set(run.data.params) == {"resume"}
     assert run.data.params["epochs"] == "30" and run.data.params["hidden_sizes"] == "[64, 32]"
     rows = [int(run.data.params[f"data.rows_{split}"]) for split in ("train", "val", "test")]
     assert sum(rows) == 569 and rows[1] == rows[2] == 86 and run.data.params["data.n_classes"] == "2"
