@@ -10,7 +10,7 @@ import argparse
 import json
 
 from flows.config import load_config
-from flows.sweep_config import load_sweep_config
+from flows.sweep_config import check_task_runner, load_sweep_config
 
 
 def add_commands(commands) -> None:
@@ -25,6 +25,10 @@ def add_commands(commands) -> None:
     sweep.add_argument("--n-trials", type=int, metavar="N", help="budget: number of trials (overrides the file)")
     sweep.add_argument("--parallelism", type=int, metavar="N", help="trials trained at once (overrides the file)")
     sweep.add_argument("--sampler", choices=["tpe", "random", "grid"], help="search strategy (overrides the file)")
+    sweep.add_argument("--task-runner", choices=["threads", "dask", "ray"],
+                       help="where trials run: threads (default), Dask or Ray worker processes (overrides the file)")
+    sweep.add_argument("--cluster-address", metavar="ADDRESS",
+                       help="an existing Dask scheduler (tcp://host:8786) or Ray cluster (overrides the file)")
     sweep.add_argument("--experiment", metavar="NAME", help="MLflow experiment (overrides base.experiment)")
     sweep.set_defaults(handler=_sweep)
 
@@ -65,11 +69,13 @@ def _environment() -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    overrides = {"n_trials": args.n_trials, "parallelism": args.parallelism, "sampler": args.sampler}
+    overrides = {"n_trials": args.n_trials, "parallelism": args.parallelism, "sampler": args.sampler,
+                 "task_runner": args.task_runner, "cluster_address": args.cluster_address}
     config = load_sweep_config(args.config, **overrides)
     if args.experiment:
         base = load_config(None, **{**config.base.model_dump(), "experiment": args.experiment})
         config = config.model_copy(update={"base": base})
+    check_task_runner(config)  # a missing extra fails here, before Prefect and the data load
     _environment()
     from flows.sweep import sweep
 
@@ -112,8 +118,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from flows.runtime import tracking_uri
     from flows.runs import as_json, print_table, ranked_runs
+    from flows.runtime import tracking_uri
 
     _environment()
     rows = ranked_runs(tracking_uri(), args.experiment, args.sort, args.top, args.sweep)

@@ -4,42 +4,53 @@ Reads top to bottom: load and prepare the data once -> open the parent run -> as
 trials and train them up to `parallelism` at a time (each a child run) -> rank them, log the
 ranking and a plot to the parent -> register the best model (optional).
 
-Trials are Prefect tasks in the flow's thread pool. Each calls the train flow's own tasks
-(start_run, train_model, test_model, log_model), so the GPU tag limit on train_model caps
-them like any training run, and each writes to its own child run by id (GUIDE.md section 3).
-Optuna's study lives in this process (in memory); trials report to it from their threads.
-With parallelism > 1 the trials share torch's global random generator, so a trial's numbers
-can differ in the last digits from the same config trained alone; parallelism 1 reproduces them.
+Trials are Prefect task runs submitted to the sweep's task runner: a thread pool in this process
+(default), Dask worker processes or Ray (`task_runner`, docs/scaling-sweeps.md). Each calls the
+train flow's own tasks (start_run, train_model, test_model, log_model), so the GPU tag limit on
+train_model, which the Prefect server enforces, caps them like any training run wherever they
+run, and each writes to its own child run by id (GUIDE.md section 3). Optuna's study lives in
+this process (in memory); a trial prunes against a copy of the trials finished when it started,
+so what it is sent is plain picklable data and it prunes the same way in a thread or on a
+worker. In threads, parallel trials share torch's global random generator, so a trial's numbers
+can differ in the last digits from the same config trained alone; parallelism 1, or worker
+processes, reproduce them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_client, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.config import TrainConfig
 from flows.registry import register_model_task
-from flows.runtime import tracking_uri
+from flows.runtime import fitflow_home, redact_uri, tracking_uri
 from flows.steps import Run, build_loaders, load_table_task, prep_spec, prepare_task, test_model_task, train_model_task
-from flows.sweep_config import SweepConfig
+from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_outcome, start_run
 from tasks import search, tracking
 from tasks.callbacks import Monitor
 from tasks.data import Prepared
-from tasks.errors import TrainingError
+from tasks.errors import ConfigError, TrainingError
 from tasks.sweep_report import plot_metric_by_param, rank_trials, table_records
 
 log = logging.getLogger("fitflow")
@@ -57,19 +68,26 @@ class SweepResult(BaseModel):
     registered: str | None = None
 
 
+DEFAULT_SWEEP = SweepConfig()  # the deployment form's defaults (an argument default evaluated once, made explicit)
+
+
 @flow(name="sweep", description="Hyperparameter sweep: trials as child MLflow runs of one parent, ranked.")
-def sweep(config: SweepConfig = SweepConfig()) -> SweepResult:
-    """Prepare once -> parent run -> trials (child runs) -> ranking, plot, best -> register."""
+def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
+    """Prepare once -> task runner -> parent run -> trials (child runs) -> ranking, plot, best -> register."""
     base = config.base
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fitflow logs one line per trial instead
     table = load_table_task(base.data)
     validation = load_table_task(base.validation_data) if base.validation_data else None
     prepared = prepare_task(table, prep_spec(base), validation)
     name = config.name or f"sweep-{config.sampler}"
-    parent = start_run(base.model_copy(update={"run_name": name}), prepared, table, params=config.sweep_params())
-    with tracking.finished_or_failed(parent.client, parent.run_id):
-        run_trials(config, prepared, table, parent, name)
-        ranking = summarise(config, parent)
+    n_trials, parallel = budget(config)
+    # The runner connects to (and checks) a cluster before the parent run exists: a wrong address or
+    # misconfigured workers leave no empty run behind. A local cluster starts at the first trial.
+    with trial_runner(config, parallel) as runner:
+        parent = start_run(base.model_copy(update={"run_name": name}), prepared, table, params=config.sweep_params())
+        with tracking.finished_or_failed(parent.client, parent.run_id):
+            run_trials(config, runner, n_trials, parallel, prepared, table, parent, name)
+            ranking = summarise(config, parent)
     best = ranking.iloc[0]
     decision = (register_model_task(parent.client, base.register_model, best["run_id"], best["model_uri"], base.monitor)
                 if base.register_model else None)
@@ -84,65 +102,170 @@ def sweep(config: SweepConfig = SweepConfig()) -> SweepResult:
     )
 
 
-def run_trials(config: SweepConfig, prepared: Prepared, table: pd.DataFrame, parent: Run, name: str) -> None:
+def budget(config: SweepConfig) -> tuple[int, int]:
+    """Trials to run (a grid stops at its size) and how many at once."""
+    integers = config.integers()
+    space = {k: v.model_dump() for k, v in config.space.items()}
+    n_trials = min(config.n_trials, search.grid_size(space, integers)) if config.sampler == "grid" else config.n_trials
+    return n_trials, min(config.parallelism, n_trials)
+
+
+def run_trials(config: SweepConfig, runner: TaskRunner, n_trials: int, parallel: int, prepared: Prepared,
+               table: pd.DataFrame, parent: Run, name: str) -> None:
     """Ask Optuna for a trial whenever a slot is free, so samplers learn from finished trials."""
     integers, grid = config.integers(), config.sampler == "grid"
     space = {k: v.model_dump() for k, v in config.space.items()}
-    n_trials = min(config.n_trials, search.grid_size(space, integers)) if grid else config.n_trials
-    parallel = min(config.parallelism, n_trials)
     study = optuna.create_study(
         direction="minimize" if Monitor(config.base.monitor).lower_is_better else "maximize",
         sampler=search.make_sampler(config.sampler, space, integers, config.base.seed, n_trials, parallel > 1),
         pruner=search.make_pruner(config.prune, config.prune_warmup_epochs, n_trials),
     )
-    log.info("sweep '%s': %d trials (%s sampler), %d at a time", name, n_trials, config.sampler, parallel)
+    log.info("sweep '%s': %d trials (%s sampler), %d at a time on %s", name, n_trials, config.sampler, parallel,
+             config.task_runner)
     running: dict[Any, optuna.Trial] = {}
     started = 0
     while started < n_trials or running:
         while len(running) < parallel and started < n_trials:
             trial = study.ask()
-            params = search.suggest(trial, space, integers, grid)
-            future = run_trial.with_options(task_run_name=f"trial-{trial.number}").submit(
-                trial.number, params, config.base, prepared, table, parent.run_id, f"{name}-{trial.number}", trial)
-            running[future] = trial
+            parameters = {"number": trial.number, "params": search.suggest(trial, space, integers, grid),
+                          "base": config.base, "prepared": prepared, "table": table, "parent_run_id": parent.run_id,
+                          "run_name": f"{name}-{trial.number}", "pruning": PruningBasis.of(study)}
+            running[runner.submit(run_trial.with_options(task_run_name=f"trial-{trial.number}"), parameters)] = trial
             started += 1
         future = next(as_completed(list(running)))
         trial = running.pop(future)
         future.wait()  # makes the final state the future's own (`state` would ask the API, which may lag)
-        state = future.state
-        if state.is_completed():
-            outcome = state.result()
-            pruned = outcome["state"] == "pruned"
-            study.tell(trial, None if pruned else outcome["value"],
-                       state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
-            log.info("trial %d %s: %s=%.4f %s", trial.number, outcome["state"], config.base.monitor,
-                     outcome["value"], json.dumps(trial.params))
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log.warning("trial %d failed (%s); the sweep goes on", trial.number, state.message)
+        tell(study, trial, future.state, config.base.monitor)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, state: Any, monitor: str) -> None:
+    """Record a finished trial, with its per-epoch curve, so later trials prune against it."""
+    if state.is_completed():
+        outcome = state.result()
+        for epoch, value in enumerate(outcome["curve"], start=1):
+            trial.report(value, epoch)
+        pruned = outcome["state"] == "pruned"
+        study.tell(trial, None if pruned else outcome["value"],
+                   state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
+        log.info("trial %d %s: %s=%.4f %s", trial.number, outcome["state"], monitor, outcome["value"],
+                 json.dumps(trial.params))
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d failed (%s); the sweep goes on", trial.number, state.message)
+
+
+@dataclass(frozen=True)
+class PruningBasis:
+    """What a trial prunes against, as picklable data: the study's direction and pruner, and the
+    trials finished when it started. The study itself stays in the flow's process."""
+
+    direction: optuna.study.StudyDirection
+    pruner: optuna.pruners.BasePruner
+    finished: list[optuna.trial.FrozenTrial]
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> PruningBasis:
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return cls(study.direction, study.pruner, study.get_trials(deepcopy=True, states=done))
+
+    def trial(self) -> optuna.Trial:
+        """A trial of a private in-memory copy of the study, for OptunaPruning to report to."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # also in a worker process: no "study created" line
+        study = optuna.create_study(direction=self.direction, pruner=self.pruner)
+        study.add_trials(self.finished)
+        return study.ask()
+
+
+@contextmanager
+def trial_runner(config: SweepConfig, parallel: int) -> Iterator[TaskRunner]:
+    """The task runner trials are submitted to, for the length of the sweep (a local cluster with it)."""
+    check_task_runner(config)
+    if config.task_runner == "threads":
+        with ThreadPoolTaskRunner(max_workers=parallel) as runner:
+            yield runner
+        return
+    # Workers report their task runs (and take GPU slots) on this flow's Prefect API. Prefect sends the
+    # settings along with each task, so the embedded server's address is made an explicit setting first.
+    api_url = PREFECT_API_URL.value()
+    if not api_url and config.cluster_address:
+        raise ConfigError("a sweep on an existing cluster needs a Prefect server its workers can reach; "
+                          "set PREFECT_API_URL (docs/scaling-sweeps.md)")
+    if not api_url:
+        with get_client(sync_client=True) as client:
+            api_url = str(client.api_url)
+    uri = tracking_uri()
+    with ExitStack() as stack:
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
+        try:
+            runner = stack.enter_context(_cluster_runner(config, parallel, uri))
+            if config.task_runner == "dask" and config.cluster_address:
+                _check_dask_workers(runner.client, config.cluster_address, uri)
+        except OSError as err:  # ConnectionError, and distributed's connect timeouts
+            raise ConfigError(f"cannot reach the {config.task_runner} cluster at {config.cluster_address} "
+                              f"({type(err).__name__}: {err}); start it or fix cluster_address") from None
+        yield runner
+
+
+def _cluster_runner(config: SweepConfig, parallel: int, uri: str) -> TaskRunner:
+    """A Dask or Ray task runner; a local cluster's workers get this process's tracking URI and home."""
+    local_env = {"MLFLOW_TRACKING_URI": uri, "FITFLOW_HOME": str(fitflow_home())}
+    if config.task_runner == "ray":
+        from prefect_ray import RayTaskRunner
+
+        # runtime_env: Ray sets these on every worker of this job, on a remote cluster too (not FITFLOW_HOME,
+        # a path of this machine)
+        env = {"MLFLOW_TRACKING_URI": uri} if config.cluster_address else local_env
+        return RayTaskRunner(address=config.cluster_address, init_kwargs={"runtime_env": {"env_vars": env}})
+    from prefect_dask import DaskTaskRunner
+
+    if config.cluster_address:
+        return DaskTaskRunner(address=config.cluster_address)
+    # One single-threaded worker process per trial slot: trials share neither torch's global state nor
+    # the GIL, and each Nanny sets OMP_NUM_THREADS=1, so torch does not oversubscribe the cores.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": parallel, "threads_per_worker": 1, "processes": True,
+                                          "env": local_env})
+
+
+def _check_dask_workers(client: Any, address: str, uri: str) -> None:
+    """Fail before any trial when the cluster has no workers, or workers that would track elsewhere
+    (their child runs would be missing from the ranking)."""
+    try:
+        seen = client.run(tracking_uri)  # by reference: flows.runtime, a light import, on each worker
+    except ImportError as err:
+        raise ConfigError(f"the Dask workers at {address} cannot import fitflow ({err}); "
+                          "start `dask worker` in the fitflow checkout or image") from None
+    if not seen:
+        raise ConfigError(f"no Dask worker is connected to the scheduler at {address}; start some: dask worker {address}")
+    for worker, theirs in seen.items():
+        if theirs != uri:
+            raise ConfigError(f"Dask worker {worker} tracks to {redact_uri(theirs)}, this sweep to {redact_uri(uri)}; "
+                              f"start the workers with this MLFLOW_TRACKING_URI")
 
 
 @task(name="trial", cache_policy=NO_CACHE)
 def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: Prepared, table: pd.DataFrame,
-              parent_run_id: str, run_name: str, trial: optuna.Trial) -> dict[str, Any]:
+              parent_run_id: str, run_name: str, pruning: PruningBasis) -> dict[str, Any]:
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
     config = TrainConfig(**{**base.model_dump(), **params, "run_name": run_name})
     run = start_run(config, prepared, table, parent_run_id=parent_run_id)
     run.client.set_tag(run.run_id, "fitflow.trial", str(number))
-    pruning = search.OptunaPruning(trial, config.monitor)
+    # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
+    run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
+    pruning_callback = search.OptunaPruning(pruning.trial(), config.monitor)
     with tracking.finished_or_failed(run.client, run.run_id):
         loaders = build_loaders(config, prepared)
-        trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning], progress=False)
-        value = trained.history.history[config.monitor][trained.best_epoch - 1]
-        state = "pruned" if pruning.pruned_at else "complete"
+        trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
+        curve = trained.history.history[config.monitor]
+        value = curve[trained.best_epoch - 1]
+        state = "pruned" if pruning_callback.pruned_at else "complete"
         run.client.set_tag(run.run_id, "fitflow.trial_state", state)
-        if pruning.pruned_at:  # clearly bad: skip the test pass and the model, keep the curves in MLflow
-            run.client.set_tag(run.run_id, "fitflow.pruned_at_epoch", str(pruning.pruned_at))
+        if pruning_callback.pruned_at:  # clearly bad: skip the test pass and the model, keep the curves in MLflow
+            run.client.set_tag(run.run_id, "fitflow.pruned_at_epoch", str(pruning_callback.pruned_at))
             tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
         else:
             test_metrics = test_model_task(config, prepared, loaders, trained)
             log_outcome(config, prepared, table, run, trained, test_metrics)
-    return {"run_id": run.run_id, "state": state, "value": value}
+    return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 
 @task(name="rank_trials", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""SweepConfig: a base TrainConfig, a search space, a budget, a sampler and the parallelism.
+"""SweepConfig: a base TrainConfig, a search space, a budget, a sampler, the parallelism and where trials run.
 
 The same model is the `sweep` flow's parameter (a Prefect UI form), the YAML file of
 `fitflow sweep --config FILE.yaml`, and the parent MLflow run's `sweep.*` params. Like
@@ -9,6 +9,7 @@ against TrainConfig here, so a typo or an impossible value fails before any run 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import types
 import typing
@@ -80,9 +81,17 @@ class SweepConfig(BaseModel):
     prune: bool = Field(True, description="Stop clearly bad trials early (Optuna's median pruner on the monitored metric).")
     prune_warmup_epochs: int = Field(3, ge=0, description="Epochs every trial trains before it may be pruned.")
     name: str | None = Field(None, description="Name of the sweep's parent MLflow run (default: sweep-<sampler>).")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="Where trials run: threads of the flow's process; Dask worker processes (a local "
+        "cluster of `parallelism` workers, or cluster_address); Ray (a local instance, or cluster_address).")
+    cluster_address: str | None = Field(
+        None, description="An existing cluster for task_runner dask (scheduler, tcp://host:8786) or ray "
+        "(ray://host:10001); its workers need fitflow and MLFLOW_TRACKING_URI (docs/scaling-sweeps.md).")
 
     @model_validator(mode="after")
     def _space_fits_train_config(self) -> SweepConfig:
+        if self.cluster_address and self.task_runner == "threads":
+            raise ValueError("cluster_address needs task_runner: dask or ray (threads run in the flow's own process)")
         if not self.space:
             raise ValueError("the search space is empty; name at least one field to search")
         base = self.base.model_dump()
@@ -112,8 +121,22 @@ class SweepConfig(BaseModel):
         shared = {k: v for k, v in self.base.flat_params().items() if k not in self.space}
         own = {"sweep.sampler": self.sampler, "sweep.n_trials": str(self.n_trials),
                "sweep.parallelism": str(self.parallelism), "sweep.prune": str(self.prune),
+               "sweep.task_runner": self.task_runner,
                "sweep.space": json.dumps({k: v.model_dump(exclude_defaults=True) for k, v in self.space.items()})}
         return {**shared, **own}
+
+
+# The optional extra each cluster runner needs, by the module the flow imports for it.
+RUNNER_PACKAGES = {"dask": ("prefect_dask", "fitflow[dask]"), "ray": ("prefect_ray", "fitflow[ray]")}
+
+
+def check_task_runner(config: SweepConfig) -> None:
+    """ConfigError unless this environment has the runner's package (cheap: imports nothing)."""
+    if config.task_runner in RUNNER_PACKAGES:
+        module, extra = RUNNER_PACKAGES[config.task_runner]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"task_runner '{config.task_runner}' needs {module.replace('_', '-')}, which is not "
+                              f"installed; pip install '{extra}' (or use task_runner: threads)")
 
 
 def _field_types(name: str) -> set[Any]:
