@@ -92,6 +92,20 @@ class TrainConfig(BaseModel):
     )
     num_workers: int = Field(0, ge=0, le=64, description="Loader worker processes (0: gather in the main process, fastest for in-memory data).")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    # DDP (docs/scaling.md): `batch_size` stays the global batch, split evenly over the processes.
+    strategy: Literal["single", "ddp"] = Field(
+        "single", description="single: one process; ddp: DistributedDataParallel, one process per device (NCCL on GPUs, gloo on CPU)."
+    )
+    devices: int | Literal["auto"] = Field(
+        "auto", description="Processes per machine under ddp: a count, or auto = every visible GPU (on CPU give a count)."
+    )
+    num_nodes: int = Field(1, ge=1, le=1024, description="Machines taking part in a ddp run.")
+    node_rank: int = Field(0, ge=0, description="This machine's index under ddp; machine 0 logs to MLflow and returns the model.")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[\w.\-\[\]:]+:\d+$",
+        description="host:port of machine 0, where the ddp machines meet (torchrun's --master-addr:--master-port); "
+        "empty: a free local port (one machine).",
+    )
 
     # --- callbacks ------------------------------------------------------------------------
     monitor: str = Field("val_loss", description="Metric for early stopping and the best checkpoint, e.g. val_accuracy.")
@@ -154,6 +168,18 @@ class TrainConfig(BaseModel):
     def _splits_leave_training_rows(self) -> TrainConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
+        return self
+
+    @model_validator(mode="after")
+    def _ddp_settings_fit_together(self) -> TrainConfig:
+        if self.strategy == "single" and (self.devices not in ("auto", 1) or self.num_nodes > 1):
+            raise ValueError("devices > 1 and num_nodes > 1 need strategy ddp")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError("devices must be a count >= 1, or auto")
+        if self.node_rank >= self.num_nodes:
+            raise ValueError(f"node_rank must be below num_nodes ({self.num_nodes})")
+        if self.num_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("several machines need rdzv_endpoint (host:port of machine 0) to meet")
         return self
 
     def flat_params(self) -> dict[str, str]:

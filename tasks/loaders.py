@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tasks.errors import ConfigError
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 _EVAL_BATCH = 1024  # inference keeps no activations for backward, so bigger batches are free speed
 
@@ -28,19 +30,27 @@ class BatchIndices(Sampler[torch.Tensor]):
     The permutation is a pure function of (seed, epoch), like DistributedSampler's: a resumed
     run sets the epoch and gets the order the uninterrupted run had, with no generator state
     to save. `fit` calls `set_epoch` before each epoch; without it, epochs count up from 0.
+
+    Under DDP (`world_size` > 1) every rank draws the same permutation and cuts the same global
+    batches of `batch_size` rows; rank r takes the r-th of `world_size` near-equal pieces of each.
+    So the ranks' shards never overlap and cover every row, every rank runs the same number of
+    steps (a rank with one step less would leave the others waiting in DDP's all-reduce), and a
+    step's rows are the rows of the same step of a single-process run. A tail with fewer rows
+    than ranks joins the batch before it, so that no rank gets an empty batch.
     """
 
     def __init__(self, n_rows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.n_rows, self.batch_size, self.shuffle, self.drop_last = n_rows, batch_size, shuffle, drop_last
         self.seed, self.epoch, self.device = seed, 0, device
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_rows, self.batch_size)
-        return full + int(rest > 0 and not self.drop_last)
+        return full + int(rest > 0 and not self.drop_last and (rest >= self.world_size or full == 0))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator: the permutation is drawn at the first batch, not when iter() is called.
@@ -49,8 +59,18 @@ class BatchIndices(Sampler[torch.Tensor]):
         order = self.order(epoch)
         if self.device is not None:
             order = order.to(self.device)  # one copy per epoch; the batches then gather on the device
-        for i in range(len(self)):
-            yield order[i * self.batch_size : (i + 1) * self.batch_size]
+        yield from self._cut(order)
+
+    def _cut(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        steps = len(self)
+        for i in range(steps):
+            end = self.n_rows if i == steps - 1 and not self.drop_last else (i + 1) * self.batch_size
+            rows = order[i * self.batch_size : end]
+            yield rows.tensor_split(self.world_size)[self.rank] if self.world_size > 1 else rows
+
+    def rows_per_epoch(self) -> int:
+        """Rows this rank sees per epoch (the same every epoch: only the order changes)."""
+        return sum(len(rows) for rows in self._cut(torch.arange(self.n_rows)))
 
     def order(self, epoch: int) -> torch.Tensor:
         """The row order of an epoch (on the CPU: the same order on any device)."""
@@ -110,8 +130,13 @@ def make_loader(
     pin_memory: bool = False,
     seed: int = 0,
     device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchLoader | DataLoader:
-    """A loader over in-memory arrays; with `device`, the data lives there (no per-batch copies)."""
+    """A loader over in-memory arrays; with `device`, the data lives there (no per-batch copies).
+
+    With `world_size` > 1 it yields rank `rank`'s piece of every batch (see BatchIndices).
+    """
     # np.require copies only arrays that are read-only (pandas' copy-on-write) or not contiguous
     x = torch.from_numpy(np.require(features, np.float32, ["C", "W"]))
     y = torch.from_numpy(np.require(targets, None, ["C", "W"]))
@@ -120,7 +145,7 @@ def make_loader(
     if device is not None:
         x, y = x.to(device), y.to(device)
     dataset = GatherDataset(x, y)
-    batches = BatchIndices(len(y), batch_size, shuffle, drop_last, seed, device)
+    batches = BatchIndices(len(y), batch_size, shuffle, drop_last, seed, device, rank, world_size)
     if num_workers == 0 or device is not None:  # worker processes cannot share device tensors
         return BatchLoader(dataset, batches, pin_memory and device is None)
     return DataLoader(
@@ -137,13 +162,19 @@ def make_loaders(
     pin_memory: bool = False,
     seed: int = 0,
     device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """Train (shuffled, optional drop_last) and val/test (in order, every row) loaders.
 
     `device`: keep all three splits resident there (see `tasks.device.resident_device`).
+    `rank`, `world_size`: this DDP process's shard of each split; `batch_size` is the global batch.
     """
+    for split in ("train", "val", "test"):
+        if len(getattr(prepared, split).targets) < world_size:
+            raise ConfigError(f"the {split} split has fewer rows than the {world_size} DDP processes; use fewer devices")
     eval_batch = max(batch_size, _EVAL_BATCH)
-    common = {"num_workers": num_workers, "pin_memory": pin_memory, "device": device}
+    common = {"num_workers": num_workers, "pin_memory": pin_memory, "device": device, "rank": rank, "world_size": world_size}
     return Loaders(
         train=make_loader(prepared.train.features, prepared.train.targets, batch_size, True, drop_last, seed=seed, **common),
         val=make_loader(prepared.val.features, prepared.val.targets, eval_batch, **common),

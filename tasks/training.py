@@ -129,6 +129,7 @@ def evaluate(
             seen += len(y)
             if metrics is not None:
                 metrics.update(outputs, y)
+    total, seen = _sum_over_ranks(total, seen)  # DDP: each rank saw its shard; torchmetrics syncs itself
     logs = {"loss": float(total) / seen, **(metrics.compute() if metrics is not None else {})}
     return {f"{split}_{name}": value for name, value in logs.items()}
 
@@ -139,6 +140,15 @@ def predict_outputs(model: nn.Module, features: torch.Tensor, batch_size: int = 
     device = next(model.parameters()).device
     with torch.inference_mode():
         return torch.cat([model(chunk.to(device)).float().cpu() for chunk in features.split(batch_size)])
+
+
+def _sum_over_ranks(total: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:
+    """Under DDP, the loss sum and row count of the whole split (all ranks get the same numbers)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return total, seen
+    both = torch.stack([total.double(), torch.tensor(seen, dtype=torch.float64, device=total.device)])
+    torch.distributed.all_reduce(both)  # float64: the partial sums add up without losing digits
+    return both[0], int(both[1])
 
 
 def _set_epoch(loader, epoch: int) -> None:

@@ -1,0 +1,127 @@
+"""DDP on this CPU machine: two gloo processes launched by torch's elastic agent, real Prefect and MLflow.
+
+Two launches in all (each spawns two fresh interpreters): one through the train flow, checked
+against a single-process run and a single-process evaluation; one with a rank that fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+import torch
+from conftest import write_mixed_classification_csv
+from mlflow.tracking import MlflowClient
+
+from flows.config import TrainConfig, load_config
+from flows.runtime import fitflow_home
+from flows.steps import build_loaders, prep_spec, task_metrics, train_model
+from tasks.compile import make_loss
+from tasks.data import load_table, prepare
+from tasks.distributed import launch, processes_per_node
+from tasks.errors import ConfigError, TrainingError
+from tasks.loaders import make_loader
+from tasks.models import build_model, model_spec
+from tasks.training import evaluate
+
+# 400 rows -> 280 train / 60 val / 60 test. Global batch 40: 7 full steps, each split 20 + 20, so
+# a DDP step averages the same rows as the single-process step (no uneven tail); no dropout,
+# whose masks differ between one process and two.
+SETTINGS = {"target": "label", "epochs": 4, "batch_size": 40, "lr": 0.02, "dropout": 0.0, "patience": 0, "device": "cpu",
+            "hidden_sizes": [16]}
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory):
+    return str(write_mixed_classification_csv(tmp_path_factory.mktemp("ddp") / "table.csv"))
+
+
+def test_shards_are_disjoint_cover_every_row_and_keep_the_step_count():
+    x, y = torch.zeros(23, 1).numpy(), torch.arange(23).numpy()
+    for world_size, batch in ((2, 8), (3, 6), (2, 22)):  # tails of 7, 5 and 1 rows (the last: fewer than ranks)
+        loaders = [make_loader(x, y, batch, shuffle=True, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+        for loader in loaders:
+            loader.sampler.set_epoch(3)
+        shards = [[yb for _, yb in loader] for loader in loaders]
+        rows = torch.cat([torch.cat(shard) for shard in shards]).tolist()
+        assert sorted(rows) == list(range(23))  # disjoint and complete
+        assert len({len(shard) for shard in shards}) == 1  # every rank runs the same number of steps
+        assert all(len(yb) > 0 for shard in shards for yb in shard)
+        single = make_loader(x, y, batch, shuffle=True, seed=5)
+        single.sampler.set_epoch(3)
+        steps = [sorted(torch.cat(step).tolist()) for step in zip(*shards, strict=True)]
+        expected = [sorted(yb.tolist()) for _, yb in single]
+        if 23 % batch < world_size:  # the short tail joined the step before it
+            expected[-2:] = [sorted(expected[-2] + expected[-1])]
+        assert steps == expected  # each step's rows are the single-process step's
+        assert sum(loader.sampler.rows_per_epoch() for loader in loaders) == 23
+
+
+def test_ddp_settings_are_checked_with_one_line():
+    with pytest.raises(ConfigError, match="need strategy ddp"):
+        load_config(devices=2)
+    with pytest.raises(ConfigError, match="several machines need rdzv_endpoint"):
+        load_config(strategy="ddp", devices=2, num_nodes=2)
+    with pytest.raises(ConfigError, match="must divide evenly over the 2 DDP processes"):
+        launch(TrainConfig(strategy="ddp", devices=2, batch_size=33, device="cpu"), job=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="give a count of CPU processes"):
+            processes_per_node(TrainConfig(strategy="ddp"))
+
+
+def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlflow_uri):
+    from flows.train import train
+
+    ddp = TrainConfig(data=csv, strategy="ddp", devices=2, **SETTINGS)
+    result = train(ddp)
+
+    # (a) the same global batch in one process reaches the same validation metrics
+    single_config = TrainConfig(data=csv, **SETTINGS)
+    prepared = prepare(load_table(csv), prep_spec(single_config))
+    single = train_model(single_config, prepared, build_loaders(single_config, prepared), progress=False)
+    for name in ("train_loss", "val_loss", "val_accuracy", "val_f1_macro", "val_auroc"):
+        assert result.history[name][-1] == pytest.approx(single.history.history[name][-1], abs=1e-4), name
+
+    # (b) the reduced validation metrics are those of the whole split: evaluate the shipped
+    # (best) weights in this process and compare with the epoch they come from
+    best = torch.load(fitflow_home() / "checkpoints" / result.run_id / "best.pt", weights_only=True)
+    p = prepared.preprocessor
+    model = build_model(model_spec("mlp", p.n_features, len(p.classes), {
+        "hidden_sizes": ddp.hidden_sizes, "activation": ddp.activation, "dropout": 0.0, "batch_norm": False}))
+    model.load_state_dict(best["model"])
+    here = evaluate(model, build_loaders(single_config, prepared).val, make_loss("auto", p.task), task_metrics(prepared),
+                    torch.device("cpu"), "val")
+    logged = {name: values[result.best_epoch - 1] for name, values in result.history.items() if name.startswith("val_")}
+    assert here.keys() == logged.keys()
+    for name in here:  # counts exact; the loss sum only in another order (float64 all-reduce)
+        assert here[name] == pytest.approx(logged[name], rel=1e-6, abs=1e-7), name
+
+    # (c) one MLflow run, one value per metric and epoch
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([result.experiment_id])
+    assert [run.info.run_id for run in runs] == [result.run_id]
+    assert runs[0].data.params["strategy"] == "ddp" and runs[0].data.params["devices"] == "2"
+    for name in ("train_loss", "val_loss", "val_auroc", "lr"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1, 2, 3, 4], name
+
+
+def _spawned_children() -> list[psutil.Process]:
+    """This process's multiprocessing children (DDP workers), not the resource tracker."""
+    children = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+def test_a_failing_rank_fails_the_task_with_its_error_and_leaves_no_process(csv):
+    config = TrainConfig(data=csv, strategy="ddp", devices=2, model="ddp_models:FailsOnRank",
+                         model_kwargs={"rank": 1, "step": 2}, **{k: v for k, v in SETTINGS.items() if k != "hidden_sizes"})
+    prepared = prepare(load_table(csv), prep_spec(config))
+    with pytest.raises(TrainingError, match=r"^DDP rank 1 failed: ValueError: rank 1 cannot go on$"):
+        train_model(config, prepared, build_loaders(config, prepared), progress=False)
+    assert _spawned_children() == []
