@@ -25,6 +25,7 @@ from tasks.checkpoints import Checkpoints
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
 from tasks.device import resident_device, resolve_device, set_cpu_threads
+from tasks.distributed import train_distributed
 from tasks.errors import ConfigError, FitflowError
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
@@ -62,7 +63,8 @@ def prep_spec(config: TrainConfig) -> PrepSpec:
 
 def build_loaders(config: TrainConfig, prepared: Prepared) -> Loaders:
     """On a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously."""
-    device = resolve_device(config.device)
+    # ddp: this process only tests the returned model, on the CPU; each rank places its own data
+    device = resolve_device(config.device) if config.strategy == "single" else torch.device("cpu")
     splits = (prepared.train, prepared.val, prepared.test)
     resident = resident_device(sum(s.features.nbytes + s.targets.nbytes for s in splits), device)
     return make_loaders(prepared, config.batch_size, config.drop_last, config.num_workers,
@@ -91,6 +93,11 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
                       {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
                        "dropout": config.dropout, "batch_norm": config.batch_norm})
     model = build_model(spec)
+    if config.strategy == "ddp":  # one process per device (tasks/distributed.py); rank 0's weights come back here
+        history, best_epoch = train_distributed(model, config, prepared, spec, task_metrics(prepared), run,
+                                                extra_callbacks, progress)
+        best_path = run.checkpoint_dir / "best.pt" if run else None
+        return Trained(model, spec, history, best_epoch, best_path if best_path and best_path.exists() else None)
     device = resolve_device(config.device)
     set_cpu_threads(config.num_threads)
     model.to(device)  # before the optimizer: it must hold the parameters that will be trained
