@@ -52,6 +52,13 @@ def redact_uri(uri: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+def redact_text(text: str) -> str:
+    """Every URI's user info in free text (an error message quoting a request URL) as `***@`."""
+    import re
+
+    return re.sub(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s@]*@", r"\1***@", text)
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go beside the database (MLflow's default is ./mlruns of the CWD)."""
     if uri.startswith("sqlite:///"):

@@ -24,7 +24,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flows.runtime import redact_uri
+from flows.runtime import redact_text, redact_uri
 from tasks import metrics_journal
 from tasks.callbacks import Callback, FitState
 from tasks.errors import ConfigError, TrackingError
@@ -111,7 +111,7 @@ def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None)
     except BaseException as err:
         # Not an Exception: an interrupt, exit, or Prefect's TerminationSignal on cancellation.
         status = "FAILED" if isinstance(err, Exception) else "KILLED"
-        error = f"{type(err).__name__}: {err}"[:5000]
+        error = redact_text(f"{type(err).__name__}: {err}")[:5000]  # MLflow's errors quote request URLs
         journal = metrics_journal.Journal(folder) if folder is not None else None
         if journal is not None and journal.pending():
             journal.keep_end(status, int(time.time() * 1000), {

@@ -32,7 +32,7 @@ from packaging.version import Version
 from stack import Process, free_port, wait_http
 
 from flows.config import TrainConfig
-from flows.runtime import redact_uri
+from flows.runtime import redact_text, redact_uri
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,6 +187,14 @@ def test_a_refused_inline_password_is_not_repeated_in_the_error(auth_server, mon
 ])
 def test_redact_uri(uri, shown):
     assert redact_uri(uri) == shown
+
+
+def test_redact_text_hides_user_info_of_every_uri_in_a_message():
+    message = ("MlflowException: API request to http://ada:s3cr/t@127.0.0.1:5000/api/2.0/mlflow/runs/get failed "
+               "(see https://mlflow.org/docs); retry http://tok3n@host/x")
+    shown = redact_text(message)
+    assert "s3cr/t" not in shown and "tok3n" not in shown and "ada" not in shown
+    assert "http://***@127.0.0.1:5000/api/2.0/mlflow/runs/get" in shown and "https://mlflow.org/docs" in shown
 
 
 def test_train_config_has_no_field_that_could_carry_a_secret():
