@@ -201,6 +201,8 @@ def trial_runner(config: SweepConfig, parallel: int) -> Iterator[TaskRunner]:
             if config.task_runner == "dask" and config.cluster_address:
                 _check_dask_workers(runner.client, config.cluster_address, uri)
         except OSError as err:  # ConnectionError, and distributed's connect timeouts
+            if not config.cluster_address:
+                raise  # a local cluster that cannot start is not a setting to fix
             raise ConfigError(f"cannot reach the {config.task_runner} cluster at {config.cluster_address} "
                               f"({type(err).__name__}: {err}); start it or fix cluster_address") from None
         yield runner
@@ -239,7 +241,7 @@ def _check_dask_workers(client: Any, address: str, uri: str) -> None:
     for worker, theirs in seen.items():
         if theirs != uri:
             raise ConfigError(f"Dask worker {worker} tracks to {redact_uri(theirs)}, this sweep to {redact_uri(uri)}; "
-                              f"start the workers with this MLFLOW_TRACKING_URI")
+                              "start the workers with this MLFLOW_TRACKING_URI")
 
 
 @task(name="trial", cache_policy=NO_CACHE)
