@@ -254,9 +254,10 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
     # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
     run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
     pruning_callback = search.OptunaPruning(pruning.trial(), config.monitor)
-    with tracking.finished_or_failed(run.client, run.run_id):
+    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
         loaders = build_loaders(config, prepared)
         trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
+        tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
         curve = trained.history.history[config.monitor]
         value = curve[trained.best_epoch - 1]
         state = "pruned" if pruning_callback.pruned_at else "complete"
