@@ -62,3 +62,25 @@ def check_runs(tracking_uri: str, fix: bool = True) -> list[Finding]:
             findings.append(Finding(run.info.run_id, flow_run_id, state.name,
                                     f"{'closed' if fix else 'would close'} {status}"))
     return findings
+
+
+def close_runs_of_flow_run(flow, flow_run, state) -> None:
+    """Prefect state hook (on_failure, on_crashed, on_cancellation of the train flow).
+
+    The flow's own `finished_or_failed` ends its run in almost every case; this is the net under
+    it: a failure outside that block, or a crash or cancellation that killed the flow's process,
+    after which Prefect's runner (`fitflow serve`, a worker) runs the hook in its own process.
+    """
+    from flows.runtime import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    running = client.search_runs(
+        experiments, f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'", max_results=100,
+    )
+    for run in running:
+        status = STATUS[state.type.value]
+        client.set_tag(run.info.run_id, "fitflow.closed_by",
+                       f"Prefect state hook: flow run {flow_run.id} ended {state.name}: {state.message or ''}"[:5000])
+        client.set_terminated(run.info.run_id, status)
+        log.warning("MLflow run %s closed %s: its flow run ended %s", run.info.run_id, status, state.name)

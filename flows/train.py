@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ValidationError
 
 from flows.config import TrainConfig, as_flow_signature, describe_validation_error
+from flows.doctor import close_runs_of_flow_run
 from flows.registry import register_model_task
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.runtime import artifact_location, fitflow_home, redact_uri, tracking_uri
@@ -60,7 +61,7 @@ def train(config: TrainConfig) -> TrainResult:
     return train_flow(**config.model_dump())
 
 
-def _train(**fields) -> TrainResult:
+def train_flow(**fields) -> TrainResult:
     """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
     log.setLevel(logging.INFO)  # the per-epoch lines are the run's log, also under workers and serve
     config = config_from_parameters(fields)
@@ -94,9 +95,13 @@ def _train(**fields) -> TrainResult:
 # The flow takes the config's fields as flat parameters (JSON data): the deployment's form shows
 # each field with its description, default, bounds and choices, and `prefect deployment run
 # 'train/default' --param epochs=3` works. The signature is generated, so TrainConfig stays the
-# single source of truth.
-_train.__signature__ = as_flow_signature(TrainResult)
-train_flow = flow(name="train", description="Train a PyTorch model on a table and track it in MLflow.")(_train)
+# single source of truth. The function has the flow's module name: a deployment's entrypoint is
+# `flows/train.py:<function name>`, and it must load this Flow (name, hooks), not the bare function.
+train_flow.__signature__ = as_flow_signature(TrainResult)
+train_flow = flow(
+    name="train", description="Train a PyTorch model on a table and track it in MLflow.",
+    on_failure=[close_runs_of_flow_run], on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run],
+)(train_flow)
 
 
 def config_from_parameters(fields: dict) -> TrainConfig:
@@ -123,7 +128,7 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
-    flow_name = flow_run.flow_name or "train"
+    flow_name = "train" if parent_run_id is None and params is None else "sweep"  # resume accepts "train" only
     tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

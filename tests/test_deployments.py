@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import get_client
@@ -110,6 +111,31 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
         assert len(client.get_metric_history(run_id, "val_loss")) == epochs  # training has stopped
         kept = list((Path(server_env["FITFLOW_HOME"]) / "checkpoints" / run_id).glob("epoch-*.pt"))
         assert kept  # what `fitflow train --resume <run id>` continues from
+
+        # A flow-run process SIGKILLed while it trains (the OOM killer, a lost node): no code of
+        # its own runs; serve's runner marks it Crashed and the flow's on_crashed hook closes the
+        # MLflow run FAILED. `--resume` then continues the same run to the end.
+        crashed = run_deployment("train/default", parameters={"epochs": 300, "patience": 0, "experiment": "crashed"},
+                                 timeout=0)
+        run_id = _wait_for_epochs(client, "crashed", at_least=2)
+        (engine,) = [p for p in psutil.Process(serve.pid).children(recursive=True)
+                     if str(crashed.id) in " ".join(p.cmdline()) or "prefect.engine" in " ".join(p.cmdline())]
+        engine.kill()
+        with get_client(sync_client=True) as prefect:
+            deadline = time.monotonic() + 120
+            while not prefect.read_flow_run(crashed.id).state.is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+            assert prefect.read_flow_run(crashed.id).state.is_crashed()
+        deadline = time.monotonic() + 120  # the runner loads the flow to run its hooks
+        while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and "ended Crashed" in run.data.tags.get("fitflow.closed_by", ""), (
+            run.info.status, run.data.tags, (tmp_path / "serve.log").read_text()[-4000:])
+        resumed = _cli(str(BIN / "fitflow"), "train", "--resume", run_id, env=server_env)
+        assert resumed.returncode == 0 and f"MLflow run: {run_id}" in resumed.stdout, resumed.stderr[-3000:]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == list(range(1, 301))
+        assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
