@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 # the pin in constraints.txt, which leaves the build (+cpu, +cu128) to the index.
 # On a GPU machine: make setup TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
 TORCH_PIP_ARGS ?=
+# -n 2 --dist loadfile: two worker processes, a test file stays on one (its module fixtures, its servers)
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 PYTEST_ARGS ?=
 
 .PHONY: setup lock run test mlflow-ui clean-state prefect-server deploy serve
@@ -37,7 +39,7 @@ run: setup
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(or $(FITFLOW_HOME),$(CURDIR)/.fitflow)/mlflow.db" --host 127.0.0.1 --port 5000
