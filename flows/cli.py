@@ -115,12 +115,13 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resume continues a run with the config it was started with; drop {', '.join(others)}")
     config = load_config(args.config, **overrides)
 
-    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+    from flows.runtime import configure_environment, migrate_embedded_prefect_database, quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
     from flows.train import train
 
     quiet_user_error_tracebacks()
+    migrate_embedded_prefect_database()  # runs started at once on a fresh home would race in its set-up
 
     result = train(config) if os.environ.get("PREFECT_API_URL") else _without_heartbeats(train, config)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")

@@ -103,3 +103,66 @@ def quiet_user_error_tracebacks() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorWithoutTraceback) for f in logger.filters):
             logger.addFilter(_UserErrorWithoutTraceback())
+
+
+# The two start-up steps of Prefect's server app (prefect.server.api.server.create_app, 3.9):
+# migrations, then the block registration, memoized in PREFECT_HOME/memo_store.toml.
+_PREPARE_PREFECT_DATABASE = """
+import asyncio
+from prefect.server.api.server import _memoize_block_auto_registration
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+@_memoize_block_auto_registration
+async def add_block_types():
+    session = await provide_database_interface().session()
+    async with session:
+        await run_block_auto_registration(session=session)
+
+async def main():
+    await provide_database_interface().create_db()
+    await add_block_types()
+
+asyncio.run(main())
+"""
+
+
+def migrate_embedded_prefect_database() -> None:
+    """Migrate the embedded Prefect server's sqlite database once, under a file lock, before it starts.
+
+    Without PREFECT_API_URL every process starts its own temporary server on PREFECT_HOME's
+    database. Four `fitflow train` started at once on a fresh home ran the server's start-up work
+    together: servers failed start-up ("duplicate column name", "table ... already exists" in the
+    migrations; "UNIQUE constraint failed: block_type.slug" in the block registration) with
+    tracebacks in the run's output, and Prefect restarted them up to a minute later; under load
+    that can outlast the start-up timeout (GUIDE.md 5, prefect#19771). The first through the lock
+    does that work (what the server's start-up does, in a clean process; its block registration
+    leaves Prefect's memo that makes servers skip it); the others find a marker naming the Prefect
+    version that prepared the database, and go on at once, as does every later run.
+    Call after configure_environment(), before the first flow.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import subprocess
+    import sys
+
+    import prefect
+    from filelock import FileLock
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    url = str(PREFECT_API_DATABASE_CONNECTION_URL.value())
+    if not url.startswith("sqlite+aiosqlite:///") or ":memory:" in url:
+        return  # another database server, or nothing to share
+    database = Path(url.removeprefix("sqlite+aiosqlite:///"))
+    marker = database.with_name(database.name + ".fitflow-migrated")
+    if database.exists() and marker.exists() and marker.read_text() == prefect.__version__:
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.fitflow-lock", timeout=600):
+        if database.exists() and marker.exists() and marker.read_text() == prefect.__version__:
+            return
+        done = subprocess.run([sys.executable, "-c", _PREPARE_PREFECT_DATABASE],
+                              check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"preparing Prefect's database {database} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        marker.write_text(prefect.__version__)
