@@ -65,15 +65,26 @@ def check_runs(tracking_uri: str, fix: bool = True) -> list[Finding]:
 
 
 def close_runs_of_flow_run(flow, flow_run, state) -> None:
-    """Prefect state hook (on_failure, on_crashed, on_cancellation of the train flow).
+    """Prefect state hook (on_crashed, on_cancellation of the train flow).
 
-    The flow's own `finished_or_failed` ends its run in almost every case; this is the net under
-    it: a failure outside that block, or a crash or cancellation that killed the flow's process,
-    after which Prefect's runner (`fitflow serve`, a worker) runs the hook in its own process.
+    The flow's own `finished_or_failed` ends its run whenever the flow's code still runs; this is
+    the net under it for a crash or cancellation that killed the flow's process, after which
+    Prefect's runner (`fitflow serve`, a worker) runs the hook in its own process. It never waits
+    on a tracking server that is down (MLflow would retry for minutes): `fitflow doctor` later.
     """
-    from flows.runtime import tracking_uri
+    from flows.runtime import redact_uri, tracking_uri
+    from tasks.errors import TrackingError
+    from tasks.tracking import check_server
 
-    client = MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri, timeout=5.0)
+        except TrackingError:
+            log.warning("the MLflow runs of flow run %s stay open: %s is unreachable; run `fitflow doctor` later",
+                        flow_run.id, redact_uri(uri))
+            return
+    client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     running = client.search_runs(
         experiments, f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'", max_results=100,

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,3 +169,19 @@ def migrate_embedded_prefect_database() -> None:
         if done.returncode != 0:
             raise RuntimeError(f"preparing Prefect's database {database} failed:\n{(done.stdout + done.stderr)[-3000:]}")
         marker.write_text(prefect.__version__)
+
+
+@contextmanager
+def checkout_first_on_path() -> Iterator[None]:
+    """While worker processes are spawned (DDP ranks, local Dask workers): this checkout first on sys.path.
+
+    Spawned processes start with this process' sys.path. Loading a logged model put its code
+    folder (MLflow code_paths: a copy of tasks/) at its front, and a worker would import that
+    copy, possibly of an older version and without data/, instead of fitflow's own packages.
+    """
+    saved = list(sys.path)
+    sys.path.insert(0, str(REPO))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved

@@ -43,7 +43,7 @@ from pydantic import BaseModel
 
 from flows.config import TrainConfig
 from flows.registry import register_model_task
-from flows.runtime import fitflow_home, redact_uri, tracking_uri
+from flows.runtime import checkout_first_on_path, fitflow_home, redact_uri, tracking_uri
 from flows.steps import Run, build_loaders, load_table_task, prep_spec, prepare_task, test_model_task, train_model_task
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_outcome, start_run
@@ -197,6 +197,8 @@ def trial_runner(config: SweepConfig, parallel: int) -> Iterator[TaskRunner]:
     with ExitStack() as stack:
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: api_url}))
         try:
+            if not config.cluster_address:
+                stack.enter_context(checkout_first_on_path())
             runner = stack.enter_context(_cluster_runner(config, parallel, uri))
             if config.task_runner == "dask" and config.cluster_address:
                 _check_dask_workers(runner.client, config.cluster_address, uri)

@@ -100,7 +100,7 @@ def train_flow(**fields) -> TrainResult:
 train_flow.__signature__ = as_flow_signature(TrainResult)
 train_flow = flow(
     name="train", description="Train a PyTorch model on a table and track it in MLflow.",
-    on_failure=[close_runs_of_flow_run], on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run],
+    on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run],
 )(train_flow)
 
 

@@ -43,6 +43,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.nn.parallel import DistributedDataParallel
 
 from flows.config import TrainConfig, load_config
+from flows.runtime import checkout_first_on_path
 from tasks import errors
 from tasks.callbacks import BestWeights, Callback, EarlyStopping, FitState, LRSchedule, Monitor, Progress
 from tasks.checkpoints import Checkpoints
@@ -130,7 +131,7 @@ def launch(config: TrainConfig, job: Job) -> Result | None:
         rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": config.rdzv_endpoint or "localhost:0"}
     else:  # explicit machine ranks: machine 0's rank 0 is global rank 0, the one that logs
         rdzv = {"rdzv_backend": "static", "rdzv_endpoint": config.rdzv_endpoint, "rdzv_configs": {"rank": config.node_rank}}
-    with tempfile.TemporaryDirectory(prefix="fitflow-ddp-") as logs, _signal_handlers_kept():
+    with tempfile.TemporaryDirectory(prefix="fitflow-ddp-") as logs, _signal_handlers_kept(), checkout_first_on_path():
         launch_config = LaunchConfig(
             min_nodes=config.num_nodes, max_nodes=config.num_nodes, nproc_per_node=nproc,
             run_id=job.run_id or uuid.uuid4().hex, max_restarts=0,  # a retry is Prefect's, and resumes

@@ -50,8 +50,11 @@ def prefect_server():
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite MLflow store for one test."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # MLflow's fluent layer keeps the last URI set in this process over the env
     return uri
 
 

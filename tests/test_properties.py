@@ -368,6 +368,7 @@ def served(tmp_path_factory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)  # an earlier test of this process may have set another store globally
         tracking.prepare_store(uri)
         client = MlflowClient(uri)
         experiment = client.create_experiment("properties", artifact_location=(folder / "artifacts").as_uri())

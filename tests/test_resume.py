@@ -72,10 +72,11 @@ def test_sigkilled_training_process_resumes_to_bit_identical_weights(table, mlfl
     exe = Path(sys.executable).with_name("fitflow")
     args = ["train", "--data", str(table), "--target", "label", "--epochs", str(EPOCHS), "--batch-size", "32",
             "--patience", "0", "--dropout", "0.2", "--scheduler", "cosine", "--experiment", "resume"]
-    process = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     checkpoints = fitflow_home() / "checkpoints"
+    earlier = set(checkpoints.iterdir())  # other tests' runs share this home
+    process = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not (started := [p.parent for p in checkpoints.glob("*/epoch-00002.pt") if p.parent.name != whole.run_id]):
+    while not (started := [p.parent for p in checkpoints.glob("*/epoch-00002.pt") if p.parent not in earlier]):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
         time.sleep(0.01)
     time.sleep(0.3)  # into epoch 3
