@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     upload = commands.add_parser(
         "upload-metrics",
         help="send a run's per-epoch metrics kept locally while the tracking server was unreachable",
-        description="Deliver the epochs of the run's metrics journal (<FITFLOW_HOME>/checkpoints/<run id>/metrics.jsonl) "
-        "that never reached MLflow, skipping values the server already has, and end the run with the status kept "
-        "locally when it ended during the outage. Goes to MLFLOW_TRACKING_URI if set, else to the run's own server.",
+        description="Deliver the epochs of the run's metrics journal "
+        "(<FITFLOW_HOME>/checkpoints/<run id>/metrics.jsonl) that never reached MLflow, skipping values "
+        "the server already has, and end the run with the status kept locally when it ended during the outage. "
+        "Goes to MLFLOW_TRACKING_URI if set, else to the run's own server.",
     )
     upload.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id (printed in the warning)")
     upload.set_defaults(handler=_upload_metrics)
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
-    others = ["--" + name.replace("_", "-") for name in overrides if name != "resume"] + (["--config"] * bool(args.config))
+    others = ["--" + name.replace("_", "-") for name in overrides if name != "resume"]
+    others += ["--config"] if args.config else []
     if "resume" in overrides and others:
         raise ConfigError(f"--resume continues a run with the config it was started with; drop {', '.join(others)}")
     config = load_config(args.config, **overrides)
@@ -123,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     quiet_user_error_tracebacks()
     migrate_embedded_prefect_database()  # runs started at once on a fresh home would race in its set-up
 
-    result = train(config) if os.environ.get("PREFECT_API_URL") else _without_heartbeats(train, config)
+    result = train(config) if os.environ.get("PREFECT_API_URL") else _on_own_embedded_server(train, config)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
@@ -132,16 +134,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _without_heartbeats(fn, *args):
-    """Run on the embedded temporary server without flow-run heartbeats.
+def _on_own_embedded_server(fn, *args):
+    """Run on an embedded temporary Prefect server of this process, without flow-run heartbeats.
 
-    Nothing watches them there (the server dies with this process), and ending the heartbeat
-    thread costs each flow about 1 s of pure waiting (GUIDE.md section 6).
+    Nothing watches heartbeats there (the server dies with this process), and ending the heartbeat
+    thread costs each flow about 1 s of pure waiting (GUIDE.md section 6). The server is started
+    here on a port the OS hands out, not by Prefect's own ephemeral mode: that one picks a random
+    port in 8000-8999 and takes any server answering there as its own, so of several `fitflow
+    train` started at once, one could run on another's server and crash when that one stopped.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    import socket
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return fn(*args)
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with socket.socket() as probe:  # port 0: the OS picks a free port, a different one for each process
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = SubprocessASGIServer(port=port)
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            try:
+                return fn(*args)
+            finally:
+                APILogWorker.drain_all(timeout=5)  # the run's last log lines, before their server goes
+    finally:
+        server.stop()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -192,7 +212,8 @@ def _upload_metrics(args: argparse.Namespace) -> int:
         raise ConfigError(f"not an MLflow run id: {args.run_id!r} (32 letters and digits, as the warning printed it)")
     journal = Journal(fitflow_home() / "checkpoints" / args.run_id)
     if not journal.path.exists():
-        raise ConfigError(f"run {args.run_id} has no metrics journal at {journal.path}; check the run id and FITFLOW_HOME")
+        raise ConfigError(f"run {args.run_id} has no metrics journal at {journal.path}; "
+                          "check the run id and FITFLOW_HOME")
     uri = chosen_uri or journal.origin()["tracking_uri"]
     if uri.startswith(("http://", "https://")):
         check_server(uri)  # still down: one line now, not minutes of MLflow's retries
