@@ -54,11 +54,8 @@ def check_runs(tracking_uri: str, fix: bool = True) -> list[Finding]:
                 findings.append(Finding(run.info.run_id, flow_run_id, state.name if state else None,
                                         "left: flow run still going"))
                 continue
-            status = STATUS[state.type.value]
-            if fix:
-                client.set_tag(run.info.run_id, "fitflow.closed_by",
-                               f"fitflow doctor: Prefect flow run {flow_run_id} ended {state.name}: {state.message or ''}"[:5000])
-                client.set_terminated(run.info.run_id, status)
+            status = _close(client, run.info.run_id, flow_run_id, state, "fitflow doctor") if fix \
+                else STATUS[state.type.value]
             findings.append(Finding(run.info.run_id, flow_run_id, state.name,
                                     f"{'closed' if fix else 'would close'} {status}"))
     return findings
@@ -90,8 +87,14 @@ def close_runs_of_flow_run(flow, flow_run, state) -> None:
         experiments, f"tags.`prefect.flow_run_id` = '{flow_run.id}' and attributes.status = 'RUNNING'", max_results=100,
     )
     for run in running:
-        status = STATUS[state.type.value]
-        client.set_tag(run.info.run_id, "fitflow.closed_by",
-                       f"Prefect state hook: flow run {flow_run.id} ended {state.name}: {state.message or ''}"[:5000])
-        client.set_terminated(run.info.run_id, status)
+        status = _close(client, run.info.run_id, str(flow_run.id), state, "Prefect state hook")
         log.warning("MLflow run %s closed %s: its flow run ended %s", run.info.run_id, status, state.name)
+
+
+def _close(client: MlflowClient, run_id: str, flow_run_id: str, state, closer: str) -> str:
+    """End a run with the status matching its flow run's final state, the reason in fitflow.closed_by."""
+    status = STATUS[state.type.value]
+    client.set_tag(run_id, "fitflow.closed_by",
+                   f"{closer}: Prefect flow run {flow_run_id} ended {state.name}: {state.message or ''}"[:5000])
+    client.set_terminated(run_id, status)
+    return status

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import TrainConfig
 from tasks import tracking
-from tasks.callbacks import BestWeights, Callback, EarlyStopping, LRSchedule, Monitor, Progress
+from tasks.callbacks import Callback, Progress, deciding_callbacks
 from tasks.checkpoints import Checkpoints
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import PrepSpec, Prepared, content_key, load_table, prepare
@@ -105,14 +105,9 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay, config.momentum)
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
-    monitor = Monitor(config.monitor, config.min_delta)
     checkpoint = run.checkpoint_dir / "best.pt" if run else None
-    best = BestWeights(monitor, checkpoint)
-    stateful: dict[str, Callback] = {"best_weights": best}
-    if config.patience > 0:
-        stateful["early_stopping"] = EarlyStopping(monitor, config.patience)
-    if scheduler is not None:
-        stateful["lr_schedule"] = LRSchedule(scheduler, monitor)
+    stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, checkpoint)
+    best = stateful["best_weights"]
     # Order: progress prints the epoch first; the best weights are kept before anything may stop
     # the run; the checkpoint holds the epoch after every callback with state has seen it.
     callbacks: list[Callback] = [Progress(), *stateful.values()] if progress else list(stateful.values())
@@ -138,28 +133,28 @@ def test_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, traine
     return evaluate(trained.model, loaders.test, loss_fn, task_metrics(prepared), device, "test")
 
 
-def _retry_transient_io(task, task_run, state) -> bool:
-    """Retry reads that failed for a passing reason (network file systems), not user errors."""
-    try:
-        state.result()
-    except FitflowError:
+def _retry_unless_bad_input(retry_on: type[Exception]):
+    """A task retry condition: retry failures of type `retry_on`, never fitflow's own errors (bad
+    input fails the same way again)."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except FitflowError:
+            return False
+        except retry_on:
+            return True
+        except Exception:
+            return False
         return False
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
+
+    return condition
 
 
-def retry_after_crash(task, task_run, state) -> bool:
-    """Retry training after a crash (lost device, killed worker thread, I/O), not after bad input."""
-    try:
-        state.result()
-    except FitflowError:
-        return False
-    except Exception:
-        return True
-    return False
+# Reads that failed for a passing reason (network file systems); training after a crash (a lost
+# device, a killed worker thread, I/O), which resumes from its last epoch checkpoint.
+_retry_transient_io = _retry_unless_bad_input(OSError)
+retry_after_crash = _retry_unless_bad_input(Exception)
 
 
 def _prepare_cache_key(context, parameters) -> str:

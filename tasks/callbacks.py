@@ -154,6 +154,20 @@ class LRSchedule(Callback):
         self.scheduler.load_state_dict(saved["scheduler"])
 
 
+def deciding_callbacks(monitor: str, min_delta: float, patience: int, scheduler: Any,
+                       best_path: Path | None) -> dict[str, Callback]:
+    """Best weights, early stopping (patience > 0) and the LR schedule (a scheduler), by the names
+    an epoch checkpoint stores their state under: single-process and DDP training both build them
+    here, so either resumes the other's checkpoints. The three share one Monitor."""
+    shared = Monitor(monitor, min_delta)
+    deciding: dict[str, Callback] = {"best_weights": BestWeights(shared, best_path)}
+    if patience > 0:
+        deciding["early_stopping"] = EarlyStopping(shared, patience)
+    if scheduler is not None:
+        deciding["lr_schedule"] = LRSchedule(scheduler, shared)
+    return deciding
+
+
 class Progress(Callback):
     """A progress bar on a terminal; one plain log line per epoch otherwise (CI, Prefect)."""
 

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flows.config import TrainConfig, load_config
 from flows.runtime import checkout_first_on_path
 from tasks import errors
-from tasks.callbacks import BestWeights, Callback, EarlyStopping, FitState, LRSchedule, Monitor, Progress
+from tasks.callbacks import BestWeights, Callback, FitState, Progress, deciding_callbacks
 from tasks.checkpoints import Checkpoints
 from tasks.compile import make_loss, make_optimizer, make_scheduler
 from tasks.data import Prepared
@@ -188,13 +188,9 @@ def _train_rank(job: Job) -> Result | None:
 def _callbacks(job: Job, rank: int, scheduler: Any, rows: int) -> tuple[list[Callback], BestWeights]:
     """train_model's callbacks, by rank: the ones that decide run everywhere, the ones that write on rank 0."""
     config = job.config
-    monitor = Monitor(config.monitor, config.min_delta)
-    best = BestWeights(monitor, job.checkpoint_dir / "best.pt" if job.checkpoint_dir and rank == 0 else None)
-    stateful: dict[str, Callback] = {"best_weights": best}  # the names train_model gives them: one checkpoint format
-    if config.patience > 0:
-        stateful["early_stopping"] = EarlyStopping(monitor, config.patience)
-    if scheduler is not None:
-        stateful["lr_schedule"] = LRSchedule(scheduler, monitor)
+    best_path = job.checkpoint_dir / "best.pt" if job.checkpoint_dir and rank == 0 else None
+    stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path)
+    best = stateful["best_weights"]
     # Order: the epoch's train loss is made global before anything reads the logs.
     callbacks: list[Callback] = [_GlobalTrainLoss(rows)]
     if rank == 0 and job.progress:
