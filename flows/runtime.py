@@ -56,10 +56,10 @@ def redact_uri(uri: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Every URI's user info in free text (an error message quoting a request URL) as `***@`."""
+    """Every URI in free text (an error message quoting a request URL) through `redact_uri`."""
     import re
 
-    return re.sub(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s@]*@", r"\1***@", text)
+    return re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+", lambda uri: redact_uri(uri.group()), text)
 
 
 def artifact_location(uri: str) -> str | None:
