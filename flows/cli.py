@@ -117,51 +117,22 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resume continues a run with the config it was started with; drop {', '.join(others)}")
     config = load_config(args.config, **overrides)
 
-    from flows.runtime import configure_environment, migrate_embedded_prefect_database, quiet_user_error_tracebacks
+    from flows.runtime import configure_environment, quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
-    from flows.train import train
+    from flows.embedded_server import prefect_server_starting
 
-    quiet_user_error_tracebacks()
-    migrate_embedded_prefect_database()  # runs started at once on a fresh home would race in its set-up
+    with prefect_server_starting() as on_server:
+        from flows.train import train  # torch, MLflow, pandas: imported while the server starts
 
-    result = train(config) if os.environ.get("PREFECT_API_URL") else _on_own_embedded_server(train, config)
+        quiet_user_error_tracebacks()
+        result = on_server(train, config)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
     if result.registered:
         print(f"registered: {result.registered}")
     return 0
-
-
-def _on_own_embedded_server(fn, *args):
-    """Run on an embedded temporary Prefect server of this process, without flow-run heartbeats.
-
-    Nothing watches heartbeats there (the server dies with this process), and ending the heartbeat
-    thread costs each flow about 1 s of pure waiting (GUIDE.md section 6). The server is started
-    here on a port the OS hands out, not by Prefect's own ephemeral mode: that one picks a random
-    port in 8000-8999 and takes any server answering there as its own, so of several `fitflow
-    train` started at once, one could run on another's server and crash when that one stopped.
-    """
-    import socket
-
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    with socket.socket() as probe:  # port 0: the OS picks a free port, a different one for each process
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = SubprocessASGIServer(port=port)
-    server.start()
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            try:
-                return fn(*args)
-            finally:
-                APILogWorker.drain_all(timeout=5)  # the run's last log lines, before their server goes
-    finally:
-        server.stop()
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -23,3 +23,7 @@ class TrainingError(FitflowError):
 
 class TrackingError(FitflowError):
     """The MLflow tracking store cannot be reached or refuses this client."""
+
+
+class ServerError(FitflowError):
+    """A server fitflow starts for a command (the embedded Prefect server) did not come up."""

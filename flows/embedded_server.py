@@ -1,0 +1,145 @@
+"""The embedded Prefect server of one CLI command, started while the command imports its libraries.
+
+Without PREFECT_API_URL a flow needs a Prefect server of its own: a process that imports
+Prefect's server and starts its services, 5-9 s here. Importing torch, MLflow and pandas for the
+flow takes about 5 s in the command's own process. The two do not depend on each other, so the
+server process starts as soon as Prefect's database is ready, and the imports run meanwhile on
+the other core. Measured on a warm home (this machine, 2 cores): the flow could start 16.7 s
+after the command began with the server started after the imports through Prefect's
+`SubprocessASGIServer`, and 6.9 s after with this module (docs/benchmarks.md, benchmark 5).
+
+The server listens on a port the OS hands out, not one picked by Prefect's own ephemeral mode:
+that mode picks a random port in 8000-8999 and takes any server answering there for its own, so
+of several `fitflow train` started at once, one could run on another's server and crash when
+that one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from tasks.errors import ServerError
+
+T = TypeVar("T")
+RunOnServer = Callable[..., Any]
+
+
+@contextmanager
+def prefect_server_starting() -> Iterator[RunOnServer]:
+    """Start this command's embedded Prefect server in the background; yields `run(fn, *args)`,
+    which waits for the server, then calls `fn(*args)` with the Prefect API pointed at it.
+
+    With PREFECT_API_URL set there is nothing to start and `run` calls `fn` at once. Call after
+    `configure_environment()` (it sets the Prefect home the server uses). On exit the server stops.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield lambda fn, *args: fn(*args)
+        return
+    from flows.runtime import migrate_embedded_prefect_database
+
+    migrate_embedded_prefect_database()  # before any server opens the database (several commands may start at once)
+    server = _EmbeddedServer()
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as err:  # handed to the main thread by `run`
+            failure.append(err)
+
+    # The thread mostly waits (on the server process, then on its health endpoint); the main
+    # thread's imports keep the GIL without slowing the server, which is another process.
+    starting = threading.Thread(target=start, name="fitflow-prefect-server", daemon=True)
+    starting.start()
+
+    def run(fn: Callable[..., T], *args: Any) -> T:
+        starting.join()
+        if failure:
+            raise failure[0]
+        return _without_heartbeats(server.api_url, fn, *args)
+
+    try:
+        yield run
+    finally:
+        starting.join()  # a server still starting would outlive the command
+        server.stop()
+
+
+class _EmbeddedServer:
+    """The process Prefect's own temporary server runs (`SubprocessASGIServer`: uvicorn on
+    `create_app`, ephemeral, no UI), started without importing Prefect's server package here:
+    that import alone took 3 s of the command's own start-up."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.api_url = ""
+
+    def start(self) -> None:
+        import prefect
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+
+        with socket.socket() as probe:  # port 0: the OS picks a free port, a different one for each process
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL,
+        )
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the embedded Prefect server exited with code {self.process.returncode} while "
+                                   "starting (its error is above); set PREFECT_API_URL to use a running server")
+            if _healthy(self.api_url):
+                return
+            time.sleep(0.1)
+        raise ServerError(f"the embedded Prefect server did not answer within {timeout} s; raise PREFECT_SERVER_"
+                           "EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:  # refused while it starts; URLError and timeouts are OSErrors
+        return False
+
+
+def _without_heartbeats(api_url: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run on the server at `api_url`, without flow-run heartbeats: nothing watches them on a
+    server that dies with this process, and ending the heartbeat thread costs each flow about
+    1 s of pure waiting (GUIDE.md section 6)."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        try:
+            return fn(*args)
+        finally:
+            APILogWorker.drain_all(timeout=5)  # the run's last log lines, before their server goes
