@@ -20,9 +20,10 @@ SUITE = {
     "loaders": (lambda t, p: [r for n, b in ((100_000, 256), (100_000, 4096), (1_000_000, 256), (1_000_000, 4096))
                               for r in t.loader_throughput(n, b, rounds=3, max_batches=100)],
                 lambda t, p: t.loader_throughput(10_000, 256, rounds=1, max_batches=10)),
-    "epoch": (lambda t, p: t.epoch_time(100_000, 20_000, rounds=3), lambda t, p: t.epoch_time(5_000, 1_000, rounds=1)),
-    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=4),
-                 lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1)),
+    "epoch": (lambda t, p: t.epoch_time(100_000, 20_000, rounds=5, epochs=3),
+              lambda t, p: t.epoch_time(5_000, 1_000, rounds=1, epochs=2)),
+    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=6, epochs=3),
+                 lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1, epochs=2)),
     "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
     "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=2),

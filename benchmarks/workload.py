@@ -94,13 +94,15 @@ def best_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, g
 
 
 class FitflowRunner:
-    """One epoch of fitflow's `train_model`: the flow's own training step with its default
-    callbacks (progress lines, best weights + checkpoint, epoch checkpoint, early stopping) and
-    MLflow logging to a real sqlite store. Each call builds a fresh model and optimizer, as the
-    baselines do, so each call is one epoch from scratch (in a fresh checkpoint folder: an
-    existing epoch checkpoint would be resumed)."""
+    """A run of fitflow's `train_model` for `epochs` epochs: the flow's own training step with its
+    default callbacks (progress lines, best weights + checkpoint, epoch checkpoints, early
+    stopping) and MLflow logging to a real sqlite store. Each call builds a fresh model and
+    optimizer, as the baselines do, so each call is a run from scratch (in a fresh checkpoint
+    folder: an existing epoch checkpoint would be resumed). Patience exceeds the epochs: every
+    call runs all of them."""
 
-    def __init__(self, data: Data, tracking: bool = True, batch: int = BATCH, checkpoints_only: bool = False) -> None:
+    def __init__(self, data: Data, tracking: bool = True, batch: int = BATCH, checkpoints_only: bool = False,
+                 epochs: int = 1) -> None:
         from mlflow.tracking import MlflowClient
 
         from flows.config import TrainConfig
@@ -117,7 +119,7 @@ class FitflowRunner:
             train=Split(data.x.numpy(), data.y.numpy()), val=Split(data.x_val.numpy(), data.y_val.numpy()),
             test=Split(data.x_val.numpy(), data.y_val.numpy()), preprocessor=preprocessor,
         )
-        self.config = TrainConfig(epochs=1, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0, patience=5)
+        self.config = TrainConfig(epochs=epochs, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0, patience=epochs + 5)
         self.loaders = build_loaders(self.config, self.prepared)
         self.run = None
         self.calls = 0
@@ -132,7 +134,7 @@ class FitflowRunner:
             run_id = client.create_run(experiment_id(client, "bench")).info.run_id
             self.run = Run(client, run_id, "0", Path(self.tmp.name) / "checkpoints")
 
-    def epoch(self) -> float:
+    def fit(self) -> float:
         from dataclasses import replace
 
         from flows.steps import train_model
@@ -140,4 +142,5 @@ class FitflowRunner:
         self.calls += 1
         run = replace(self.run, checkpoint_dir=self.run.checkpoint_dir / str(self.calls)) if self.run else None
         trained = train_model(self.config, self.prepared, self.loaders, run)
+        assert len(trained.history) == self.config.epochs
         return trained.history.epochs[-1]["val_accuracy"]
