@@ -22,7 +22,7 @@ SUITE = {
                 lambda t, p: t.loader_throughput(10_000, 256, rounds=1, max_batches=10)),
     "epoch": (lambda t, p: t.epoch_time(100_000, 20_000, rounds=5, epochs=3),
               lambda t, p: t.epoch_time(5_000, 1_000, rounds=1, epochs=2)),
-    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=6, epochs=3),
+    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=16, epochs=3),
                  lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1, epochs=2)),
     "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),

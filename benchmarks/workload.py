@@ -119,7 +119,8 @@ class FitflowRunner:
             train=Split(data.x.numpy(), data.y.numpy()), val=Split(data.x_val.numpy(), data.y_val.numpy()),
             test=Split(data.x_val.numpy(), data.y_val.numpy()), preprocessor=preprocessor,
         )
-        self.config = TrainConfig(epochs=epochs, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0, patience=epochs + 5)
+        self.config = TrainConfig(epochs=epochs, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0,
+                                  patience=epochs + 5)
         self.loaders = build_loaders(self.config, self.prepared)
         self.run = None
         self.calls = 0
