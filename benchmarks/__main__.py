@@ -22,7 +22,7 @@ SUITE = {
                 lambda t, p: t.loader_throughput(10_000, 256, rounds=1, max_batches=10)),
     "epoch": (lambda t, p: t.epoch_time(100_000, 20_000, rounds=5, epochs=3),
               lambda t, p: t.epoch_time(5_000, 1_000, rounds=1, epochs=2)),
-    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=16, epochs=3),
+    "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=10, epochs=3),
                  lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1, epochs=2)),
     "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
@@ -47,6 +47,8 @@ def main() -> int:
 
     torch.set_num_threads(1)  # fitflow's default; the threads benchmark measures the alternative
     results, started = [], time.perf_counter()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"benchmarks-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     for name in args.only or SUITE:
         full, smoke = SUITE[name]
         run = smoke if args.smoke else full
@@ -54,19 +56,21 @@ def main() -> int:
             continue
         print(f"running {name} ...", flush=True)
         results += run(training, pipeline)
-    report = {
+        report = _report(args, results, started)
+        out.write_text(json.dumps(report, indent=1))  # after each benchmark: a later failure keeps these
+    print_table(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace, results: list, started: float) -> dict:
+    return {
         "command": "python -m benchmarks" + (" --smoke" if args.smoke else ""),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
                    f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
         "seconds": round(time.perf_counter() - started, 1),
         "results": [r.to_dict() for r in results],
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"benchmarks-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=1))
-    print_table(report)
-    print(f"wrote {out}")
-    return 0
 
 
 def print_table(report: dict) -> None:

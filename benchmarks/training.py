@@ -191,7 +191,12 @@ def lightning_ratio(n_train: int, n_val: int, epochs: int, rounds: int) -> list:
                             note="lightning not installed: pip install -e '.\\[bench]'")]
     import torch.nn.functional as F
 
-    from tasks.loaders import make_loader
+    from tasks.loaders import BatchIndices, GatherDataset
+
+    def gather_loader(x: torch.Tensor, y: torch.Tensor, batch: int, shuffle: bool = False) -> DataLoader:
+        """fitflow's batch gathers (one index_select per batch) in a DataLoader, whose attributes
+        Lightning inspects (fitflow's own in-process BatchLoader lacks `batch_sampler`)."""
+        return DataLoader(GatherDataset(x, y), sampler=BatchIndices(len(y), batch, shuffle, False, seed=0), batch_size=None)
 
     data = make_data(n_train, n_val)
     fitflow = FitflowRunner(data, tracking=True, epochs=epochs)
@@ -217,8 +222,7 @@ def lightning_ratio(n_train: int, n_val: int, epochs: int, rounds: int) -> list:
     def lightning_fit() -> None:
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-        trainer.fit(Module(), make_loader(data.x.numpy(), data.y.numpy(), BATCH, shuffle=True),
-                    make_loader(data.x_val.numpy(), data.y_val.numpy(), 1024))
+        trainer.fit(Module(), gather_loader(data.x, data.y, BATCH, shuffle=True), gather_loader(data.x_val, data.y_val, 1024))
 
     return [compare(f"Lightning Trainer.fit vs fitflow ({epochs} epochs)", ("fitflow", fitflow.fit),
                     ("Lightning", lightning_fit), rounds, target=">= 1.5",
