@@ -30,7 +30,7 @@ SUITE = {
                   lambda t, p: t.lightning_ratio(5_000, 1_000, epochs=1, rounds=1)),
     "end-to-end": (lambda t, p: p.end_to_end(rounds=2, epochs=10), None),
     "prepare": (lambda t, p: p.prepare_cost(1_000_000), lambda t, p: p.prepare_cost(20_000)),
-    "scaling": (lambda t, p: [t.scaling(rounds=1, sizes=(100_000, 1_000_000)),
+    "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),
                               p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],
                 lambda t, p: [t.scaling(rounds=1, sizes=(2_000, 4_000)), p.prepare_scaling(rounds=1, sizes=(2_000, 4_000))]),
 }
