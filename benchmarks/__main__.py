@@ -53,11 +53,13 @@ def main() -> int:
         full, smoke = SUITE[name]
         run = smoke if args.smoke else full
         if run is None:
+            print(f"skipping {name}: it has no {'smoke' if args.smoke else 'full'} mode", flush=True)
             continue
         print(f"running {name} ...", flush=True)
         results += run(training, pipeline)
-        report = _report(args, results, started)
-        out.write_text(json.dumps(report, indent=1))  # after each benchmark: a later failure keeps these
+        out.write_text(json.dumps(_report(args, results, started), indent=1))  # a later failure keeps these
+    report = _report(args, results, started)
+    out.write_text(json.dumps(report, indent=1))
     print_table(report)
     print(f"wrote {out}")
     return 0

@@ -3,9 +3,9 @@
     python benchmarks/gpu.py [--rows 1000000] [--rounds 5]
 
 Compares one epoch of fitflow's `fit` (data resident on the GPU, batches gathered there, no
-host sync per step, fitflow's fused Adam, the BestWeights callback) against the best hand-written GPU loop, in
-interleaved rounds; then fitflow with bf16 autocast and with torch.compile against plain
-fitflow. Prints the ratios as JSON.
+host sync per step, fitflow's fused Adam, the BestWeights callback) against the best
+hand-written GPU loop, in interleaved rounds; then fitflow with bf16 autocast and with
+torch.compile against plain fitflow. Prints the ratios as JSON.
 """
 
 from __future__ import annotations
