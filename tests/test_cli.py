@@ -120,3 +120,15 @@ def test_help_documents_the_fields():
     assert out.returncode == 0
     for text in ("--batch-size", "--lr", "--experiment", "Rows per training step", "{adam,adamw,sgd}"):
         assert text in out.stdout
+
+
+def test_help_imports_no_heavy_library():
+    """`fitflow --help` answers at once (0.3 s, docs/benchmarks.md): torch, Prefect, MLflow and
+    pandas (about 7 s together) are imported only once a command runs."""
+    code = ("import sys\nfrom flows.cli import main\n"
+            "for argv in (['--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
