@@ -53,12 +53,12 @@ class Decision:
         return f"{self.uri} is {self.alias}: {self.reason}"
 
 
-def test_metric(monitor: str) -> str:
+def gate_metric(monitor: str) -> str:
     """The test-split counterpart of the monitored metric: val_accuracy -> test_accuracy."""
     return "test_" + monitor.split("_", 1)[1]
 
 
-def test_data_key(run: MlflowRun) -> dict[str, str | None]:
+def evaluation_data_key(run: MlflowRun) -> dict[str, str | None]:
     """What fixes a run's test rows: the dataset digest and the split settings."""
     params = run.data.params
     key = {"dataset_digest": run.data.tags.get("fitflow.dataset_digest")}
@@ -70,7 +70,7 @@ def test_data_key(run: MlflowRun) -> dict[str, str | None]:
 
 def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str, monitor: str) -> Decision:
     """Register the run's model as a new version of `name` and gate the `champion` alias."""
-    metric = test_metric(monitor)
+    metric = gate_metric(monitor)
     run = client.get_run(run_id)
     if metric not in run.data.metrics:
         raise ConfigError(f"run {run_id} has no metric '{metric}' to compare models by; monitor a metric the test split logs")
@@ -100,8 +100,8 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
         return Decision(name, version, CHAMPION, metric, score, None, None,
                         f"first version of '{name}' ({metric} {score:.4f})")
     champion_run = client.get_run(champion.run_id) if champion.run_id else None
-    old_key = test_data_key(champion_run) if champion_run else None
-    new_key = test_data_key(run)
+    old_key = evaluation_data_key(champion_run) if champion_run else None
+    new_key = evaluation_data_key(run)
     if old_key != new_key:
         differ = sorted(k for k in new_key if old_key is None or old_key.get(k) != new_key[k])
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
