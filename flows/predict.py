@@ -74,7 +74,7 @@ def predict(config: PredictConfig) -> PredictResult:
     predictions, summary = score_task(model, frame, config.unseen)
     summary = {"model": ref.uri, "registered": f"{ref.name}/{ref.version}" if ref.name else None,
                "data": config.data, **summary}
-    summary_path = write_outputs(predictions, summary, out, kind)
+    summary_path = write_predictions(predictions, summary, out, kind)
     run_id = track_prediction(config, ref, frame, summary, predictions.head(100), out, summary_path)
     log.info("wrote %d predictions to %s (MLflow run %s)", len(predictions), out, run_id)
     return PredictResult(run_id=run_id, model_uri=ref.uri, out=str(out), summary_path=str(summary_path), summary=summary)
@@ -92,14 +92,16 @@ def output_path(out: str, data: str) -> tuple[Path, str]:
     return path, kind
 
 
-@task(name="resolve_model", cache_policy=NO_CACHE)
-def resolve_model_task(uri: str) -> ModelRef:
+def resolve_model(uri: str) -> ModelRef:
     """Pin `uri` to one model: registry aliases and versions, logged model ids, runs."""
     client = MlflowClient(tracking_uri())
     try:
         return _resolve(client, uri.strip())
     except MlflowException as err:
         raise ConfigError(f"model {uri!r} cannot be read from {redact_uri(tracking_uri())}: {err.message.splitlines()[0]}") from None
+
+
+resolve_model_task = task(resolve_model, name="resolve_model", cache_policy=NO_CACHE)
 
 
 def _resolve(client: MlflowClient, uri: str) -> ModelRef:
@@ -143,8 +145,7 @@ def _or_none(call):
         raise
 
 
-@task(name="load_model", cache_policy=NO_CACHE)
-def load_model_task(ref: ModelRef):
+def load_model(ref: ModelRef):
     mlflow.set_tracking_uri(tracking_uri())  # registry URIs resolve through MLflow's fluent layer
     model = mlflow.pyfunc.load_model(ref.uri)
     if not hasattr(model.unwrap_python_model(), "preprocessor"):
@@ -152,8 +153,10 @@ def load_model_task(ref: ModelRef):
     return model
 
 
-@task(name="score", cache_policy=NO_CACHE)
-def score_task(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
+load_model_task = task(load_model, name="load_model", cache_policy=NO_CACHE)
+
+
+def score(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
     """Check the rows (errors name column and row), predict, summarise."""
     prep = model.unwrap_python_model().preprocessor
     prep.check_columns(frame)  # missing or duplicated model columns, before any per-row check
@@ -162,8 +165,11 @@ def score_task(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, d
     return predictions, {**scoring.summarise(predictions, prep, frame), **handling}
 
 
-@task(name="write_predictions", cache_policy=NO_CACHE)
-def write_outputs(predictions: pd.DataFrame, summary: dict, out: Path, kind: str) -> Path:
+score_task = task(score, name="score", cache_policy=NO_CACHE)
+
+
+@task(cache_policy=NO_CACHE)
+def write_predictions(predictions: pd.DataFrame, summary: dict, out: Path, kind: str) -> Path:
     """Predictions row for row with the input (row i of the output scores row i of the input)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(out, index=False) if kind == "parquet" else predictions.to_csv(out, index=False)
@@ -172,7 +178,7 @@ def write_outputs(predictions: pd.DataFrame, summary: dict, out: Path, kind: str
     return summary_path
 
 
-@task(name="track_prediction", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def track_prediction(config: PredictConfig, ref: ModelRef, frame: pd.DataFrame, summary: dict,
                      sample: pd.DataFrame, out: Path, summary_path: Path) -> str:
     """One MLflow run: the input dataset, the model as input (MLflow's link), the summary and tags."""

@@ -87,7 +87,7 @@ def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
         parent = start_run(base.model_copy(update={"run_name": name}), prepared, table, params=config.sweep_params())
         with tracking.finished_or_failed(parent.client, parent.run_id):
             run_trials(config, runner, n_trials, parallel, prepared, table, parent, name)
-            ranking = summarise(config, parent)
+            ranking = report_trials(config, parent)
     best = ranking.iloc[0]
     decision = (register_model_task(parent.client, base.register_model, best["run_id"], best["model_uri"], base.monitor)
                 if base.register_model else None)
@@ -246,7 +246,7 @@ def _check_dask_workers(client: Any, address: str, uri: str) -> None:
                               "start the workers with this MLFLOW_TRACKING_URI")
 
 
-@task(name="trial", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: Prepared, table: pd.DataFrame,
               parent_run_id: str, run_name: str, pruning: PruningBasis) -> dict[str, Any]:
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
@@ -273,8 +273,8 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 
-@task(name="rank_trials", cache_policy=NO_CACHE)
-def summarise(config: SweepConfig, parent: Run) -> pd.DataFrame:
+@task(cache_policy=NO_CACHE)
+def report_trials(config: SweepConfig, parent: Run) -> pd.DataFrame:
     """Rank the child runs; log the ranking (CSV), the plot and the best trial to the parent run."""
     monitor, score = config.base.monitor, f"best_{config.base.monitor}"
     children = parent.client.search_runs(
