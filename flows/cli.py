@@ -14,6 +14,7 @@ import typing
 from typing import Any, NoReturn
 
 from flows.cli_compare import add_commands as add_compare_commands
+from flows.cli_predict import add_command as add_predict_command
 from flows.config import TrainConfig, load_config
 from tasks.errors import ConfigError, FitflowError, TrackingError
 
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
     _add_config_flags(train)
     train.set_defaults(handler=_train)
-    add_compare_commands(commands)  # sweep, predict, runs
+    add_compare_commands(commands)  # sweep, runs
+    add_predict_command(commands)
 
     serve = commands.add_parser(
         "serve",

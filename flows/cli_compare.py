@@ -1,4 +1,4 @@
-"""The compare-and-ship commands of `fitflow`: sweep, predict, runs (flows/cli.py adds them).
+"""The commands of `fitflow` that compare runs: sweep, runs (flows/cli.py adds them).
 
 Like the rest of the CLI, heavy libraries load only once a command runs; user errors raise
 FitflowError, which flows/cli.py turns into one line and exit code 2.
@@ -31,20 +31,6 @@ def add_commands(commands) -> None:
                        help="an existing Dask scheduler (tcp://host:8786) or Ray cluster (overrides the file)")
     sweep.add_argument("--experiment", metavar="NAME", help="MLflow experiment (overrides base.experiment)")
     sweep.set_defaults(handler=_sweep)
-
-    predict = commands.add_parser(
-        "predict",
-        help="score a CSV/Parquet table with a model (the Prefect flow `predict`)",
-        description="Load a model by models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<id>/model "
-        "or a run id; write its predictions (class probabilities for classifiers) and a summary; log a prediction run.",
-    )
-    predict.add_argument("--model", required=True, metavar="URI", help="e.g. models:/churn@champion")
-    predict.add_argument("--data", required=True, metavar="FILE", help="CSV or Parquet of raw rows")
-    predict.add_argument("--out", required=True, metavar="FILE", help="predictions file, .csv or .parquet")
-    predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
-                         help="categories never seen in training: encode like rare values and count them (default), or fail")
-    predict.add_argument("--experiment", metavar="NAME", default="fitflow-predictions", help="MLflow experiment of the prediction run")
-    predict.set_defaults(handler=_predict)
 
     runs = commands.add_parser(
         "runs",
@@ -90,30 +76,6 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"best: {result.best_run_id}  model: {result.best_model_uri}")
     if result.registered:
         print(f"registered: {result.registered}")
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from tasks.errors import ConfigError
-
-    _environment()
-    from flows.predict import PredictConfig, output_path, predict, resolve_model_task
-    from tasks.data import resolve_source
-
-    try:
-        config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"--{first['loc'][0]}: {first['msg']}") from None
-    # The same checks the flow makes first, before Prefect starts: a typo fails in a second.
-    output_path(config.out, config.data)
-    resolve_source(config.data)
-    resolve_model_task.fn(config.model)
-    result = predict(config)
-    print(f"predictions: {result.out}  summary: {result.summary_path}")
-    print(f"model: {result.model_uri}  MLflow run: {result.run_id}")
     return 0
 
 

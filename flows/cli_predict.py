@@ -1,0 +1,51 @@
+"""`fitflow predict`: score a table with a model (flows/cli.py adds the command).
+
+Like the rest of the CLI, heavy libraries load only once the command runs; user errors raise
+FitflowError, which flows/cli.py turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_command(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="score a CSV/Parquet table with a model (the Prefect flow `predict`)",
+        description="Load a model by models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<id>/model "
+        "or a run id; write its predictions (class probabilities for classifiers) and a summary; log a prediction run.",
+    )
+    predict.add_argument("--model", required=True, metavar="URI", help="e.g. models:/churn@champion")
+    predict.add_argument("--data", required=True, metavar="FILE", help="CSV or Parquet of raw rows")
+    predict.add_argument("--out", required=True, metavar="FILE", help="predictions file, .csv or .parquet")
+    predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
+                         help="categories never seen in training: encode like rare values and count them (default), or fail")
+    predict.add_argument("--experiment", metavar="NAME", default="fitflow-predictions", help="MLflow experiment of the prediction run")
+    predict.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+    from tasks.errors import ConfigError
+
+    configure_environment()  # before prefect is imported: it reads its settings at import
+    quiet_user_error_tracebacks()
+    from flows.predict import PredictConfig, output_path, predict, resolve_model
+    from tasks.data import resolve_source
+
+    try:
+        config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--{first['loc'][0]}: {first['msg']}") from None
+    # The same checks the flow makes first, before Prefect starts: a typo fails in a second.
+    output_path(config.out, config.data)
+    resolve_source(config.data)
+    resolve_model(config.model)
+    result = predict(config)
+    print(f"predictions: {result.out}  summary: {result.summary_path}")
+    print(f"model: {result.model_uri}  MLflow run: {result.run_id}")
+    return 0
