@@ -47,7 +47,6 @@ class Checkpoints(Callback):
     def __init__(self, directory: str | Path, stateful: dict[str, Callback], keep: int = 2,
                  run_id: str | None = None) -> None:
         self.directory, self.stateful, self.keep, self.run_id = Path(directory), stateful, keep, run_id
-        self.resumed_from = 0
 
     def on_fit_start(self, state: FitState) -> None:
         newest = latest_checkpoint(self.directory)
@@ -58,7 +57,6 @@ class Checkpoints(Callback):
             raise TrainingError(f"checkpoint {newest} belongs to run {saved['run_id']}, not {self.run_id}; "
                                 "move it away or resume that run")
         restore(state, saved, self.stateful)
-        self.resumed_from = state.epoch
         log.info("resumed from %s: epoch %d of %d", newest, state.epoch, state.epochs)
 
     def on_epoch_end(self, state: FitState) -> None:

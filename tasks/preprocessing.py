@@ -156,7 +156,7 @@ class Preprocessor:
     def decode(self, outputs: np.ndarray) -> pd.DataFrame:
         """Model outputs -> predictions in the original label space (+ class probabilities)."""
         if self.classes is None:
-            return pd.DataFrame({"prediction": outputs.reshape(len(outputs), -1)[:, 0] * self.target_std + self.target_mean})
+            return pd.DataFrame({"prediction": self.unscale_targets(outputs.reshape(len(outputs), -1)[:, 0])})
         logits = outputs - outputs.max(axis=1, keepdims=True)
         proba = np.exp(logits)
         proba /= proba.sum(axis=1, keepdims=True)

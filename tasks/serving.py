@@ -17,8 +17,6 @@ from tasks.models import build_model
 from tasks.preprocessing import Preprocessor
 from tasks.training import predict_outputs
 
-ARTIFACTS = ("preprocessor", "model_spec", "weights")
-
 
 class FitflowModel(mlflow.pyfunc.PythonModel):
     """predict(raw DataFrame) -> DataFrame with `prediction` (+ `probability_<class>` columns)."""

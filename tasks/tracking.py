@@ -33,10 +33,6 @@ log = logging.getLogger("fitflow")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 
 
-def local_store_uri(home: Path) -> str:
-    return f"sqlite:///{home / 'mlflow.db'}"
-
-
 def prepare_store(uri: str) -> None:
     """Make sure the store can take a run before any training starts.
 
