@@ -28,7 +28,8 @@ def add_command(commands) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+    from flows.environment import configure_environment
+    from flows.log_filter import quiet_user_error_tracebacks
     from tasks.errors import ConfigError
 
     configure_environment()  # before prefect is imported: it reads its settings at import

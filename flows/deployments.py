@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from flows.runtime import REPO
+from tasks.checkout import REPO
 from tasks.errors import ConfigError
 
 log = logging.getLogger("fitflow")

@@ -69,7 +69,8 @@ def close_runs_of_flow_run(flow, flow_run, state) -> None:
     Prefect's runner (`fitflow serve`, a worker) runs the hook in its own process. It never waits
     on a tracking server that is down (MLflow would retry for minutes): `fitflow doctor` later.
     """
-    from flows.runtime import redact_uri, tracking_uri
+    from flows.environment import tracking_uri
+    from tasks.redaction import redact_uri
     from tasks.errors import TrackingError
     from tasks.tracking import check_server
 

@@ -26,7 +26,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from flows.runtime import artifact_location, redact_uri, tracking_uri
+from flows.environment import artifact_location, tracking_uri
+from tasks.redaction import redact_uri
 from flows.steps import load_table_task
 from tasks import scoring, tracking
 from tasks.data import resolve_source

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from flows.runtime import redact_uri
+from tasks.redaction import redact_uri
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError
 

@@ -22,7 +22,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True)
 
-from flows.runtime import configure_environment  # noqa: E402
+from flows.environment import configure_environment  # noqa: E402
 
 configure_environment()
 os.environ.pop("MLFLOW_TRACKING_URI")  # each test that tracks sets its own store (fixture below)

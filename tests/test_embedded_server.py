@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # starts, run a flow on it. The flow returns the API URL it ran against.
 COMMAND = """
 import json, psutil
-from flows.runtime import configure_environment
+from flows.environment import configure_environment
 configure_environment()
 from flows.embedded_server import prefect_server_starting
 
