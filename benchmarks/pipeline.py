@@ -78,8 +78,8 @@ def prepare_scaling(rounds: int, sizes: tuple[int, int]) -> Comparison:
 BARE_SCRIPT = """
 import sys, tempfile, pandas as pd, mlflow
 from mlflow.tracking import MlflowClient
-from flows.config import TrainConfig
-from flows.steps import Run, build_loaders, prep_spec, test_model, train_model
+from tasks.config import TrainConfig
+from tasks.trainer import Run, build_loaders, evaluate_on_test, prep_spec, train_model
 from tasks import tracking
 from tasks.data import load_table, prepare
 config = TrainConfig(epochs=int(sys.argv[1]), patience=0)
@@ -88,11 +88,11 @@ mlflow.set_tracking_uri(uri); tracking.prepare_store(uri)
 client = MlflowClient(uri)
 table = load_table(config.data); prepared = prepare(table, prep_spec(config)); loaders = build_loaders(config, prepared)
 run_id = client.create_run(tracking.experiment_id(client, "bare")).info.run_id
-tracking.log_params(client, run_id, config.flat_params())
+tracking.log_params(client, run_id, config.params())
 tracking.log_dataset(client, run_id, table, config.data, config.target, "breast_cancer")
 run = Run(client, run_id, "0", __import__("pathlib").Path(tempfile.mkdtemp()))
 trained = train_model(config, prepared, loaders, run)
-tracking.log_metrics(client, run_id, test_model(config, prepared, loaders, trained), step=trained.best_epoch)
+tracking.log_metrics(client, run_id, evaluate_on_test(config, prepared, loaders, trained), step=trained.best_epoch)
 tracking.log_pyfunc_model(client, run_id, trained.model, trained.spec, prepared.preprocessor,
                           table.drop(columns=[config.target]).head(5))
 client.set_terminated(run_id, "FINISHED")

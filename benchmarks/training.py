@@ -140,8 +140,8 @@ def model_logging_time() -> Measurement:
     """Wall time of logging the shipped MLP as the pyfunc model (explicit pip requirements)."""
     from mlflow.tracking import MlflowClient
 
-    from flows.config import TrainConfig
-    from flows.steps import build_loaders, prep_spec, train_model
+    from tasks.config import TrainConfig
+    from tasks.trainer import build_loaders, prep_spec, train_model
     from tasks.data import load_table, prepare
     from tasks.tracking import experiment_id, log_pyfunc_model, prepare_store
 

@@ -105,8 +105,8 @@ class FitflowRunner:
                  epochs: int = 1) -> None:
         from mlflow.tracking import MlflowClient
 
-        from flows.config import TrainConfig
-        from flows.steps import Run, build_loaders
+        from tasks.config import TrainConfig
+        from tasks.trainer import Run, build_loaders
         from tasks.data import Prepared, Split
         from tasks.preprocessing import NumericColumn, Preprocessor
         from tasks.tracking import experiment_id, prepare_store
@@ -138,7 +138,7 @@ class FitflowRunner:
     def fit(self) -> float:
         from dataclasses import replace
 
-        from flows.steps import train_model
+        from tasks.trainer import train_model
 
         self.calls += 1
         run = replace(self.run, checkpoint_dir=self.run.checkpoint_dir / str(self.calls)) if self.run else None

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import typing
 from typing import Any, NoReturn
 
+from pydantic.fields import FieldInfo
+
 from flows.cli_compare import add_commands as add_compare_commands
 from flows.cli_predict import add_command as add_predict_command
-from flows.config import TrainConfig, load_config
+from tasks.config import Launch, TrainConfig, load_config
 from tasks.errors import ConfigError, FitflowError, TrackingError
 
 EXIT_USAGE = 2
@@ -36,8 +39,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in TrainConfig.model_fields.items():
+def _add_config_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldInfo]) -> None:
+    for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (default: {json.dumps(field.default)})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
@@ -66,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Every config field is a flag; --config FILE.yaml sets fields by name and flags override it.",
     )
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
-    _add_config_flags(train)
+    _add_config_flags(train, TrainConfig.flat_fields())
     train.set_defaults(handler=_train)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a training run that crashed or was killed, from its last epoch checkpoint",
+        description="Continue the MLflow run RUN_ID (same run, same hyperparameters: its config.json) from its "
+        "newest epoch checkpoint. Only launch settings may be given: the run may continue on another machine.",
+    )
+    resume.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id (`fitflow runs` lists them)")
+    _add_config_flags(resume, Launch.model_fields)
+    resume.set_defaults(handler=_resume)
     add_compare_commands(commands)  # sweep, runs
     add_predict_command(commands)
 
@@ -112,14 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
-    others = ["--" + name.replace("_", "-") for name in overrides if name != "resume"]
-    others += ["--config"] if args.config else []
-    if "resume" in overrides and others:
-        raise ConfigError(f"--resume continues a run with the config it was started with; drop {', '.join(others)}")
-    config = load_config(args.config, **overrides)
+    overrides = {name: getattr(args, name) for name in TrainConfig.flat_fields() if hasattr(args, name)}
+    return _run_train_flow(load_config(args.config, **overrides))
 
-    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+
+def _resume(args: argparse.Namespace) -> int:
+    if not re.fullmatch(r"[0-9a-f]{32}", args.run_id):
+        raise ConfigError(f"not an MLflow run id: {args.run_id!r} (32 hex digits, as `fitflow runs` lists them)")
+    launch = {name: getattr(args, name) for name in Launch.model_fields if hasattr(args, name)}
+    return _run_train_flow(load_config(None, **launch), resume=args.run_id)
+
+
+def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
+    from flows.environment import configure_environment
+    from flows.log_filter import quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
     from flows.embedded_server import prefect_server_starting
@@ -128,7 +147,7 @@ def _train(args: argparse.Namespace) -> int:
         from flows.train import train  # torch, MLflow, pandas: imported while the server starts
 
         quiet_user_error_tracebacks()
-        result = on_server(train, config)
+        result = on_server(train, config, resume)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
@@ -138,7 +157,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.runtime import configure_environment
+    from flows.environment import configure_environment
 
     configure_environment()
     from flows.deployments import serve
@@ -148,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from flows.runtime import configure_environment
+    from flows.environment import configure_environment
 
     configure_environment()
     from flows.deployments import setup
@@ -158,7 +177,8 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from flows.runtime import configure_environment, redact_uri, tracking_uri
+    from flows.environment import configure_environment, tracking_uri
+    from tasks.redaction import redact_uri
 
     configure_environment()
     from flows.doctor import check_runs
@@ -172,7 +192,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _upload_metrics(args: argparse.Namespace) -> int:
     chosen_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read before configure_environment sets the local default
-    from flows.runtime import configure_environment, fitflow_home, redact_uri
+    from flows.environment import configure_environment, fitflow_home
+    from tasks.redaction import redact_uri
 
     configure_environment()
     from mlflow.exceptions import MlflowException
@@ -213,7 +234,12 @@ def _positive(value: int, flag: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ("; resume continues a run with the hyperparameters it was started with, only launch settings "
+                "may be given" if args.command == "resume" else "")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return args.handler(args)
     except FitflowError as err:

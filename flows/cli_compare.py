@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.config import load_config
+from tasks.config import load_config
 from flows.sweep_config import check_task_runner, load_sweep_config
 
 
@@ -48,7 +48,8 @@ def add_commands(commands) -> None:
 
 
 def _environment() -> None:
-    from flows.runtime import configure_environment, quiet_user_error_tracebacks
+    from flows.environment import configure_environment
+    from flows.log_filter import quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
     quiet_user_error_tracebacks()
@@ -81,7 +82,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _runs(args: argparse.Namespace) -> int:
     from flows.runs import as_json, print_table, ranked_runs
-    from flows.runtime import tracking_uri
+    from flows.environment import tracking_uri
 
     _environment()
     rows = ranked_runs(tracking_uri(), args.experiment, args.sort, args.top, args.sweep)

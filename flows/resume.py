@@ -2,8 +2,9 @@
 
 Three ways in, one mechanism (the epoch checkpoints of tasks/checkpoints.py, found by run id
 under `<FITFLOW_HOME>/checkpoints/<run id>`):
-- `fitflow train --resume <run id>` (or the `resume` field in the Prefect UI form): the config
-  is the run's own, read back from its MLflow params;
+- `fitflow resume <run id>` (or the `resume` field in the Prefect UI form): the hyperparameters
+  are the run's own, read back from its `config.json`; the launch settings (device, threads,
+  workers, ...) are this invocation's, since the run may continue on another machine;
 - a retry of the same Prefect flow run (the UI's Retry, flow retries): the MLflow run tagged
   with this flow run id and not FINISHED is continued instead of starting a new one;
 - a retry of the training task inside one flow run: the same Run, so its checkpoint is found.
@@ -17,21 +18,31 @@ import pandas as pd
 from mlflow.entities import Run as MlflowRun
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
-from flows.config import TrainConfig
-from flows.runtime import redact_uri, tracking_uri
+from tasks.config import Launch, TrainConfig, describe_validation_error
+from flows.environment import tracking_uri
+from tasks.redaction import redact_uri
 from tasks import tracking
 from tasks.errors import ConfigError
 
 log = logging.getLogger("fitflow")
 
 
-def config_of_run(run_id: str) -> TrainConfig:
-    """The config a run was started with, set to resume it; ConfigError if it cannot be resumed."""
+def config_of_run(run_id: str, launch: Launch) -> TrainConfig:
+    """The config a run was started with, to run with `launch`; ConfigError if it cannot be resumed."""
     uri = tracking_uri()
     tracking.prepare_store(uri)
-    run = _resumable_run(MlflowClient(uri), run_id, uri)
-    return TrainConfig.from_params(run.data.params).model_copy(update={"resume": run_id})
+    client = MlflowClient(uri)
+    _resumable_run(client, run_id, uri)
+    text = tracking.logged_config(client, run_id)
+    if text is None:
+        raise ConfigError(f"run {run_id} has no {tracking.CONFIG_ARTIFACT} artifact to resume from (it was not "
+                          "started by this fitflow); start a new run with `fitflow train`")
+    try:
+        return TrainConfig.model_validate_json(text).model_copy(update={"launch": launch})
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source=f"{tracking.CONFIG_ARTIFACT} of run {run_id}")) from None
 
 
 def unfinished_run_of_flow_run(client: MlflowClient, experiment_id: str, flow_run_id: str) -> str | None:

@@ -6,14 +6,14 @@ ranking and a plot to the parent -> register the best model (optional).
 
 Trials are Prefect task runs submitted to the sweep's task runner: a thread pool in this process
 (default), Dask worker processes or Ray (`task_runner`, docs/scaling-sweeps.md). Each calls the
-train flow's own tasks (start_run, train_model, test_model, log_model), so the GPU tag limit on
+train flow's own tasks (start_run, train_model, evaluate_on_test, log_model), so the GPU tag limit on
 train_model, which the Prefect server enforces, caps them like any training run wherever they
-run, and each writes to its own child run by id (GUIDE.md section 3). Optuna's study lives in
-this process (in memory); a trial prunes against a copy of the trials finished when it started,
-so what it is sent is plain picklable data and it prunes the same way in a thread or on a
-worker. In threads, parallel trials share torch's global random generator, so a trial's numbers
-can differ in the last digits from the same config trained alone; parallelism 1, or worker
-processes, reproduce them.
+run, and each writes to its own child run by run id, not through MLflow's per-thread active run.
+Optuna's study lives in this process (in memory); a trial prunes against a copy of the trials
+finished when it started, so what it is sent is plain picklable data and it prunes the same way
+in a thread or on a worker. In threads, parallel trials share torch's global random generator,
+so a trial's numbers can differ in the last digits from the same config trained alone;
+parallelism 1, or worker processes, reproduce them.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.registry import register_model_task
-from flows.runtime import checkout_first_on_path, fitflow_home, redact_uri, tracking_uri
-from flows.steps import Run, build_loaders, load_table_task, prep_spec, prepare_task, test_model_task, train_model_task
+from flows.environment import fitflow_home, tracking_uri
+from tasks.checkout import checkout_first_on_path
+from tasks.redaction import redact_uri
+from flows.steps import build_loaders_task, evaluate_on_test_task, load_table_task, prepare_task, train_model_task
+from tasks.trainer import Run, build_loaders, prep_spec
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_outcome, start_run
 from tasks import search, tracking
@@ -234,7 +237,7 @@ def _check_dask_workers(client: Any, address: str, uri: str) -> None:
     """Fail before any trial when the cluster has no workers, or workers that would track elsewhere
     (their child runs would be missing from the ranking)."""
     try:
-        seen = client.run(tracking_uri)  # by reference: flows.runtime, a light import, on each worker
+        seen = client.run(tracking_uri)  # by reference: flows.environment, a light import, on each worker
     except ImportError as err:
         raise ConfigError(f"the Dask workers at {address} cannot import fitflow ({err}); "
                           "start `dask worker` in the fitflow checkout or image") from None
@@ -268,7 +271,7 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
             run.client.set_tag(run.run_id, "fitflow.pruned_at_epoch", str(pruning_callback.pruned_at))
             tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
         else:
-            test_metrics = test_model_task(config, prepared, loaders, trained)
+            test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
             log_outcome(config, prepared, table, run, trained, test_metrics)
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 

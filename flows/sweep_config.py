@@ -2,7 +2,7 @@
 
 The same model is the `sweep` flow's parameter (a Prefect UI form), the YAML file of
 `fitflow sweep --config FILE.yaml`, and the parent MLflow run's `sweep.*` params. Like
-flows/config.py it imports only pydantic, so the CLI stays fast. Every dimension is checked
+TrainConfig's module it imports only pydantic, so the CLI stays fast. Every dimension is checked
 against TrainConfig here, so a typo or an impossible value fails before any run starts.
 """
 
@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flows.config import TrainConfig, _read_yaml, describe_validation_error
+from tasks.config import Launch, TrainConfig, _read_yaml, describe_validation_error
 from tasks.errors import ConfigError
 
 # Fields a sweep cannot search: they change the data, its split (and so the test data every
 # trial is compared on), the ranking metric, or where the runs go. Trials share one prepared
 # dataset, so these stay those of `base`.
+HYPERPARAMETERS = [name for name in TrainConfig.model_fields if name != "launch"]
 FIXED_FIELDS = ("data", "target", "validation_data", "task", "val_fraction", "test_fraction", "max_categories",
                 "seed", "monitor", "experiment", "run_name", "register_model")
 
@@ -96,8 +97,10 @@ class SweepConfig(BaseModel):
             raise ValueError("the search space is empty; name at least one field to search")
         base = self.base.model_dump()
         for name, dim in self.space.items():
-            if name not in TrainConfig.model_fields:
-                close = difflib.get_close_matches(name, TrainConfig.model_fields, n=1)
+            if name in Launch.model_fields:
+                raise ValueError(f"'{name}' is a launch setting, not a hyperparameter; set it in base")
+            if name not in HYPERPARAMETERS:
+                close = difflib.get_close_matches(name, HYPERPARAMETERS, n=1)
                 raise ValueError(f"'{name}' is not a TrainConfig field" + (f"; did you mean '{close[0]}'?" if close else ""))
             if name in FIXED_FIELDS:
                 raise ValueError(f"'{name}' cannot be searched: trials share one dataset, split and ranking metric; set it in base")
@@ -118,7 +121,7 @@ class SweepConfig(BaseModel):
 
     def sweep_params(self) -> dict[str, str]:
         """The parent run's params: the fields every trial shares, and the sweep's own settings."""
-        shared = {k: v for k, v in self.base.flat_params().items() if k not in self.space}
+        shared = {k: v for k, v in self.base.params().items() if k not in self.space}
         own = {"sweep.sampler": self.sampler, "sweep.n_trials": str(self.n_trials),
                "sweep.parallelism": str(self.parallelism), "sweep.prune": str(self.prune),
                "sweep.task_runner": self.task_runner,

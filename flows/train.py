@@ -7,9 +7,11 @@ with the error as a tag, never RUNNING.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 import mlflow
 import pandas as pd
@@ -18,28 +20,27 @@ from prefect import flow, get_client, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
-from flows.config import TrainConfig, as_flow_signature, describe_validation_error
+from tasks.config import TrainConfig, as_flow_signature, describe_validation_error
 from flows.doctor import close_runs_of_flow_run
 from flows.registry import register_model_task
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
-from flows.runtime import artifact_location, fitflow_home, redact_uri, tracking_uri
+from flows.environment import artifact_location, fitflow_home, tracking_uri
+from tasks.redaction import redact_uri
 from flows.steps import (
-    Run,
-    Trained,
+    build_loaders_task,
+    evaluate_on_test_task,
     load_table_task,
-    make_loaders_task,
-    prep_spec,
     prepare_task,
     retry_after_crash,
-    test_model_task,
     train_model_task,
 )
 from tasks import tracking
 from tasks.data import Prepared, resolve_source
 from tasks.errors import ConfigError
 from tasks.plots import plot_learning_curves
+from tasks.trainer import Run, Trained, prep_spec
 
 log = logging.getLogger("fitflow")
 
@@ -56,28 +57,32 @@ class TrainResult(BaseModel):
     registered: str | None = None  # "models:/<name>/<version> is champion: <reason>" with register_model
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run the `train` flow for a config (from Python, the CLI and tests)."""
-    return train_flow(**config.model_dump())
+def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Run the `train` flow for a config (from Python, the CLI and tests); `resume`: see the flow."""
+    return train_flow(**config.flat(), resume=resume)
 
 
-def train_flow(**fields) -> TrainResult:
-    """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run)."""
+def train_flow(resume: str | None = None, **fields) -> TrainResult:
+    """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run).
+
+    `resume`: an MLflow run id to continue from its last epoch checkpoint, with the
+    hyperparameters of its config.json; only the launch settings given here apply.
+    """
     log.setLevel(logging.INFO)  # the per-epoch lines are the run's log, also under workers and serve
     config = config_from_parameters(fields)
-    if config.resume:  # continue that run, with the config it was started with (flows/resume.py)
-        config = config_of_run(config.resume)
+    if resume:  # continue that run, with the config it was started with (flows/resume.py)
+        config = config_of_run(resume, config.launch)
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
     prepared = prepare_task(table, prep_spec(config), validation)
-    loaders = make_loaders_task(config, prepared)
-    run = start_run(config, prepared, table)
+    loaders = build_loaders_task(config, prepared)
+    run = start_run(config, prepared, table, resume=resume)
     with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
         # a retry resumes from the last epoch checkpoint of this run
-        trained = train_model_task.with_options(retries=config.retries, retry_condition_fn=retry_after_crash)(
+        trained = train_model_task.with_options(retries=config.launch.retries, retry_condition_fn=retry_after_crash)(
             config, prepared, loaders, run)
         tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
-        test_metrics = test_model_task(config, prepared, loaders, trained)
+        test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
         model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
                 if config.register_model else None)
@@ -97,7 +102,13 @@ def train_flow(**fields) -> TrainResult:
 # 'train/default' --param epochs=3` works. The signature is generated, so TrainConfig stays the
 # single source of truth. The function has the flow's module name: a deployment's entrypoint is
 # `flows/train.py:<function name>`, and it must load this Flow (name, hooks), not the bare function.
-train_flow.__signature__ = as_flow_signature(TrainResult)
+# `resume` is an action, not a setting of the run, so it is the flow's own parameter beside the config's.
+RESUME_PARAMETER = inspect.Parameter(
+    "resume", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str | None, StringConstraints(pattern=r"^[0-9a-f]{32}$")],
+    default=Field(None, description="MLflow run id to continue from its last epoch checkpoint, with that run's own "
+                  "config; of the fields here only the launch settings (device, threads, workers, ...) apply."),
+)
+train_flow.__signature__ = as_flow_signature(TrainResult, extra=(RESUME_PARAMETER,))
 train_flow = flow(
     name="train", description="Train a PyTorch model on a table and track it in MLflow.",
     on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run],
@@ -114,14 +125,15 @@ def config_from_parameters(fields: dict) -> TrainConfig:
 
 @task(name="start_run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, parent_run_id: str | None = None,
-              params: dict[str, str] | None = None) -> Run:
+              params: dict[str, str] | None = None, resume: str | None = None) -> Run:
     """Create the MLflow run, linked to this flow run both ways; log params and the dataset.
 
     With `parent_run_id` it is a child run (a sweep's trial), nested by the explicit
     `mlflow.parentRunId` tag, so nesting holds in any thread or process; the parent holds the
     flow run's links. `params` replace the config's fields as params (a sweep's own run).
-    A run being resumed (`config.resume`, or one an earlier attempt of this flow run left
-    unfinished) is reopened instead: same run, same params, its checkpoints continue it.
+    A run being resumed (`resume`, or one an earlier attempt of this flow run left unfinished)
+    is reopened instead: same run, same params, its checkpoints continue it. A new run gets the
+    hyperparameters as params, the launch settings as tags and the whole config as config.json.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
@@ -129,7 +141,7 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
     client = MlflowClient(uri)
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
     flow_name = "train" if parent_run_id is None and params is None else "sweep"  # resume accepts "train" only
-    tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py"}
+    tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py", **config.launch_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if flow_run.id:
@@ -137,7 +149,7 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
         if flow_run.ui_url:
             tags["prefect.flow_run_url"] = flow_run.ui_url
     source = str(resolve_source(config.data))
-    earlier = config.resume or (flow_run.id and not parent_run_id and params is None
+    earlier = resume or (flow_run.id and not parent_run_id and params is None
                                 and unfinished_run_of_flow_run(client, experiment_id, flow_run.id))
     if earlier:
         reopen_run(client, earlier, table, source, config, tags)
@@ -146,8 +158,9 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
         run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
     with tracking.fail_on_error(client, run_id):
         if not earlier:
-            own = config.flat_params() if params is None else params
+            own = config.params() if params is None else params
             tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
+            tracking.log_config(client, run_id, config.model_dump_json(indent=2))
             digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
             client.set_tag(run_id, "fitflow.dataset_digest", digest)
         if flow_run.id and not parent_run_id:

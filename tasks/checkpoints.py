@@ -87,7 +87,7 @@ def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback
     for name, callback in stateful.items():
         if name not in saved["callbacks"]:
             raise TrainingError(f"the checkpoint has no state for '{name}': it was written with another config; "
-                                "resume with the run's own config (fitflow train --resume <run id>)")
+                                "resume with the run's own config (fitflow resume <run id>)")
         callback.load_state_dict(saved["callbacks"][name])
     state.epoch, state.stop, state.logs = saved["epoch"], saved["stop"], dict(saved["logs"])
     state.history[:] = [dict(logs) for logs in saved["history"]]

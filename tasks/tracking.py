@@ -1,7 +1,8 @@
 """MLflow tracking: one run per training, addressed by its run id (no thread-local active run).
 
-Everything goes through an explicit `MlflowClient` and `run_id`, so it works the same from
-Prefect's worker threads, other processes and notebooks (GUIDE.md section 3).
+Everything goes through an explicit `MlflowClient` and `run_id`: MLflow's fluent API keeps the
+active run in a thread-local stack, which Prefect's worker threads, other processes and
+notebooks do not share, so an explicit run id is the one address that works from all of them.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
+from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flows.runtime import redact_text, redact_uri
 from tasks import metrics_journal
 from tasks.callbacks import Callback, FitState
 from tasks.errors import ConfigError, TrackingError
+from tasks.redaction import redact_text, redact_uri
 
 log = logging.getLogger("fitflow")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -39,7 +41,7 @@ def prepare_store(uri: str) -> None:
     A tracking server is asked one cheap question with a short timeout: MLflow's client would
     otherwise retry for minutes before failing. A local sqlite store is created or migrated
     under a file lock: several processes opening a fresh one at once race in MLflow's
-    migrations and crash (GUIDE.md 2.1); the first through the lock migrates.
+    migrations and crash; the first through the lock migrates.
     """
     if uri.startswith(("http://", "https://")):
         check_server(uri)
@@ -135,6 +137,23 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[start : start + 100])
 
 
+CONFIG_ARTIFACT = "config.json"
+
+
+def log_config(client: MlflowClient, run_id: str, config_json: str) -> None:
+    """The run's validated config, whole, as the artifact `config.json`: what resume reads back."""
+    client.log_text(run_id, config_json, CONFIG_ARTIFACT)
+
+
+def logged_config(client: MlflowClient, run_id: str) -> str | None:
+    """The text of the run's `config.json`, or None when the run has none."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            return Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)).read_text(encoding="utf-8")
+        except (MlflowException, OSError):
+            return None
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
@@ -145,7 +164,10 @@ def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: 
     """Log the raw table as the run's input (`context`: training, or prediction); returns its digest."""
     dataset = _pandas_dataset(table, source, target, name)
     tags = [InputTag(key="mlflow.data.context", value=context)]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+    fields = dataset.to_dict()  # public; the run's dataset entity is made of these fields
+    entity = DatasetEntity(name=fields["name"], digest=fields["digest"], source_type=fields["source_type"],
+                           source=fields["source"], schema=fields.get("schema"), profile=fields.get("profile"))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
     return dataset.digest
 
 
@@ -271,7 +293,7 @@ def log_pyfunc_model(
             code_paths=_code_paths(spec),
             signature=signature,
             input_example=example,
-            pip_requirements=_requirements(),  # skips the 8-11 s requirement inference (GUIDE.md 6)
+            pip_requirements=_requirements(),  # skips MLflow's requirement inference, 8-11 s
         )
     return info.model_uri
 

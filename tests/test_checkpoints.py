@@ -1,7 +1,7 @@
 """Epoch checkpoints: exact resume of the plain training step, and damaged or foreign files.
 
 Real torch, no Prefect, no MLflow. The killed-process version (SIGKILL of `fitflow train`, then
-`--resume`) is tests/test_resume.py.
+`fitflow resume`) is tests/test_resume.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from flows.config import TrainConfig
-from flows.steps import Run, build_loaders, prep_spec, train_model
+from tasks.config import TrainConfig
+from tasks.trainer import Run, build_loaders, prep_spec, train_model
 from tasks.callbacks import Callback
 from tasks.checkpoints import checkpoint_files, load_checkpoint, rng_state, set_rng_state
 from tasks.data import load_table, prepare

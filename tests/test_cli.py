@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from flows.config import TrainConfig, load_config
+from tasks.config import Launch, TrainConfig, load_config
 from tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,10 +91,15 @@ def test_yaml_file_and_flag_overrides(tmp_path):
 def test_every_config_field_is_a_flag():
     from flows.cli import build_parser
 
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
-    flags = {opt for action in train._actions for opt in action.option_strings}
-    for name in TrainConfig.model_fields:
-        assert "--" + name.replace("_", "-") in flags
+    def flags(command: str) -> set[str]:
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        options = {opt for action in parser._actions for opt in action.option_strings}
+        return {opt for opt in options if not opt.startswith("--no-")} - {"-h", "--help", "--config"}
+
+    as_flags = lambda names: {"--" + name.replace("_", "-") for name in names}  # noqa: E731
+    assert flags("train") == as_flags(TrainConfig.flat_fields())
+    # resume: the run's own hyperparameters; only where and how this machine runs it can change
+    assert flags("resume") == as_flags(Launch.model_fields)
 
 
 def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):

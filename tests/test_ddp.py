@@ -14,15 +14,15 @@ import torch
 from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
-from flows.config import TrainConfig, load_config
-from flows.runtime import fitflow_home
-from flows.steps import build_loaders, prep_spec, task_metrics, train_model
+from tasks.config import TrainConfig, load_config
+from flows.environment import fitflow_home
 from tasks.compile import make_loss
 from tasks.data import load_table, prepare
-from tasks.distributed import launch, processes_per_node
+from tasks.distributed import launch, processes_per_node, train_distributed
 from tasks.errors import ConfigError, TrainingError
 from tasks.loaders import make_loader
 from tasks.models import build_model, model_spec
+from tasks.trainer import build_loaders, prep_spec, task_metrics, train_model
 from tasks.training import evaluate
 
 # 400 rows -> 280 train / 60 val / 60 test. Global batch 40: 7 full steps, each split 20 + 20, so
@@ -67,7 +67,7 @@ def test_ddp_settings_are_checked_with_one_line():
         launch(TrainConfig(strategy="ddp", devices=2, batch_size=33, device="cpu"), job=None)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="give a count of CPU processes"):
-            processes_per_node(TrainConfig(strategy="ddp"))
+            processes_per_node(TrainConfig(strategy="ddp").launch)
 
 
 def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlflow_uri):
@@ -101,7 +101,9 @@ def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlfl
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([result.experiment_id])
     assert [run.info.run_id for run in runs] == [result.run_id]
-    assert runs[0].data.params["strategy"] == "ddp" and runs[0].data.params["devices"] == "2"
+    tags = runs[0].data.tags  # launch settings are tags, apart from the hyperparameters
+    assert tags["fitflow.launch.strategy"] == "ddp" and tags["fitflow.launch.devices"] == "2"
+    assert "strategy" not in runs[0].data.params
     for name in ("train_loss", "val_loss", "val_auroc", "lr"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1, 2, 3, 4], name
 
@@ -123,5 +125,5 @@ def test_a_failing_rank_fails_the_task_with_its_error_and_leaves_no_process(csv)
                          model_kwargs={"rank": 1, "step": 2}, **{k: v for k, v in SETTINGS.items() if k != "hidden_sizes"})
     prepared = prepare(load_table(csv), prep_spec(config))
     with pytest.raises(TrainingError, match=r"^DDP rank 1 failed: ValueError: rank 1 cannot go on$"):
-        train_model(config, prepared, build_loaders(config, prepared), progress=False)
+        train_distributed(config, prepared, progress=False)
     assert _spawned_children() == []

@@ -23,7 +23,7 @@ from prefect.states import Cancelling
 
 from flows.deployments import GPU_POOL, GPU_TAG, deployment_specs
 from flows.train import train
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from tasks.errors import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,11 +110,11 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
         time.sleep(3)
         assert len(client.get_metric_history(run_id, "val_loss")) == epochs  # training has stopped
         kept = list((Path(server_env["FITFLOW_HOME"]) / "checkpoints" / run_id).glob("epoch-*.pt"))
-        assert kept  # what `fitflow train --resume <run id>` continues from
+        assert kept  # what `fitflow resume <run id>` continues from
 
         # A flow-run process SIGKILLed while it trains (the OOM killer, a lost node): no code of
         # its own runs; serve's runner marks it Crashed and the flow's on_crashed hook closes the
-        # MLflow run FAILED. `--resume` then continues the same run to the end.
+        # MLflow run FAILED. `fitflow resume` then continues the same run to the end.
         crashed = run_deployment("train/default", parameters={"epochs": 300, "patience": 0, "experiment": "crashed"},
                                  timeout=0)
         run_id = _wait_for_epochs(client, "crashed", at_least=2)
@@ -132,7 +132,7 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and "ended Crashed" in run.data.tags.get("fitflow.closed_by", ""), (
             run.info.status, run.data.tags, (tmp_path / "serve.log").read_text()[-4000:])
-        resumed = _cli(str(BIN / "fitflow"), "train", "--resume", run_id, env=server_env)
+        resumed = _cli(str(BIN / "fitflow"), "resume", run_id, env=server_env)
         assert resumed.returncode == 0 and f"MLflow run: {run_id}" in resumed.stdout, resumed.stderr[-3000:]
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == list(range(1, 301))
         assert client.get_run(run_id).info.status == "FINISHED"

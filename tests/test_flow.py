@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.train import train
 from tasks import tracking
 from tasks.data import load_table
@@ -42,8 +42,12 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # params: the whole config plus dataset facts (`resume` names another run, it is not a setting)
-    assert set(TrainConfig.model_fields) - set(run.data.params) == {"resume"}
+    # params: the hyperparameters plus dataset facts; launch settings are tags; config.json the whole config
+    config = TrainConfig(experiment="e2e")
+    assert {k for k in run.data.params if not k.startswith("data.")} == set(config.params())
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("fitflow.launch.")} == config.launch_tags()
+    logged = client.download_artifacts(result.run_id, "config.json", str(tmp_path))
+    assert TrainConfig.model_validate_json(Path(logged).read_text()) == config
     assert run.data.params["epochs"] == "30" and run.data.params["hidden_sizes"] == "[64, 32]"
     rows = [int(run.data.params[f"data.rows_{split}"]) for split in ("train", "val", "test")]
     assert sum(rows) == 569 and rows[1] == rows[2] == 86 and run.data.params["data.n_classes"] == "2"

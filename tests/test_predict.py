@@ -12,9 +12,9 @@ from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.predict import PredictConfig, predict
-from flows.steps import prep_spec
+from tasks.trainer import prep_spec
 from flows.train import train
 from tasks.data import load_table, prepare, split_rows
 from tasks.models import build_model, model_spec

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from prefect.utilities.callables import parameter_schema
 
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.train import train_flow
 
 
 def test_parameter_schema_is_a_usable_ui_form():
     """Every config field is a flat flow parameter with its description, default, bounds, choices."""
     fields = parameter_schema(train_flow.fn).model_dump()["properties"]
-    assert list(fields) == list(TrainConfig.model_fields)
+    assert list(fields) == [*TrainConfig.flat_fields(), "resume"]
     assert all(field.get("description") for field in fields.values())
     assert fields["optimizer"]["enum"] == ["adam", "adamw", "sgd"]
     assert fields["epochs"]["minimum"] == 1 and fields["epochs"]["default"] == 30
@@ -24,7 +24,7 @@ def test_flow_and_task_names():
     assert train_flow.name == "train"
     from flows import steps
 
-    names = {t.name for t in (steps.load_table_task, steps.prepare_task, steps.make_loaders_task,
-                              steps.train_model_task, steps.test_model_task)}
-    assert names == {"load_table", "prepare", "make_loaders", "train_model", "test_model"}
+    names = {t.name for t in (steps.load_table_task, steps.prepare_task, steps.build_loaders_task,
+                              steps.train_model_task, steps.evaluate_on_test_task)}
+    assert names == {"load_table", "prepare", "build_loaders", "train_model", "evaluate_on_test"}
     assert steps.load_table_task.retries == 2

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.train import train
 from tasks.data import load_table
 

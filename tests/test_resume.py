@@ -1,4 +1,4 @@
-"""Crash recovery of the real `train` flow: a SIGKILLed `fitflow train` process, then `--resume`;
+"""Crash recovery of the real `train` flow: a SIGKILLed `fitflow train` process, then `fitflow resume`;
 and a training task that crashes and is retried by Prefect. Each ends with the weights, bit for
 bit, and the metric steps, exactly once each, of a run that was never interrupted."""
 
@@ -18,8 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from flows.config import TrainConfig
-from flows.runtime import fitflow_home
+from tasks.config import TrainConfig
+from flows.environment import fitflow_home
 from flows.train import train
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -89,7 +89,7 @@ def test_sigkilled_training_process_resumes_to_bit_identical_weights(table, mlfl
     assert client.get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves behind
 
     capsys.readouterr()
-    assert main(["train", "--resume", run_id]) == 0
+    assert main(["resume", run_id]) == 0
     out = capsys.readouterr().out
     assert f"MLflow run: {run_id}" in out  # the same run, continued
     assert client.get_run(run_id).data.tags["fitflow.attempt"] == "2"
@@ -113,11 +113,18 @@ def test_resume_refuses_what_it_cannot_continue(table, mlflow_uri, capsys):
     finished = train(_config(table, epochs=1))
     capsys.readouterr()
     for argv, message in [
-        (["train", "--resume", finished.run_id], "has already finished; there is nothing to resume"),
-        (["train", "--resume", "0" * 32], "there is no MLflow run 00000000000000000000000000000000"),
-        (["train", "--resume", finished.run_id, "--lr", "0.1"], "with the config it was started with; drop --lr"),
-        (["train", "--resume", "not-a-run-id"], "invalid config value for 'resume'"),
+        (["resume", finished.run_id], "has already finished; there is nothing to resume"),
+        (["resume", "0" * 32], "there is no MLflow run 00000000000000000000000000000000"),
+        (["resume", "not-a-run-id"], "not an MLflow run id: 'not-a-run-id'"),
+        (["resume", finished.run_id, "--device", "cuda:x"], "invalid config value for 'device'"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+    # hyperparameters are the run's own: a flag for one is refused with one line, and exit 2
+    with pytest.raises(SystemExit) as refused:
+        main(["resume", finished.run_id, "--lr", "0.1"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unrecognized arguments: --lr 0.1; resume continues a run with the hyperparameters" in err, err
+    assert len(err.splitlines()) == 1

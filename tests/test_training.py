@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flows.config import TrainConfig
-from flows.steps import build_loaders, prep_spec, train_model
+from tasks.config import TrainConfig
+from tasks.trainer import build_loaders, prep_spec, train_model
 from tasks.callbacks import BestWeights, Callback, EarlyStopping, Monitor
 from tasks.data import load_table, prepare
 from tasks.errors import ConfigError, TrainingError
@@ -137,7 +137,7 @@ def test_callbacks_see_every_epoch(breast_cancer):
             self.epochs.append(state.epoch)
 
     from tasks.training import fit
-    from flows.steps import task_metrics
+    from tasks.trainer import task_metrics
     from tasks.compile import make_loss, make_optimizer
 
     loaders = build_loaders(config, prepared)

@@ -1,0 +1,311 @@
+"""TrainConfig: the single source of truth for a training run.
+
+Two models: `TrainConfig` holds what defines the model and its training (the hyperparameters:
+data, model, optimisation, callbacks, tracking); `Launch` holds where and how this machine runs
+it (device, threads, loader workers, DDP topology, retries, checkpoints kept), which may differ
+between machines and between a run and its resumption. A TrainConfig carries its Launch as
+`config.launch`.
+
+Every field of both is one flat name on every surface: the CLI flags (`fitflow train
+--batch-size 128 --device cpu`), the YAML file (`batch_size: 128`), the Prefect UI form (the
+flow's parameters, with these descriptions, bounds and choices). In MLflow the hyperparameters
+are params (for display and comparison), the launch settings tags (`fitflow.launch.<name>`),
+and the whole validated config is the run's `config.json` artifact, which resume reads back.
+This module imports only pydantic so that `fitflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from tasks.errors import ConfigError
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Launch(BaseModel):
+    """Where and how one machine runs a training run: nothing here changes what a correct run learns."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
+    num_threads: int = Field(
+        1, ge=0, le=1024,
+        description="CPU threads for torch (0: torch's default, one per core); 1 avoids oversubscribing shared cores.",
+    )
+    num_workers: int = Field(0, ge=0, le=64, description="Loader worker processes (0: gather in the main process, fastest for in-memory data).")
+    # DDP (docs/scaling.md): `batch_size` stays the global batch, split evenly over the processes.
+    strategy: Literal["single", "ddp"] = Field(
+        "single", description="single: one process; ddp: DistributedDataParallel, one process per device (NCCL on GPUs, gloo on CPU)."
+    )
+    devices: int | Literal["auto"] = Field(
+        "auto", description="Processes per machine under ddp: a count, or auto = every visible GPU (on CPU give a count)."
+    )
+    num_nodes: int = Field(1, ge=1, le=1024, description="Machines taking part in a ddp run.")
+    node_rank: int = Field(0, ge=0, description="This machine's index under ddp; machine 0 logs to MLflow and returns the model.")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[\w.\-\[\]:]+:\d+$",
+        description="host:port of machine 0, where the ddp machines meet (torchrun's --master-addr:--master-port); "
+        "empty: a free local port (one machine).",
+    )
+    retries: int = Field(
+        1, ge=0, le=10,
+        description="Retries of the training step after a crash (not after bad input); each resumes from the last epoch checkpoint.",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=10_000, description="Epoch checkpoints kept per run (the newest); a killed run resumes from the newest."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+            raise ValueError("use auto, cpu, mps, cuda or cuda:N")
+        return device
+
+    @model_validator(mode="after")
+    def _ddp_settings_fit_together(self) -> Launch:
+        if self.strategy == "single" and (self.devices not in ("auto", 1) or self.num_nodes > 1):
+            raise ValueError("devices > 1 and num_nodes > 1 need strategy ddp")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError("devices must be a count >= 1, or auto")
+        if self.node_rank >= self.num_nodes:
+            raise ValueError(f"node_rank must be below num_nodes ({self.num_nodes})")
+        if self.num_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("several machines need rdzv_endpoint (host:port of machine 0) to meet")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; every field has a default but `data`/`target` pair."""
+
+    # allow_inf_nan=False: an inf min_delta or grad_clip would pass every bound and silently do nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    # --- data -------------------------------------------------------------------------
+    data: str = Field(
+        "breast_cancer",
+        description="CSV or Parquet file, or the name of a dataset shipped in data/ (breast_cancer).",
+        min_length=1,
+    )
+    target: str = Field("diagnosis", description="Column to predict.", min_length=1)
+    validation_data: str | None = Field(
+        None,
+        description="Optional CSV/Parquet used as the validation split (like Keras' validation_data); "
+        "then only the test split is cut from `data`.",
+    )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: strings, booleans and integers with few values are classification."
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for the final test.")
+    max_categories: int = Field(
+        50, ge=1, le=10_000, description="One-hot columns per categorical feature; rarer values share one."
+    )
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds the split, the weights and the batch order (same seed, same run).")
+
+    # --- optimisation (Keras' compile) ----------------------------------------------------
+    epochs: int = Field(30, ge=1, le=100_000, description="Maximum number of passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=1_048_576, description="Rows per training step.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
+    scheduler: Literal["none", "cosine", "step", "plateau"] = Field(
+        "none", description="Learning-rate schedule: cosine over all epochs, step decay, or reduce on plateau."
+    )
+    scheduler_step_size: int = Field(10, ge=1, description="Epochs between decays (step).")
+    scheduler_gamma: float = Field(0.1, gt=0, le=1, description="Decay factor (step, plateau).")
+    loss: Literal["auto", "cross_entropy", "mse", "huber", "l1"] = Field(
+        "auto", description="auto: cross_entropy for classification, mse for regression."
+    )
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value (off when empty).")
+
+    # --- model ----------------------------------------------------------------------------
+    model: str = Field(
+        "mlp",
+        description="'mlp', or your nn.Module as 'package.module:Class'; it is called with "
+        "in_features=, out_features= and model_kwargs.",
+    )
+    hidden_sizes: list[int] = Field([64, 32], description="Widths of the MLP's hidden layers.")
+    activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = Field("relu", description="MLP activation.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    batch_norm: bool = Field(False, description="BatchNorm after each hidden linear layer.")
+    model_kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments for a custom model class.")
+
+    # --- numerics -----------------------------------------------------------------------
+    precision: Literal["32", "bf16", "fp16"] = Field(
+        "32", description="Mixed precision on CUDA; ignored (with a log line) elsewhere."
+    )
+    torch_compile: bool = Field(
+        False, description="Compile the model with torch.compile: a compile cost up front, faster steps for larger models on GPUs."
+    )
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+
+    # --- callbacks ------------------------------------------------------------------------
+    monitor: str = Field("val_loss", description="Metric for early stopping and the best checkpoint, e.g. val_accuracy.")
+    patience: int = Field(5, ge=0, description="Epochs without improvement before stopping (0: never stop early).")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitored metric that counts as improvement.")
+
+    # --- tracking -------------------------------------------------------------------------
+    experiment: str = Field("fitflow", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: MLflow's generated name).")
+    register_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",  # the name goes into models:/<name>@<alias> URIs
+        description="Register the model under this name in the MLflow registry; alias 'champion' moves to it "
+        "only when it beats the current champion on the same test data, else it becomes 'challenger'.",
+    )
+
+    launch: Launch = Field(default_factory=Launch, description="Where and how this machine runs the training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _launch_from_flat_names(cls, values: Any) -> Any:
+        """The surfaces name every field flat (`device: cpu`); gather the launch settings into `launch`."""
+        if not isinstance(values, dict) or not values.keys() & Launch.model_fields.keys():
+            return values
+        values = dict(values)
+        nested = values.get("launch")
+        launch = dict(nested) if isinstance(nested, dict) else (nested.model_dump() if isinstance(nested, Launch) else {})
+        for name in Launch.model_fields.keys() & values.keys():
+            if name in launch:
+                raise ValueError(f"'{name}' is given twice, flat and under launch; give it once")
+            launch[name] = values.pop(name)
+        values["launch"] = launch
+        return values
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("every hidden size must be >= 1")
+        return sizes
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str) -> str:
+        if model != "mlp" and not _IMPORT_PATH.match(model):
+            raise ValueError("use 'mlp' or an import path like 'mypackage.nets:TabularNet'")
+        return model
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_name(cls, monitor: str) -> str:
+        if not re.fullmatch(r"(train|val)_[a-z0-9_]+", monitor):
+            raise ValueError("name a train_ or val_ metric, e.g. val_loss or val_accuracy")
+        return monitor
+
+    @model_validator(mode="after")
+    def _splits_leave_training_rows(self) -> TrainConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
+        return self
+
+    def params(self) -> dict[str, str]:
+        """The hyperparameters as MLflow params (strings; lists and dicts as JSON), for display and comparison."""
+        return {name: _param_text(value) for name, value in self.model_dump(mode="json", exclude={"launch"}).items()}
+
+    def launch_tags(self) -> dict[str, str]:
+        """The launch settings as MLflow tags: how this run ran, apart from what it learned."""
+        return {f"fitflow.launch.{name}": _param_text(value) for name, value in self.launch.model_dump(mode="json").items()}
+
+    def flat(self) -> dict[str, Any]:
+        """Every field under its flat name (the flow's parameters): hyperparameters, then launch settings."""
+        return {**self.model_dump(exclude={"launch"}), **self.launch.model_dump()}
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FieldInfo]:
+        """The flat names of every surface (CLI flags, YAML keys, flow parameters) and their fields."""
+        own = {name: field for name, field in cls.model_fields.items() if name != "launch"}
+        return {**own, **Launch.model_fields}
+
+
+def _param_text(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build a config from an optional YAML file plus overrides; bad input raises ConfigError."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    values.update(overrides)
+    try:
+        return TrainConfig.model_validate(values)  # not TrainConfig(**values): YAML keys may be numbers
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source=str(path) if path else None)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({_one_line(str(err).splitlines()[0])}); fix its syntax") from None
+    except ValueError as err:  # a scalar YAML cannot convert: a 5000-digit int, a date like 2024-13-01
+        raise ConfigError(f"config file {path} holds a value that cannot be read ({_one_line(str(err).split(';')[0], 120)}); fix it") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(values).__name__}")
+    return values
+
+
+def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """One line for the first problem: which field, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    loc = first["loc"][1:] if first["loc"][:1] == ("launch",) and len(first["loc"]) > 1 else first["loc"]
+    field = _one_line(".".join(str(part) for part in loc) or "config")  # the flat name the user wrote
+    where = f" in {_one_line(source, 200)}" if source else ""
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, TrainConfig.flat_fields(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; see `fitflow train --help` for the fields"
+        return f"unknown config field '{field}'{where}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {_one_line(_repr(got))})"
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"invalid config value for '{field}'{where}: {message}{got_text}{more}"
+
+
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr (Python's int_max_str_digits)
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """Unprintable characters escaped and long text cut, so that an error stays one readable line."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def as_flow_signature(return_annotation: Any = Any, extra: tuple[inspect.Parameter, ...] = ()) -> inspect.Signature:
+    """TrainConfig's flat fields (then `extra`) as keyword-only parameters, for a flow that takes them flat.
+
+    Prefect builds a deployment's parameter schema (the UI form, and what `prefect deployment
+    run --param epochs=3` validates) from the flow function's signature. Constraints travel
+    in the annotation (Annotated[int, Ge(1)]), descriptions in the default's FieldInfo.
+    """
+    parameters = []
+    for name, field in TrainConfig.flat_fields().items():
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        parameters.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+            default=Field(field.default, description=field.description),
+        ))
+    return inspect.Signature([*parameters, *extra], return_annotation=return_annotation)

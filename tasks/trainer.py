@@ -1,0 +1,162 @@
+"""The trainer assembly: from a TrainConfig to a trained model, in one plain function.
+
+`train_model` builds the model, optimizer, schedule and callbacks and runs `fit`. It is the
+one assembly: the flow's task calls it, tests and notebooks call it, and each DDP rank calls
+it with its `Rank` (tasks/ddp.py), which adds only the lines marked "DDP". No Prefect here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+from tasks.callbacks import Callback, Progress, deciding_callbacks
+from tasks.checkpoints import Checkpoints
+from tasks.compile import make_loss, make_optimizer, make_scheduler
+from tasks.config import TrainConfig
+from tasks.data import PrepSpec, Prepared
+from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
+from tasks.device import resident_device, resolve_device, set_cpu_threads
+from tasks.errors import ConfigError
+from tasks.loaders import Loaders, make_loaders
+from tasks.metrics import TaskMetrics, metric_names
+from tasks.models import build_model, model_spec
+from tasks.training import History, evaluate, fit, seed_everything
+
+log = logging.getLogger("fitflow")
+
+
+@dataclass
+class Run:
+    """The MLflow run a training run writes to, passed explicitly to every step.
+
+    `client` None: checkpoints only, nothing logged (notebooks, tests, DDP ranks other than 0).
+    """
+
+    client: MlflowClient | None
+    run_id: str
+    experiment_id: str
+    checkpoint_dir: Path
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    spec: dict
+    history: History
+    best_epoch: int
+    checkpoint: Path | None
+
+
+def prep_spec(config: TrainConfig) -> PrepSpec:
+    return PrepSpec(
+        target=config.target, task=config.task, val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction, max_categories=config.max_categories, seed=config.seed,
+    )
+
+
+def task_metrics(prepared: Prepared) -> TaskMetrics:
+    p = prepared.preprocessor
+    return TaskMetrics(p.task, len(p.classes or []), p.target_mean, p.target_std)
+
+
+def spec_of_model(config: TrainConfig, prepared: Prepared) -> dict:
+    """What `build_model` needs: the class, its input and output widths, its keyword arguments."""
+    p = prepared.preprocessor
+    kwargs = (config.model_kwargs if config.model != "mlp" else
+              {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
+               "dropout": config.dropout, "batch_norm": config.batch_norm})
+    return model_spec(config.model, p.n_features, len(p.classes) if p.classes else 1, kwargs)
+
+
+def build_loaders(config: TrainConfig, prepared: Prepared, rank: Rank | None = None) -> Loaders:
+    """On a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously.
+
+    Under ddp the launching process only tests the returned model, so its loaders stay on the
+    CPU (no CUDA before the ranks start); each rank builds its own shard with its `rank`.
+    """
+    launch = config.launch
+    if rank is not None:
+        device = rank.device
+    else:
+        device = resolve_device(launch.device) if launch.strategy == "single" else torch.device("cpu")
+    splits = (prepared.train, prepared.val, prepared.test)
+    resident = resident_device(sum(s.features.nbytes + s.targets.nbytes for s in splits), device)
+    shard = {"rank": rank.rank, "world_size": rank.world_size} if rank is not None else {}
+    return make_loaders(prepared, config.batch_size, config.drop_last, launch.num_workers,
+                        pin_memory=device.type == "cuda" and resident is None, seed=config.seed, device=resident,
+                        **shard)
+
+
+def check_monitor(config: TrainConfig, prepared: Prepared) -> None:
+    task_name = prepared.preprocessor.task
+    known = metric_names(task_name, "train") + metric_names(task_name, "val")
+    if config.monitor not in known:
+        raise ConfigError(f"monitor '{config.monitor}' is not logged for {task_name}; use one of {', '.join(known)}")
+
+
+def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
+                extra_callbacks: Sequence[Callback] = (), progress: bool = True, rank: Rank | None = None) -> Trained:
+    """Compile (optimizer, loss, schedule) and fit with the default callbacks, then `extra_callbacks`.
+
+    `progress=False` drops the per-epoch progress (a sweep trains several models at once).
+    `rank`: this process is one rank of a DDP run (tasks/distributed.py starts them).
+    """
+    check_monitor(config, prepared)
+    writes = rank is None or rank.writes  # DDP: rank 0 alone prints, checkpoints and logs
+    device = rank.device if rank is not None else resolve_device(config.launch.device)
+    set_cpu_threads(config.launch.num_threads)
+    seed_everything(config.seed)  # before the model exists: the seed fixes its initial weights
+    spec = spec_of_model(config, prepared)
+    model = build_model(spec).to(device)  # before the optimizer: it must hold the parameters that will be trained
+    if config.torch_compile:
+        model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
+    trainee = rank.replicate(model) if rank is not None else model  # DDP: gradients averaged in backward
+    optimizer = make_optimizer(config.optimizer, trainee.parameters(), config.lr, config.weight_decay, config.momentum)
+    scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
+    best_path = run.checkpoint_dir / "best.pt" if run is not None and writes else None
+    stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path)
+    # Order: the epoch's logs are complete (DDP: the global train loss) before anything reads them;
+    # progress prints the epoch first; the best weights are kept before anything may stop the run;
+    # the checkpoint holds the epoch after every callback with state has seen it; the caller's
+    # callbacks see an epoch that is already logged and checkpointed.
+    callbacks: list[Callback] = []
+    if rank is not None:
+        callbacks.append(GlobalTrainLoss(loaders.train.sampler.rows_per_epoch()))  # DDP
+    if progress and writes:
+        callbacks.append(Progress())
+    callbacks.extend(stateful.values())
+    if run is not None:  # resumes from the newest epoch checkpoint when there is one (a retry, `fitflow resume`)
+        checkpoints = Checkpoints(run.checkpoint_dir, stateful, config.launch.keep_checkpoints, run.run_id)
+        callbacks.append(rank.checkpoints(checkpoints) if rank is not None else checkpoints)  # DDP: rank 0 writes
+    if rank is not None:
+        callbacks.append(RankSeed(config.seed, rank.rank))  # DDP: after the checkpoint restored the generators
+    if run is not None and run.client is not None and writes:
+        callbacks.append(tracking.MlflowMetrics(run.client, run.run_id, run.checkpoint_dir))
+    if writes:
+        callbacks.extend(extra_callbacks)
+    if rank is not None:
+        callbacks.append(AgreeToStop())  # DDP: last, a stop set on any rank stops every rank
+    if writes:
+        log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
+    history = fit(
+        trainee, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
+        loss_fn=make_loss(config.loss, prepared.preprocessor.task), metrics=task_metrics(prepared), device=device,
+        callbacks=callbacks, precision=config.precision, grad_clip=config.grad_clip,
+    )
+    best = stateful["best_weights"]
+    return Trained(model, spec, history, best.monitor.best_epoch,
+                   best_path if best_path is not None and best_path.exists() else None)
+
+
+def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained) -> dict[str, float]:
+    """Test-split metrics of the best weights."""
+    device = next(trained.model.parameters()).device
+    loss_fn = make_loss(config.loss, prepared.preprocessor.task)
+    return evaluate(trained.model, loaders.test, loss_fn, task_metrics(prepared), device, "test")
