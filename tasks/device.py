@@ -44,9 +44,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def set_cpu_threads(threads: int) -> None:
     """torch's intra-op threads for this process; 0 keeps torch's default (one per core).
 
-    Measured here (GUIDE.md 6, benchmarks/): a second thread gives nothing to a small MLP, and
-    when other processes share the cores, two spinning OpenMP threads collapse (10-25x slower
-    epochs in this session's runs), so fitflow's default is 1.
+    One thread is fitflow's default: on a small MLP a second thread gains nothing (benchmarks/),
+    and when other processes share the cores, two spinning OpenMP threads make epochs 10-25x
+    slower.
     """
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -1,8 +1,8 @@
 """Loaders for in-memory tabular tensors: one gather per batch.
 
 The textbook `DataLoader(TensorDataset(x, y), shuffle=True)` fetches rows one by one and
-collates them: measured here 20-70x slower than one `index_select` per batch, and 2.3x slower
-for a whole small-MLP epoch (GUIDE.md section 6). `BatchLoader` shuffles with `randperm` and
+collates them: 20-70x slower here than one `index_select` per batch, and 2.3x slower for a
+whole small-MLP epoch (benchmarks/). `BatchLoader` shuffles with `randperm` and
 gathers each batch with `index_select`; with `num_workers > 0` the same gathers run in
 DataLoader workers (a dataset whose items are whole batches), with `pin_memory` on CUDA.
 On a GPU with room for the data, the tensors live on the GPU and batches are gathered there:
