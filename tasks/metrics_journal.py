@@ -9,9 +9,9 @@ While the server is unreachable the sender retries with backoff (0.5 s doubling 
 try is a single HTTP request with a 10 s timeout: MLflow's client would retry one call for about
 four minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, backoff factor 2), and it reads that policy only
 from process-wide environment variables (mlflow#5744), which would change it for every other
-MLflow call of the process too. So the sender posts through `http_request`, the function
-MLflow's own REST store uses, with retries off for this one call. The cursor is advanced only
-after the server accepted a batch, under a file lock that `fitflow upload-metrics` takes too:
+MLflow call of the process too. So the sender posts through the function MLflow's own REST
+store uses, with retries off for this one call (tasks/mlflow_private.py). The cursor is advanced
+only after the server accepted a batch, under a file lock that `fitflow upload-metrics` takes too:
 nothing is skipped, and nothing is sent twice. The one window left, a crash between the server's
 answer and the cursor's update, resends a batch that is harmless: the journal keeps each value's
 timestamp, and MLflow's SQL stores drop a metric identical in key, step, timestamp and value
@@ -39,10 +39,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from tasks.errors import TrackingError
+from tasks.mlflow_private import log_batch_once
 
 REQUEST_TIMEOUT_S = 10  # one delivery try against a server that accepts connections but does not answer
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 
 
 class MetricsKeptLocally(TrackingError):
@@ -138,20 +138,7 @@ def sender(client: MlflowClient, run_id: str) -> Callable[[list[Metric]], None]:
     uri = client.tracking_uri
     if not uri.startswith(("http://", "https://")):
         return lambda metrics: client.log_batch(run_id, metrics=metrics)  # a local store: no HTTP retries
-    from mlflow.protos.service_pb2 import LogBatch
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.proto_json_utils import message_to_json
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-    creds = get_default_host_creds(uri)  # the same credentials (MLFLOW_TRACKING_USERNAME, ...) as MlflowClient
-
-    def send(metrics: list[Metric]) -> None:
-        body = json.loads(message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics])))
-        response = http_request(creds, LOG_BATCH, "POST", max_retries=0, backoff_factor=0,
-                                timeout=REQUEST_TIMEOUT_S, json=body)
-        verify_rest_response(response, LOG_BATCH)
-
-    return send
+    return log_batch_once(uri, run_id, REQUEST_TIMEOUT_S)
 
 
 class Delivery:
