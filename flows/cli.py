@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import typing
 from typing import Any, NoReturn
@@ -18,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from flows.cli_compare import add_commands as add_compare_commands
 from flows.cli_predict import add_command as add_predict_command
-from tasks.config import Launch, TrainConfig, load_config
+from tasks.config import Launch, TrainConfig, check_run_id, load_config
 from tasks.errors import ConfigError, FitflowError, TrackingError
 
 EXIT_USAGE = 2
@@ -130,8 +129,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    if not re.fullmatch(r"[0-9a-f]{32}", args.run_id):
-        raise ConfigError(f"not an MLflow run id: {args.run_id!r} (32 hex digits, as `fitflow runs` lists them)")
+    check_run_id(args.run_id)
     launch = {name: getattr(args, name) for name in Launch.model_fields if hasattr(args, name)}
     return _run_train_flow(load_config(None, **launch), resume=args.run_id)
 
@@ -237,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        hint = ("; resume continues a run with the hyperparameters it was started with, only launch settings "
-                "may be given" if args.command == "resume" else "")
+        hint = ""
+        if args.command == "resume":
+            hint = "; resume continues a run with the hyperparameters it was started with, only launch settings may be given"
+        elif "--resume" in unknown:
+            hint = "; continue a run with `fitflow resume RUN_ID`"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return args.handler(args)

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
-from tasks.config import TrainConfig, as_flow_signature, describe_validation_error
+from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from flows.doctor import close_runs_of_flow_run
 from flows.registry import register_model_task
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
@@ -71,7 +71,7 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     log.setLevel(logging.INFO)  # the per-epoch lines are the run's log, also under workers and serve
     config = config_from_parameters(fields)
     if resume:  # continue that run, with the config it was started with (flows/resume.py)
-        config = config_of_run(resume, config.launch)
+        config = config_of_run(check_run_id(resume), config.launch)
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
     prepared = prepare_task(table, prep_spec(config), validation)
@@ -104,14 +104,17 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
 # `flows/train.py:<function name>`, and it must load this Flow (name, hooks), not the bare function.
 # `resume` is an action, not a setting of the run, so it is the flow's own parameter beside the config's.
 RESUME_PARAMETER = inspect.Parameter(
-    "resume", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str | None, StringConstraints(pattern=r"^[0-9a-f]{32}$")],
+    "resume", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str | None, StringConstraints(pattern=RUN_ID_PATTERN)],
     default=Field(None, description="MLflow run id to continue from its last epoch checkpoint, with that run's own "
                   "config; of the fields here only the launch settings (device, threads, workers, ...) apply."),
 )
 train_flow.__signature__ = as_flow_signature(TrainResult, extra=(RESUME_PARAMETER,))
+# validate_parameters=False: the parameters are validated once, as a TrainConfig, by
+# config_from_parameters (one readable line per problem); the UI form and a deployment's
+# enforce_parameter_schema check them against the same schema before a run is created.
 train_flow = flow(
     name="train", description="Train a PyTorch model on a table and track it in MLflow.",
-    on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run],
+    on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run], validate_parameters=False,
 )(train_flow)
 
 

@@ -28,6 +28,13 @@ from pydantic.fields import FieldInfo
 from tasks.errors import ConfigError
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # an MLflow run id, as `fitflow runs` lists them
+
+
+def check_run_id(run_id: str) -> str:
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ConfigError(f"not an MLflow run id: {_one_line(repr(run_id))} (32 hex digits, as `fitflow runs` lists them)")
+    return run_id
 
 
 class Launch(BaseModel):

@@ -128,3 +128,7 @@ def test_resume_refuses_what_it_cannot_continue(table, mlflow_uri, capsys):
     err = capsys.readouterr().err.strip()
     assert "unrecognized arguments: --lr 0.1; resume continues a run with the hyperparameters" in err, err
     assert len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as moved:  # resume was a flag of train: say where it went
+        main(["train", "--resume", finished.run_id])
+    assert moved.value.code == 2
+    assert "; continue a run with `fitflow resume RUN_ID`" in capsys.readouterr().err
