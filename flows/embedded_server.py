@@ -25,8 +25,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
+from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
 from tasks.errors import ServerError
 
 T = TypeVar("T")
@@ -44,7 +46,7 @@ def prefect_server_starting() -> Iterator[RunOnServer]:
     if os.environ.get("PREFECT_API_URL"):
         yield lambda fn, *args: fn(*args)
         return
-    from flows.runtime import migrate_embedded_prefect_database
+    from flows.prefect_database import migrate_embedded_prefect_database
 
     migrate_embedded_prefect_database()  # before any server opens the database (several commands may start at once)
     server = _EmbeddedServer()
@@ -91,11 +93,11 @@ class _EmbeddedServer:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.api_url = f"http://127.0.0.1:{port}/api"
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", **EPHEMERAL_SERVER_ENV,
                **get_current_settings().to_environment_variables(exclude_unset=True)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory",
+             SERVER_APP_FACTORY, "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL,
         )
@@ -134,12 +136,12 @@ def _healthy(api_url: str) -> bool:
 def _without_heartbeats(api_url: str, fn: Callable[..., T], *args: Any) -> T:
     """Run on the server at `api_url`, without flow-run heartbeats: nothing watches them on a
     server that dies with this process, and ending the heartbeat thread costs each flow about
-    1 s of pure waiting (GUIDE.md section 6)."""
-    from prefect.logging.handlers import APILogWorker
+    1 s of pure waiting."""
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         try:
             return fn(*args)
         finally:
-            APILogWorker.drain_all(timeout=5)  # the run's last log lines, before their server goes
+            APILogHandler().flush()  # the run's last log lines (5 s at most), before their server goes
