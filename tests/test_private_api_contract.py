@@ -1,0 +1,117 @@
+"""The Prefect and MLflow private APIs fitflow uses, pinned: an upgrade that removes, renames or
+changes one fails here rather than in a user's run. Each is named, with why no public API
+serves, in flows/prefect_private.py or tasks/mlflow_private.py, and nowhere else."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import typing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric
+
+from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
+from tasks.mlflow_private import LOG_BATCH, log_batch_once
+
+REPO = Path(__file__).resolve().parents[1]
+PRIVATE_MODULES = {"flows/prefect_private.py", "tasks/mlflow_private.py"}
+INTERNALS = ("prefect.server", "mlflow.utils", "mlflow.protos", "mlflow.store", "PREFECT__")
+# in a string: code or a module path that names an internal module, or a private Prefect setting
+CODE_NAMING_INTERNALS = re.compile(r"(?:^|import |from )((?:prefect\.server|mlflow\.(?:utils|protos|store))[\w.]*"
+                                   r"|PREFECT__\w+)", re.M)
+
+
+def test_the_server_app_factory_takes_no_arguments_and_reads_its_switches_from_the_environment():
+    module, _, name = SERVER_APP_FACTORY.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    parameters = inspect.signature(factory).parameters.values()
+    assert all(p.default is not inspect.Parameter.empty for p in parameters)  # uvicorn --factory calls it bare
+    source = inspect.getsource(factory)
+    assert all(variable in source for variable in EPHEMERAL_SERVER_ENV), "create_app no longer reads its switches"
+
+
+def test_the_database_preparation_steps_keep_their_shape():
+    from prefect.server.api.server import _memoize_block_auto_registration
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    assert list(inspect.signature(_memoize_block_auto_registration).parameters) == ["fn"]
+    assert not inspect.signature(provide_database_interface).parameters
+    interface = typing.get_type_hints(provide_database_interface)["return"]
+    assert inspect.iscoroutinefunction(interface.create_db) and inspect.iscoroutinefunction(interface.session)
+    assert list(inspect.signature(run_block_auto_registration).parameters) == ["session"]
+
+
+def test_preparing_the_database_migrates_it_and_leaves_the_memo_that_servers_skip_registration_by(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "flows.prefect_database"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "prefect.db").stat().st_size > 0
+    assert "block_auto_registration" in (tmp_path / "memo_store.toml").read_text()
+
+
+def test_log_batch_is_one_request_of_mlflows_own_endpoint_without_retries():
+    from mlflow.protos.service_pb2 import LogBatch, MlflowService
+    from mlflow.utils.rest_utils import extract_api_info_for_service
+
+    assert extract_api_info_for_service(MlflowService, "/api/2.0")[LogBatch] == (LOG_BATCH, "POST")
+    received: list[tuple[str, dict]] = []
+    status = [200]
+
+    class Tracking(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            received.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(status[0])
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Tracking) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        send = log_batch_once(f"http://127.0.0.1:{server.server_port}", "run-1", timeout_s=5)
+        send([Metric("val_loss", 0.5, 1000, 3)])
+        assert received == [(LOG_BATCH, {"run_id": "run-1", "metrics": [
+            {"key": "val_loss", "value": 0.5, "timestamp": 1000, "step": 3}]})]
+        status[0] = 503
+        with pytest.raises(Exception):  # noqa: B017 (requests' or MLflow's error, either will do)
+            send([Metric("val_loss", 0.4, 2000, 4)])
+        assert len(received) == 2, "a failed batch was retried inside the call"
+        server.shutdown()
+
+
+def test_no_other_module_uses_a_private_api():
+    found = []
+    for path in sorted(p for package in ("fitflow", "flows", "tasks") for p in (REPO / package).glob("*.py")):
+        name = path.relative_to(REPO).as_posix()
+        if name in PRIVATE_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("prefect", "mlflow"):
+                names = [node.module, *(alias.name for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.split(".")[0] in ("prefect", "mlflow")]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # a script, a uvicorn factory
+                names = CODE_NAMING_INTERNALS.findall(node.value)
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                names = [node.attr] if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) else []
+            else:
+                continue
+            private = [n for n in names if any(part.startswith("_") for part in n.split("."))
+                       or n.startswith(INTERNALS)]
+            found += [f"{name}:{node.lineno}: {n}" for n in private]
+    assert not found, ("private names (of Prefect, MLflow or another library) outside flows/prefect_private.py "
+                       "and tasks/mlflow_private.py:\n" + "\n".join(found))
