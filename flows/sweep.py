@@ -49,7 +49,7 @@ from tasks.redaction import redact_uri
 from flows.steps import build_loaders_task, evaluate_on_test_task, load_table_task, prepare_task, train_model_task
 from tasks.trainer import Run, build_loaders, prep_spec
 from flows.sweep_config import SweepConfig, check_task_runner
-from flows.train import log_outcome, start_run
+from flows.train import log_model, start_run
 from tasks import search, tracking
 from tasks.callbacks import Monitor
 from tasks.data import Prepared
@@ -272,7 +272,7 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
             tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
         else:
             test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-            log_outcome(config, prepared, table, run, trained, test_metrics)
+            log_model(config, prepared, table, run, trained, test_metrics)
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 

@@ -83,7 +83,7 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
             config, prepared, loaders, run)
         tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-        model_uri = log_outcome(config, prepared, table, run, trained, test_metrics)
+        model_uri = log_model(config, prepared, table, run, trained, test_metrics)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
                 if config.register_model else None)
     result = TrainResult(
@@ -181,8 +181,8 @@ def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
         client.update_flow_run(flow_run_id, tags=[*current.tags, f"mlflow_run_id:{run_id}"])
 
 
-@task(name="log_model", cache_policy=NO_CACHE)
-def log_outcome(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run: Run,
+@task(cache_policy=NO_CACHE)
+def log_model(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run: Run,
                 trained: Trained, test_metrics: dict[str, float]) -> str:
     """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
     # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch

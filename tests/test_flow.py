@@ -76,7 +76,7 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     logged = client.get_logged_model(result.model_uri.removeprefix("models:/"))
     assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == result.run_id
     assert logged.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
-    # its requirements are fitflow's explicit pins: MLflow's inference (8-11 s, GUIDE.md 6) never ran
+    # its requirements are fitflow's explicit pins: MLflow's inference (8-11 s here, in a subprocess) never ran
     requirements = Path(mlflow.pyfunc.get_model_dependencies(result.model_uri)).read_text().splitlines()
     assert {line for line in requirements if line and not line.startswith("#")} == set(tracking._requirements())
     # the model predicts raw rows of the original file in the original label space
