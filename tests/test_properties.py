@@ -28,7 +28,7 @@ from hypothesis import __version__ as hypothesis_version
 from hypothesis import strategies as st
 
 from flows.cli import build_parser, main
-from flows.config import TrainConfig, load_config
+from tasks.config import TrainConfig, load_config
 from tasks.data import PrepSpec, load_table, prepare, split_rows
 from tasks.errors import ConfigError, FitflowError
 
@@ -250,7 +250,7 @@ def test_csv_round_trip_through_load_table(tmp_path, example):
 
 # --- 2. config validation -----------------------------------------------------------------------
 
-FIELDS = list(TrainConfig.model_fields)
+FIELDS = list(TrainConfig.flat_fields())
 JUNK_SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(), st.sampled_from([10**30, -(10**30), 2**63, 0, -1]),
     st.floats(), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-320]),
@@ -268,13 +268,14 @@ YAML_DICTS = st.dictionaries(KEYS, JUNK, max_size=5)
 
 
 def _check_config(config: TrainConfig) -> None:
-    """A valid config has finite numbers and survives its own round trip and MLflow params."""
-    for name, value in config.model_dump().items():
+    """A valid config has finite numbers and survives its own round trip, config.json and MLflow params."""
+    for name, value in config.flat().items():
         if isinstance(value, float):
             assert np.isfinite(value), f"{name}={value} passed validation"
     assert TrainConfig(**config.model_dump()) == config
+    assert TrainConfig.model_validate_json(config.model_dump_json()) == config  # what resume reads back
     torch.Generator().manual_seed(config.seed)  # what training seeds; it refuses seeds beyond 64 bits
-    assert all(isinstance(v, str) for v in config.flat_params().values())
+    assert all(isinstance(v, str) for v in {**config.params(), **config.launch_tags()}.values())
 
 
 @group("config_validation")

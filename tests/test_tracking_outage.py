@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from stack import Process, free_port, wait_http
 
 from flows.cli import main
-from flows.config import TrainConfig
+from tasks.config import TrainConfig
 from flows.train import train
 from tasks.metrics_journal import MetricsKeptLocally
 
