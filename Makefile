@@ -5,9 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel first: a bare `torch` requirement may pull a multi-GB CUDA build. Its version is
-# the pin in constraints.txt, which leaves the build (+cpu, +cu128) to the index.
-# On a GPU machine: make setup TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
+# torch and torchvision first, as the pair pinned in constraints.txt (the pins leave the build,
+# +cpu or +cu130, to the index). PyPI's torch 2.14.1 is a CUDA build that also runs on CPUs.
+# Another index: make setup TORCH_PIP_ARGS="--index-url <your wheel index>"
 TORCH_PIP_ARGS ?=
 # -n 2 --dist loadfile: two worker processes, a test file stays on one (its module fixtures, its servers)
 PYTEST_WORKERS ?= -n 2 --dist loadfile
@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 $(BIN)/fitflow: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch $(TORCH_PIP_ARGS) -c constraints.txt
+	$(BIN)/python -m pip install --quiet torch torchvision $(TORCH_PIP_ARGS) -c constraints.txt
 	$(BIN)/python -m pip install --quiet -e ".[test]" -c constraints.txt
 	touch $@
 
@@ -26,11 +26,11 @@ setup: $(BIN)/fitflow
 
 # After a change to pyproject.toml or a deliberate `pip install -U` in the venv: install what
 # pyproject.toml asks for now (installed versions that still satisfy it stay), then pin the venv.
-# The comment lines at the top of constraints.txt stay; torch is pinned without its build tag.
+# The comment lines at the top of constraints.txt stay; torch and torchvision are pinned without their build tags.
 # The venv is only created when missing (order-only): a rebuild would apply the old pins.
 lock: | $(BIN)/fitflow
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch(vision)?==[^+]+)\+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	touch $(BIN)/fitflow
 
