@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in TrainConfig.flat_fields() if hasattr(args, name)}
-    return _run_train_flow(load_config(args.config, **overrides))
+    config = load_config(args.config, **overrides)
+    from tasks.kinds import detect_kind
+
+    detect_kind(config.data, config.data_kind)  # missing data fails in a second, before Prefect starts
+    return _run_train_flow(config)
 
 
 def _resume(args: argparse.Namespace) -> int:

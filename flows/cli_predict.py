@@ -12,12 +12,13 @@ import argparse
 def add_command(commands) -> None:
     predict = commands.add_parser(
         "predict",
-        help="score a CSV/Parquet table with a model (the Prefect flow `predict`)",
+        help="score a table or a folder of images with a model (the Prefect flow `predict`)",
         description="Load a model by models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, runs:/<id>/model "
         "or a run id; write its predictions (class probabilities for classifiers) and a summary; log a prediction run.",
     )
     predict.add_argument("--model", required=True, metavar="URI", help="e.g. models:/churn@champion")
-    predict.add_argument("--data", required=True, metavar="FILE", help="CSV or Parquet of raw rows")
+    predict.add_argument("--data", required=True, metavar="PATH",
+                         help="CSV or Parquet of raw rows; for an image model a folder of images or a manifest")
     predict.add_argument("--out", required=True, metavar="FILE", help="predictions file, .csv or .parquet")
     predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
                          help="categories never seen in training: encode like rare values and count them (default), or fail")

@@ -32,6 +32,8 @@ from flows.steps import load_table_task
 from tasks import scoring, tracking
 from tasks.data import resolve_source
 from tasks.errors import ConfigError
+from tasks.images import images_to_score
+from tasks.images_preprocessor import ImagePreprocessor
 
 log = logging.getLogger("fitflow")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -41,7 +43,8 @@ URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>, r
 
 class PredictConfig(BaseModel):
     model: str = Field(..., min_length=1, description=f"The model: {URI_FORMS}.")
-    data: str = Field(..., min_length=1, description="CSV or Parquet file of raw rows (the training columns; the target may be absent).")
+    data: str = Field(..., min_length=1, description="CSV or Parquet file of raw rows (the training columns; the target "
+                      "may be absent); for an image model, a folder of images (class sub-folders add accuracy) or a manifest.")
     out: str = Field(..., min_length=1, description="Predictions file, .csv or .parquet; the summary goes beside it (<out>.summary.json).")
     unseen: Literal["encode", "error"] = Field(
         "encode", description="Categorical values never seen in training: encode them as training encoded rare values (and count them), or fail.")
@@ -65,13 +68,14 @@ class ModelRef:
     source_run_id: str | None = None
 
 
-@flow(name="predict", description="Score a CSV/Parquet table with a registered MLflow model; log the prediction run.")
+@flow(name="predict", description="Score a table or a folder of images with a registered MLflow model; log the prediction run.")
 def predict(config: PredictConfig) -> PredictResult:
     """Resolve the model -> read rows -> check -> predict -> write -> track."""
     out, kind = output_path(config.out, config.data)
     ref = resolve_model_task(config.model)
     model = load_model_task(ref)
-    frame = load_table_task(config.data)
+    images = isinstance(model.unwrap_python_model().preprocessor, ImagePreprocessor)
+    frame = images_to_score_task(config.data) if images else load_table_task(config.data)
     predictions, summary = score_task(model, frame, config.unseen)
     summary = {"model": ref.uri, "registered": f"{ref.name}/{ref.version}" if ref.name else None,
                "data": config.data, **summary}
@@ -160,6 +164,10 @@ load_model_task = task(load_model, name="load_model", cache_policy=NO_CACHE)
 def score(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
     """Check the rows (errors name column and row), predict, summarise."""
     prep = model.unwrap_python_model().preprocessor
+    if isinstance(prep, ImagePreprocessor):  # path and label (if known) first, then the predictions
+        predictions = model.predict(frame[["path"]])
+        scored = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+        return scored, scoring.summarise(predictions, prep, frame)
     prep.check_columns(frame)  # missing or duplicated model columns, before any per-row check
     rows, handling = scoring.check_rows(frame, prep, unseen)
     predictions = model.predict(rows)
@@ -167,6 +175,7 @@ def score(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
 
 
 score_task = task(score, name="score", cache_policy=NO_CACHE)
+images_to_score_task = task(images_to_score, name="images_to_score", cache_policy=NO_CACHE)
 
 
 @task(cache_policy=NO_CACHE)

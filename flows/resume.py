@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 from mlflow.entities import Run as MlflowRun
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from tasks.config import Launch, TrainConfig, describe_validation_error
 from flows.environment import tracking_uri
 from tasks.redaction import redact_uri
+from flows.steps import DataRecord
 from tasks import tracking
 from tasks.errors import ConfigError
 
@@ -54,15 +54,14 @@ def unfinished_run_of_flow_run(client: MlflowClient, experiment_id: str, flow_ru
     return runs[0].info.run_id if runs else None
 
 
-def reopen_run(client: MlflowClient, run_id: str, table: pd.DataFrame, source: str, config: TrainConfig,
-               tags: dict[str, str]) -> None:
+def reopen_run(client: MlflowClient, run_id: str, data: DataRecord, tags: dict[str, str]) -> None:
     """Mark the run RUNNING again, after checking it trains on the same data; `tags` link the new flow run."""
     run = _resumable_run(client, run_id, tracking_uri())
     logged = run.data.tags.get("fitflow.dataset_digest")
-    digest = tracking.dataset_digest(table, source, config.target)
+    digest = tracking.dataset_digest(data.frame, data.source, data.target)
     if logged and logged != digest:
         raise ConfigError(f"the data of run {run_id} has changed (digest {digest}, the run logged {logged}); "
-                          "resume needs the same file, or start a new run")
+                          "resume needs the same data, or start a new run")
     attempt = int(run.data.tags.get("fitflow.attempt", "1")) + 1
     client.update_run(run_id, status="RUNNING")
     if "fitflow.error" in run.data.tags:

@@ -7,20 +7,60 @@ last epoch checkpoint); the cache only on deterministic data preparation, keyed 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import images
 from tasks.callbacks import Callback
 from tasks.config import TrainConfig
-from tasks.data import Prepared, content_key, load_table, prepare
+from tasks.data import Prepared, content_key, load_table, prepare, resolve_source
 from tasks.distributed import train_distributed
 from tasks.errors import FitflowError
+from tasks.images import index_images
+from tasks.images_prepare import ImagesPrepared, prepare_images
+from tasks.kinds import detect_kind
 from tasks.loaders import Loaders
-from tasks.trainer import Run, Trained, build_loaders, evaluate_on_test
+from tasks.trainer import Run, Trained, build_loaders, evaluate_on_test, prep_spec
 from tasks.trainer import train_model as train_single_process
+from tasks.user_dataset import UserDatasets, load_factory
+
+
+@dataclass
+class DataRecord:
+    """The run's data as MLflow logs it (a dataset input, its digest, the model's input example)."""
+
+    kind: str  # table | images | dataset
+    frame: pd.DataFrame  # the table; the image index (path, label, split, bytes); the factory and its kwargs
+    source: str  # the file or folder, or the factory's import path
+    target: str | None  # the label column of `frame`
+
+
+def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | UserDatasets, DataRecord]:
+    """Each data kind's loading and preparation, as named tasks (the flows' first step)."""
+    kind = detect_kind(config.data, config.data_kind)
+    if kind == "images":
+        # the table default ("diagnosis") names no manifest column: a manifest's labels are then in "label"
+        target = None if config.target == TrainConfig.model_fields["target"].default else config.target
+        source = index_images_task(str(resolve_source(config.data)), target)
+        prepared = prepare_images_task(source, config.image_size, config.val_fraction, config.test_fraction, config.seed)
+        return prepared, DataRecord(kind, source.as_frame(), source.root, "label")
+    if kind == "dataset":
+        datasets = load_datasets_task(config.data, config.data_kwargs)
+        frame = pd.DataFrame({"factory": [config.data], "data_kwargs": [json.dumps(config.data_kwargs, sort_keys=True)]})
+        return datasets, DataRecord(kind, frame, config.data, None)
+    table = load_table_task(config.data)
+    validation = load_table_task(config.validation_data) if config.validation_data else None
+    prepared = prepare_task(table, prep_spec(config), validation)
+    return prepared, DataRecord(kind, table, str(resolve_source(config.data)), config.target)
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
@@ -59,10 +99,28 @@ def _prepare_cache_key(context, parameters) -> str:
     return content_key(parameters["table"], parameters["spec"], parameters.get("validation"))
 
 
+def _prepare_images_cache_key(context, parameters) -> str:
+    """The file list with sizes and content edges (ImageSource.digest), the settings and the prep code."""
+    digest = hashlib.sha256(parameters["source"].digest().encode())
+    settings = {k: parameters.get(k) for k in ("image_size", "val_fraction", "test_fraction", "seed")}
+    digest.update(repr(sorted(settings.items())).encode())
+    for module in ("images.py", "images_prepare.py", "images_decode.py", "images_preprocessor.py"):
+        digest.update((Path(images.__file__).parent / module).read_bytes())
+    return f"prepare-images-{digest.hexdigest()}"
+
+
 load_table_task = task(load_table, name="load_table", retries=2, retry_delay_seconds=[2, 10],
                        retry_condition_fn=_retry_transient_io, cache_policy=NO_CACHE)
 prepare_task = task(prepare, name="prepare", cache_key_fn=_prepare_cache_key,
                     cache_expiration=timedelta(days=30), persist_result=True)
+# Images: the index (a listing and a digest, cheap) runs every time; the preparation (split and
+# channel statistics, which decode a sample) is cached on the digest. Paths, not pixels, are cached.
+index_images_task = task(index_images, name="index_images", retries=2, retry_delay_seconds=[2, 10],
+                         retry_condition_fn=_retry_transient_io, cache_policy=NO_CACHE)
+prepare_images_task = task(prepare_images, name="prepare_images", cache_key_fn=_prepare_images_cache_key,
+                           cache_expiration=timedelta(days=30), persist_result=True)
+# The user's factory returns live objects (Datasets, a collate function): nothing to cache or persist.
+load_datasets_task = task(load_factory, name="load_datasets", cache_policy=NO_CACHE)
 build_loaders_task = task(build_loaders, name="build_loaders", cache_policy=NO_CACHE)
 # "gpu": `fitflow setup --gpus N` puts a tag concurrency limit on it, so parallel runs (flows,
 # sweep trials) never train more models at once than there are GPUs.

@@ -46,8 +46,8 @@ from flows.registry import register_model_task
 from flows.environment import fitflow_home, tracking_uri
 from tasks.checkout import checkout_first_on_path
 from tasks.redaction import redact_uri
-from flows.steps import build_loaders_task, evaluate_on_test_task, load_table_task, prepare_task, train_model_task
-from tasks.trainer import Run, build_loaders, prep_spec
+from flows.steps import DataRecord, evaluate_on_test_task, load_and_prepare, train_model_task
+from tasks.trainer import Run, build_loaders
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
 from tasks import search, tracking
@@ -79,17 +79,15 @@ def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
     """Prepare once -> task runner -> parent run -> trials (child runs) -> ranking, plot, best -> register."""
     base = config.base
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fitflow logs one line per trial instead
-    table = load_table_task(base.data)
-    validation = load_table_task(base.validation_data) if base.validation_data else None
-    prepared = prepare_task(table, prep_spec(base), validation)
+    prepared, data = load_and_prepare(base)
     name = config.name or f"sweep-{config.sampler}"
     n_trials, parallel = budget(config)
     # The runner connects to (and checks) a cluster before the parent run exists: a wrong address or
     # misconfigured workers leave no empty run behind. A local cluster starts at the first trial.
     with trial_runner(config, parallel) as runner:
-        parent = start_run(base.model_copy(update={"run_name": name}), prepared, table, params=config.sweep_params())
+        parent = start_run(base.model_copy(update={"run_name": name}), prepared, data, params=config.sweep_params())
         with tracking.finished_or_failed(parent.client, parent.run_id):
-            run_trials(config, runner, n_trials, parallel, prepared, table, parent, name)
+            run_trials(config, runner, n_trials, parallel, prepared, data, parent, name)
             ranking = report_trials(config, parent)
     best = ranking.iloc[0]
     decision = (register_model_task(parent.client, base.register_model, best["run_id"], best["model_uri"], base.monitor)
@@ -114,7 +112,7 @@ def budget(config: SweepConfig) -> tuple[int, int]:
 
 
 def run_trials(config: SweepConfig, runner: TaskRunner, n_trials: int, parallel: int, prepared: Prepared,
-               table: pd.DataFrame, parent: Run, name: str) -> None:
+               data: DataRecord, parent: Run, name: str) -> None:
     """Ask Optuna for a trial whenever a slot is free, so samplers learn from finished trials."""
     integers, grid = config.integers(), config.sampler == "grid"
     space = {k: v.model_dump() for k, v in config.space.items()}
@@ -131,7 +129,7 @@ def run_trials(config: SweepConfig, runner: TaskRunner, n_trials: int, parallel:
         while len(running) < parallel and started < n_trials:
             trial = study.ask()
             parameters = {"number": trial.number, "params": search.suggest(trial, space, integers, grid),
-                          "base": config.base, "prepared": prepared, "table": table, "parent_run_id": parent.run_id,
+                          "base": config.base, "prepared": prepared, "data": data, "parent_run_id": parent.run_id,
                           "run_name": f"{name}-{trial.number}", "pruning": PruningBasis.of(study)}
             running[runner.submit(run_trial.with_options(task_run_name=f"trial-{trial.number}"), parameters)] = trial
             started += 1
@@ -250,11 +248,11 @@ def _check_dask_workers(client: Any, address: str, uri: str) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: Prepared, table: pd.DataFrame,
+def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: Prepared, data: DataRecord,
               parent_run_id: str, run_name: str, pruning: PruningBasis) -> dict[str, Any]:
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
     config = TrainConfig(**{**base.model_dump(), **params, "run_name": run_name})
-    run = start_run(config, prepared, table, parent_run_id=parent_run_id)
+    run = start_run(config, prepared, data, parent_run_id=parent_run_id)
     run.client.set_tag(run.run_id, "fitflow.trial", str(number))
     # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
     run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -272,7 +270,7 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
             tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
         else:
             test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-            log_model(config, prepared, table, run, trained, test_metrics)
+            log_model(config, prepared, data, run, trained, test_metrics)
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 

@@ -25,7 +25,7 @@ from tasks.errors import ConfigError
 # trial is compared on), the ranking metric, or where the runs go. Trials share one prepared
 # dataset, so these stay those of `base`.
 HYPERPARAMETERS = [name for name in TrainConfig.model_fields if name != "launch"]
-FIXED_FIELDS = ("data", "target", "validation_data", "task", "val_fraction", "test_fraction", "max_categories",
+FIXED_FIELDS = ("data", "data_kind", "data_kwargs", "image_size", "target", "validation_data", "task", "val_fraction", "test_fraction", "max_categories",
                 "seed", "monitor", "experiment", "run_name", "register_model")
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import mlflow
+import numpy as np
 import pandas as pd
+import torch
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_client, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -29,18 +31,19 @@ from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.environment import artifact_location, fitflow_home, tracking_uri
 from tasks.redaction import redact_uri
 from flows.steps import (
+    DataRecord,
+    load_and_prepare,
     build_loaders_task,
     evaluate_on_test_task,
-    load_table_task,
-    prepare_task,
     retry_after_crash,
     train_model_task,
 )
 from tasks import tracking
-from tasks.data import Prepared, resolve_source
+from tasks.data import Prepared
 from tasks.errors import ConfigError
 from tasks.plots import plot_learning_curves
-from tasks.trainer import Run, Trained, prep_spec
+from tasks.trainer import Run, Trained, first_inputs
+from tasks.user_dataset import make_dataset_loaders
 
 log = logging.getLogger("fitflow")
 
@@ -72,18 +75,16 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     config = config_from_parameters(fields)
     if resume:  # continue that run, with the config it was started with (flows/resume.py)
         config = config_of_run(check_run_id(resume), config.launch)
-    table = load_table_task(config.data)
-    validation = load_table_task(config.validation_data) if config.validation_data else None
-    prepared = prepare_task(table, prep_spec(config), validation)
+    prepared, data = load_and_prepare(config)  # a table, images or your Datasets (flows/steps.py)
     loaders = build_loaders_task(config, prepared)
-    run = start_run(config, prepared, table, resume=resume)
+    run = start_run(config, prepared, data, resume=resume)
     with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
         # a retry resumes from the last epoch checkpoint of this run
         trained = train_model_task.with_options(retries=config.launch.retries, retry_condition_fn=retry_after_crash)(
             config, prepared, loaders, run)
         tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-        model_uri = log_model(config, prepared, table, run, trained, test_metrics)
+        model_uri = log_model(config, prepared, data, run, trained, test_metrics)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
                 if config.register_model else None)
     result = TrainResult(
@@ -127,7 +128,7 @@ def config_from_parameters(fields: dict) -> TrainConfig:
 
 
 @task(name="start_run", cache_policy=NO_CACHE)
-def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, parent_run_id: str | None = None,
+def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_run_id: str | None = None,
               params: dict[str, str] | None = None, resume: str | None = None) -> Run:
     """Create the MLflow run, linked to this flow run both ways; log params and the dataset.
 
@@ -151,11 +152,10 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
         tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
         if flow_run.ui_url:
             tags["prefect.flow_run_url"] = flow_run.ui_url
-    source = str(resolve_source(config.data))
     earlier = resume or (flow_run.id and not parent_run_id and params is None
                                 and unfinished_run_of_flow_run(client, experiment_id, flow_run.id))
     if earlier:
-        reopen_run(client, earlier, table, source, config, tags)
+        reopen_run(client, earlier, data, tags)
         run_id = earlier
     else:
         run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
@@ -164,7 +164,8 @@ def start_run(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, pare
             own = config.params() if params is None else params
             tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
             tracking.log_config(client, run_id, config.model_dump_json(indent=2))
-            digest = tracking.log_dataset(client, run_id, table, source, config.target, Path(source).stem)
+            digest = tracking.log_dataset(client, run_id, data.frame, data.source, data.target,
+                                          Path(data.source).stem if data.kind != "dataset" else data.source)
             client.set_tag(run_id, "fitflow.dataset_digest", digest)
         if flow_run.id and not parent_run_id:
             _tag_flow_run(flow_run.id, run_id)
@@ -182,8 +183,8 @@ def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def log_model(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run: Run,
-                trained: Trained, test_metrics: dict[str, float]) -> str:
+def log_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Run,
+              trained: Trained, test_metrics: dict[str, float]) -> str:
     """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
     # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch
     best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
@@ -193,10 +194,23 @@ def log_model(config: TrainConfig, prepared: Prepared, table: pd.DataFrame, run:
         tracking.log_artifact(run.client, run.run_id, png, "plots")
     if trained.checkpoint is not None:
         tracking.log_artifact(run.client, run.run_id, trained.checkpoint, "checkpoints")
-    example = table.drop(columns=[config.target]).head(5)
-    model_uri = tracking.log_pyfunc_model(run.client, run.run_id, trained.model, trained.spec, prepared.preprocessor, example)
+    model_uri = tracking.log_pyfunc_model(run.client, run.run_id, trained.model, trained.spec, prepared.preprocessor,
+                                          input_example(data, prepared))
     run.client.set_tag(run.run_id, "fitflow.model_uri", model_uri)
+    run.client.set_tag(run.run_id, "fitflow.model", trained.spec["model"])  # what `model: auto` chose
     return model_uri
+
+
+def input_example(data: DataRecord, prepared) -> pd.DataFrame | np.ndarray | dict | None:
+    """A few inputs as a user has them at prediction time: raw rows, image paths, or arrays."""
+    if data.kind == "table":
+        return data.frame.drop(columns=[data.target]).head(5)
+    if data.kind == "images":
+        return pd.DataFrame({"path": prepared.val.paths[:3]})
+    x = first_inputs(make_dataset_loaders(prepared, batch_size=3).val)
+    if isinstance(x, dict):
+        return {name: value.numpy() for name, value in x.items()}
+    return x.numpy() if isinstance(x, torch.Tensor) else None  # a tuple of inputs has no pyfunc form: no example
 
 
 def publish_summary(config: TrainConfig, result: TrainResult) -> None:

@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 
 from tasks.errors import ConfigError
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # an MLflow run id, as `fitflow runs` lists them
 
 
@@ -48,6 +48,10 @@ class Launch(BaseModel):
         description="CPU threads for torch (0: torch's default, one per core); 1 avoids oversubscribing shared cores.",
     )
     num_workers: int = Field(0, ge=0, le=64, description="Loader worker processes (0: gather in the main process, fastest for in-memory data).")
+    image_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="Keep decoded images in memory so that epochs after the first skip decoding "
+        "(auto: when they fit in a quarter of the free memory).",
+    )
     # DDP (docs/scaling.md): `batch_size` stays the global batch, split evenly over the processes.
     strategy: Literal["single", "ddp"] = Field(
         "single", description="single: one process; ddp: DistributedDataParallel, one process per device (NCCL on GPUs, gloo on CPU)."
@@ -99,10 +103,18 @@ class TrainConfig(BaseModel):
     # --- data -------------------------------------------------------------------------
     data: str = Field(
         "breast_cancer",
-        description="CSV or Parquet file, or the name of a dataset shipped in data/ (breast_cancer).",
+        description="A CSV/Parquet table; a folder of images (one sub-folder per class, or train/ val/ [test/] "
+        "in that layout) or a CSV/Parquet manifest of image paths; your Dataset factory as 'package.module:function'; "
+        "or the name of a dataset shipped in data/ (breast_cancer, digits).",
         min_length=1,
     )
-    target: str = Field("diagnosis", description="Column to predict.", min_length=1)
+    data_kind: Literal["auto", "table", "images", "dataset"] = Field(
+        "auto", description="auto: detected from data (a folder or a manifest of image paths is images, an import "
+        "path is dataset, other files are tables); set it to read a file another way.",
+    )
+    data_kwargs: dict[str, Any] = Field({}, description="Keyword arguments for your Dataset factory (data_kind dataset).")
+    target: str = Field("diagnosis", description="Column to predict (tables); the label column of an image manifest "
+                        "(when the manifest has no such column, 'label').", min_length=1)
     validation_data: str | None = Field(
         None,
         description="Optional CSV/Parquet used as the validation split (like Keras' validation_data); "
@@ -117,6 +129,11 @@ class TrainConfig(BaseModel):
         50, ge=1, le=10_000, description="One-hot columns per categorical feature; rarer values share one."
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds the split, the weights and the batch order (same seed, same run).")
+    image_size: int = Field(32, ge=8, le=1024, description="Images are resized to image_size x image_size pixels.")
+    augment: Literal["none", "light", "standard"] = Field(
+        "none", description="Training-image augmentation: light (flips, mild crops), standard (crops, flips, colour "
+        "jitter); never on validation or test.",
+    )
 
     # --- optimisation (Keras' compile) ----------------------------------------------------
     epochs: int = Field(30, ge=1, le=100_000, description="Maximum number of passes over the training split.")
@@ -137,15 +154,21 @@ class TrainConfig(BaseModel):
 
     # --- model ----------------------------------------------------------------------------
     model: str = Field(
-        "mlp",
-        description="'mlp', or your nn.Module as 'package.module:Class'; it is called with "
-        "in_features=, out_features= and model_kwargs.",
+        "auto",
+        description="auto (mlp for tables, cnn for images), mlp, cnn (a small residual conv net), a torchvision "
+        "architecture as 'torchvision:resnet18', or your nn.Module as 'package.module:Class' (called with those of "
+        "in_features, out_features, in_shape, num_outputs its constructor names, and model_kwargs).",
+    )
+    pretrained: str | None = Field(
+        None, description="A local file of weights (a state dict, as torch.save writes it) to start from; the "
+        "classifier head is left out when its size differs. Nothing is downloaded.",
     )
     hidden_sizes: list[int] = Field([64, 32], description="Widths of the MLP's hidden layers.")
     activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = Field("relu", description="MLP activation.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer (mlp), before the head (cnn).")
     batch_norm: bool = Field(False, description="BatchNorm after each hidden linear layer.")
-    model_kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments for a custom model class.")
+    model_kwargs: dict[str, Any] = Field({}, description="Extra keyword arguments for the model class (cnn: width; "
+                                         "torchvision and your own models: their constructor's).")
 
     # --- numerics -----------------------------------------------------------------------
     precision: Literal["32", "bf16", "fp16"] = Field(
@@ -199,8 +222,8 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, model: str) -> str:
-        if model != "mlp" and not _IMPORT_PATH.match(model):
-            raise ValueError("use 'mlp' or an import path like 'mypackage.nets:TabularNet'")
+        if model not in ("auto", "mlp", "cnn") and not IMPORT_PATH.match(model):
+            raise ValueError("use auto, mlp, cnn, 'torchvision:<architecture>' or an import path like 'mypackage.nets:Net'")
         return model
 
     @field_validator("monitor")

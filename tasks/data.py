@@ -28,25 +28,30 @@ _SNIFF_BYTES = 8192
 
 
 def shipped_datasets() -> list[str]:
-    return sorted(path.stem for path in DATA_DIR.glob("*.csv"))
+    """Names of the data sets in data/: tables (name.csv) and image folders (name/)."""
+    return sorted({path.stem for path in DATA_DIR.glob("*.csv")} | {path.name for path in DATA_DIR.iterdir()
+                                                                  if path.is_dir() and not path.name.startswith((".", "_"))})
 
 
 def resolve_source(source: str) -> Path:
-    """A path as given, or the file of a dataset shipped in data/ when `source` is its name."""
+    """A path as given, or the file or folder of a data set shipped in data/ when `source` is its name."""
     path = Path(source).expanduser()
-    if not path.exists() and path.suffix == "" and (DATA_DIR / f"{source}.csv").is_file():
-        return DATA_DIR / f"{source}.csv"
+    if not path.exists() and path.suffix == "" and path.name == source:
+        for shipped in (DATA_DIR / f"{source}.csv", DATA_DIR / source):
+            if shipped.exists():
+                return shipped
     if not path.exists():
         names = ", ".join(shipped_datasets())
         raise DataError(f"data file not found: {source}; check the path, or use a shipped dataset name ({names})")
-    if path.is_dir():
-        raise DataError(f"data path {source} is a directory; pass a CSV or Parquet file")
     return path
 
 
 def load_table(source: str) -> pd.DataFrame:
     """Read a CSV or Parquet file (chosen by its content, checked against its extension)."""
     path = resolve_source(source)
+    if path.is_dir():
+        raise DataError(f"data path {source} is a directory; a table is a CSV or Parquet file "
+                        "(a folder of images is data_kind images)")
     try:
         with path.open("rb") as handle:
             head = handle.read(_SNIFF_BYTES)

@@ -57,6 +57,13 @@ class ImageSource:
     def n_images(self) -> int:
         return sum(len(items) for items in self.splits.values())
 
+    def as_frame(self) -> pd.DataFrame:
+        """The index as a table (path relative to the root, label, split, bytes): what MLflow logs as the dataset."""
+        rows = [(os.path.relpath(path, self.root), self.classes[label], name, size)
+                for name in sorted(self.splits)
+                for (path, label), size in zip(self.splits[name], self.sizes[name])]
+        return pd.DataFrame(rows, columns=["path", "label", "split", "bytes"])
+
     def digest(self) -> str:
         """sha256 of the root, classes, and per file: relative path, label, size and its first
         and last 4 KiB. The Prefect cache key of the prepared data: it changes when a file is
@@ -251,3 +258,34 @@ def _edges(path: str, size: int) -> bytes:
             return head + handle.read(_EDGE)
     except OSError as err:
         raise DataError(f"image {path} cannot be read ({err.strerror}); check that it exists and is readable") from None
+
+
+def images_to_score(source: str, path_column: str | None = None) -> pd.DataFrame:
+    """The images `fitflow predict` scores: `path` (absolute) and `label` where one is known.
+
+    A folder: every image under it, recursively; an image inside a sub-folder gets that
+    folder's name as its label (class folders score with accuracy), one at the top level none.
+    A manifest: its path column (relative to the manifest) and its `label` column if it has one.
+    """
+    root = Path(source).expanduser().resolve()
+    if root.is_dir():
+        paths, _, skipped = _walk(root)
+        _log_skipped(root, skipped)
+        if not paths:
+            raise DataError(f"image folder {root} holds no images ({' '.join(IMAGE_SUFFIXES)}); point --data at your images")
+        labels = [Path(p).parent.name if Path(p).parent != root else None for p in paths]
+        return pd.DataFrame({"path": paths, "label": labels})
+    table = load_table(str(root))
+    lower = {str(c).lower(): c for c in table.columns}
+    column = path_column or next((lower[name] for name in PATH_COLUMNS if name in lower), None)
+    if column is None or column not in table.columns:
+        raise DataError(f"manifest {root} has no image-path column (looked for {', '.join(PATH_COLUMNS)}); rename it")
+    files = [root.parent / str(raw) for raw in table[column]]
+    missing = [str(raw) for raw, file in zip(table[column], files) if not file.is_file()]
+    if missing:
+        raise DataError(f"manifest {root} names {len(missing)} file(s) that do not exist, the first: {missing[0]!r}; "
+                        f"paths are relative to {root.parent}")
+    frame = pd.DataFrame({"path": [str(f) for f in files]})
+    if "label" in table.columns:
+        frame["label"] = table["label"].astype(str).where(table["label"].notna(), None).to_numpy()
+    return frame

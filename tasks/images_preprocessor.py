@@ -38,6 +38,11 @@ class ImagePreprocessor:
     n_features: None = None  # images have no feature columns
     kind: str = "images"  # tells a reader of the JSON which preprocessor it holds
 
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """One model input's shape: (channels, image_size, image_size)."""
+        return (self.channels, self.image_size, self.image_size)
+
     def load_images(self, items: Iterable[ImageItem]) -> torch.Tensor:
         """Paths, encoded bytes (PNG, JPEG, ...) or uint8 arrays (H, W) / (H, W, C) -> float32
         (N, C, image_size, image_size), normalised as in training. DataError names a bad item."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import Dataset as DatasetEntity
@@ -254,7 +255,7 @@ def log_pyfunc_model(
     model: torch.nn.Module,
     spec: dict[str, Any],
     preprocessor,
-    input_example: pd.DataFrame,
+    input_example: pd.DataFrame | np.ndarray,
 ) -> str:
     """Log the pyfunc (preprocessing + weights, no pickle); returns the model URI."""
     from mlflow.models import Model, infer_signature
@@ -262,9 +263,10 @@ def log_pyfunc_model(
     from tasks.serving import FitflowModel
 
     example = input_example.copy()
-    for column in example.columns:  # ints in the signature would reject rows with missing values
-        if pd.api.types.is_numeric_dtype(example[column]) and not pd.api.types.is_bool_dtype(example[column]):
-            example[column] = example[column].astype("float64")
+    if isinstance(example, pd.DataFrame):
+        for column in example.columns:  # ints in the signature would reject rows with missing values
+            if pd.api.types.is_numeric_dtype(example[column]) and not pd.api.types.is_bool_dtype(example[column]):
+                example[column] = example[column].astype("float64")
     with tempfile.TemporaryDirectory() as tmp:
         files = {name: Path(tmp) / name for name in ("preprocessor.json", "model_spec.json", "weights.pt")}
         preprocessor.save(files["preprocessor.json"])
@@ -275,6 +277,11 @@ def log_pyfunc_model(
                                        "model_spec": str(files["model_spec.json"]),
                                        "weights": str(files["weights.pt"])}))
         signature = infer_signature(example, serving.predict(None, example))
+        if getattr(preprocessor, "kind", "table") == "images":  # paths or bytes: either column will do
+            from mlflow.types.schema import ColSpec, Schema
+
+            signature.inputs = Schema([ColSpec("string", "path", required=False),
+                                       ColSpec("binary", "image", required=False)])
         # Created here, in the run's experiment: left to MLflow, the model would land in the
         # fluent "active" experiment (Default, artifacts in the CWD's ./mlruns).
         run = client.get_run(run_id)
@@ -293,7 +300,7 @@ def log_pyfunc_model(
             code_paths=_code_paths(spec),
             signature=signature,
             input_example=example,
-            pip_requirements=_requirements(),  # skips MLflow's requirement inference, 8-11 s
+            pip_requirements=_requirements(spec, preprocessor),  # skips MLflow's requirement inference, 8-11 s
         )
     return info.model_uri
 
@@ -306,7 +313,7 @@ class _Context:
 def _code_paths(spec: dict[str, Any]) -> list[str]:
     """The `tasks` package, plus the top-level package of a custom model if it is local code."""
     paths = [str(Path(__file__).parent)]
-    if spec["model"] != "mlp":
+    if spec["model"] not in ("mlp", "cnn") and not spec["model"].startswith("torchvision:"):
         import importlib
         import sysconfig
 
@@ -318,10 +325,12 @@ def _code_paths(spec: dict[str, Any]) -> list[str]:
     return paths
 
 
-def _requirements() -> list[str]:
+def _requirements(spec: dict[str, Any], preprocessor: Any) -> list[str]:
     import importlib.metadata as md
 
-    names = ("mlflow", "torch", "pandas", "numpy")
+    names = ["mlflow", "torch", "pandas", "numpy"]
+    if spec["model"].startswith("torchvision:") or getattr(preprocessor, "kind", "table") == "images":
+        names += ["torchvision", "pillow"]  # the architecture; decoding and resizing images
     return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
 
 

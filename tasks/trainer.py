@@ -24,10 +24,13 @@ from tasks.data import PrepSpec, Prepared
 from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
 from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError
+from tasks.images_loaders import make_image_loaders
+from tasks.images_prepare import ImagesPrepared
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
-from tasks.models import build_model, model_spec
+from tasks.models import build_model, load_pretrained, model_spec
 from tasks.training import History, evaluate, fit, seed_everything
+from tasks.user_dataset import UserDatasets, make_dataset_loaders
 
 log = logging.getLogger("fitflow")
 
@@ -63,20 +66,28 @@ def prep_spec(config: TrainConfig) -> PrepSpec:
 
 def task_metrics(prepared: Prepared) -> TaskMetrics:
     p = prepared.preprocessor
-    return TaskMetrics(p.task, len(p.classes or []), p.target_mean, p.target_std)
+    mean, std = (p.target_mean, p.target_std) if p.target_mean is not None else (0.0, 1.0)  # unscaled targets
+    return TaskMetrics(p.task, len(p.classes or []), mean, std)
 
 
 def spec_of_model(config: TrainConfig, prepared: Prepared) -> dict:
-    """What `build_model` needs: the class, its input and output widths, its keyword arguments."""
+    """What `build_model` needs: the class, its input and output sizes, its keyword arguments."""
     p = prepared.preprocessor
-    kwargs = (config.model_kwargs if config.model != "mlp" else
-              {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
-               "dropout": config.dropout, "batch_norm": config.batch_norm})
-    return model_spec(config.model, p.n_features, len(p.classes) if p.classes else 1, kwargs)
+    in_shape = getattr(p, "in_shape", None)  # images and Datasets: one sample's shape; tables: n_features
+    model = config.model if config.model != "auto" else ("mlp" if in_shape is None else "cnn")
+    if model == "mlp":
+        kwargs = {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
+                  "dropout": config.dropout, "batch_norm": config.batch_norm}
+    elif model == "cnn":
+        kwargs = {"dropout": config.dropout, **config.model_kwargs}
+    else:
+        kwargs = config.model_kwargs
+    return model_spec(model, p.n_features, len(p.classes) if p.classes else 1, kwargs, in_shape)
 
 
-def build_loaders(config: TrainConfig, prepared: Prepared, rank: Rank | None = None) -> Loaders:
-    """On a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously.
+def build_loaders(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,
+                  rank: Rank | None = None) -> Loaders:
+    """The train, val and test loaders of any data kind, for this process (or this DDP rank).
 
     Under ddp the launching process only tests the returned model, so its loaders stay on the
     CPU (no CUDA before the ranks start); each rank builds its own shard with its `rank`.
@@ -86,12 +97,24 @@ def build_loaders(config: TrainConfig, prepared: Prepared, rank: Rank | None = N
         device = rank.device
     else:
         device = resolve_device(launch.device) if launch.strategy == "single" else torch.device("cpu")
+    shard = {"rank": rank.rank, "world_size": rank.world_size} if rank is not None else {}
+    common = {"num_workers": launch.num_workers, "seed": config.seed, **shard}
+    if isinstance(prepared, ImagesPrepared):
+        return make_image_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda",
+                                  augment=config.augment, cache=launch.image_cache, **common)
+    if isinstance(prepared, UserDatasets):
+        return make_dataset_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda",
+                                    **common)
+    # Tables: on a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously
     splits = (prepared.train, prepared.val, prepared.test)
     resident = resident_device(sum(s.features.nbytes + s.targets.nbytes for s in splits), device)
-    shard = {"rank": rank.rank, "world_size": rank.world_size} if rank is not None else {}
-    return make_loaders(prepared, config.batch_size, config.drop_last, launch.num_workers,
-                        pin_memory=device.type == "cuda" and resident is None, seed=config.seed, device=resident,
-                        **shard)
+    return make_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda" and resident is None,
+                        device=resident, **common)
+
+
+def first_inputs(loader) -> object:
+    """The inputs of a loader's first batch (on the CPU), for the model's output check."""
+    return next(iter(loader))[0]
 
 
 def check_monitor(config: TrainConfig, prepared: Prepared) -> None:
@@ -114,7 +137,14 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     set_cpu_threads(config.launch.num_threads)
     seed_everything(config.seed)  # before the model exists: the seed fixes its initial weights
     spec = spec_of_model(config, prepared)
-    model = build_model(spec).to(device)  # before the optimizer: it must hold the parameters that will be trained
+    # A Dataset's inputs may be token ids, tuples or dicts: check the model on a real batch, not on zeros
+    model = build_model(spec, sample=first_inputs(loaders.val) if isinstance(prepared, UserDatasets) else None)
+    if config.pretrained:
+        left = load_pretrained(model, config.pretrained)
+        if writes:
+            log.info("started from %s; %d tensor(s) left at their initial values%s", config.pretrained, len(left),
+                     f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
+    model.to(device)  # before the optimizer: it must hold the parameters that will be trained
     if config.torch_compile:
         model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
     trainee = rank.replicate(model) if rank is not None else model  # DDP: gradients averaged in backward
@@ -144,7 +174,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     if rank is not None:
         callbacks.append(AgreeToStop())  # DDP: last, a stop set on any rank stops every rank
     if writes:
-        log.info("training %s on %s for up to %d epochs", config.model, device, config.epochs)
+        log.info("training %s on %s for up to %d epochs", spec["model"], device, config.epochs)
     history = fit(
         trainee, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
         loss_fn=make_loss(config.loss, prepared.preprocessor.task), metrics=task_metrics(prepared), device=device,

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -83,9 +83,9 @@ def fit(
             batch_losses = torch.zeros(len(train_loader), device=device)  # summed on device: no sync per step
             seen = 0
             for batch, (x, y) in enumerate(train_loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
                 with _autocast(device, amp_dtype):
-                    loss = loss_fn(model(x), y)
+                    loss = loss_fn(call_model(model, x), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if grad_clip:
@@ -122,9 +122,9 @@ def evaluate(
     total, seen = torch.zeros((), device=device), 0
     with torch.inference_mode():
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), y.to(device, non_blocking=True)
             with _autocast(device, amp_dtype):
-                outputs = model(x)
+                outputs = call_model(model, x)
             total += loss_fn(outputs.float(), y) * len(y)
             seen += len(y)
             if metrics is not None:
@@ -140,6 +140,22 @@ def predict_outputs(model: nn.Module, features: torch.Tensor, batch_size: int = 
     device = next(model.parameters()).device
     with torch.inference_mode():
         return torch.cat([model(chunk.to(device)).float().cpu() for chunk in features.split(batch_size)])
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch's inputs on `device`: a tensor, or a tuple/list or dict of tensors."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {key: to_device(value, device) for key, value in x.items()}
+    return type(x)(to_device(value, device) for value in x)
+
+
+def call_model(model: nn.Module, x: Any) -> torch.Tensor:
+    """model(x), model(*x) for a tuple/list of inputs, model(**x) for a dict of them."""
+    if isinstance(x, dict):
+        return model(**x)
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
 def _sum_over_ranks(total: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:

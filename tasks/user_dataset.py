@@ -39,6 +39,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Iter
 from tasks.checkout import REPO
 from tasks.errors import ConfigError, DataError
 from tasks.loaders import Loaders
+from tasks.tensor_inputs import TensorPreprocessor
 
 log = logging.getLogger("fitflow")
 
@@ -71,6 +72,11 @@ class UserDatasets:
     @property
     def test_is_val(self) -> bool:
         return self.test is self.val
+
+    @property
+    def preprocessor(self) -> TensorPreprocessor:
+        """What the logged model needs at prediction time: arrays in, the task's columns out."""
+        return TensorPreprocessor(self.info.task, self.info.classes, list(self.info.in_shape) if self.info.in_shape else None)
 
 
 def load_factory(path: str, kwargs: dict[str, Any] | None = None) -> UserDatasets:

@@ -78,7 +78,7 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     assert logged.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     # its requirements are fitflow's explicit pins: MLflow's inference (8-11 s here, in a subprocess) never ran
     requirements = Path(mlflow.pyfunc.get_model_dependencies(result.model_uri)).read_text().splitlines()
-    assert {line for line in requirements if line and not line.startswith("#")} == set(tracking._requirements())
+    assert {line for line in requirements if line and not line.startswith("#")} == set(tracking._requirements({"model": "mlp"}, None))
     # the model predicts raw rows of the original file in the original label space
     raw = load_table("breast_cancer")
     predictions = mlflow.pyfunc.load_model(result.model_uri).predict(raw.drop(columns=["diagnosis"]))
