@@ -1,24 +1,26 @@
-# fitflow's image: the project (flows/, tasks/, data/, prefect.yaml) with its dependencies, run by
+# fitflow's image: the project (flows/, tasks/, data/, examples/, prefect.yaml) with its dependencies, run by
 # the team stack's Prefect worker and its `deployments` job (docker-compose.yml).
 FROM python:3.11-slim
 
 # Empty: PyPI's torch wheel, built with CUDA on Linux x86_64 (the GPU worker). A CPU-only image
 # takes the CPU wheel index instead (TORCH_INDEX_URL in .env, passed by docker-compose.yml).
 ARG TORCH_INDEX_URL=
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FITFLOW_REPO=/app FITFLOW_HOME=/var/lib/fitflow PREFECT_HOME=/var/lib/fitflow/prefect
 WORKDIR /app
 
-# torch first, then the dependencies from pyproject.toml with empty packages: both layers stay
-# cached until TORCH_VERSION or pyproject.toml change, whatever the code does.
-RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# torch and torchvision first (a matching pair), then the dependencies from pyproject.toml with
+# empty packages: both layers stay cached until the versions or pyproject.toml change.
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 COPY pyproject.toml README.md ./
 RUN mkdir flows tasks && touch flows/__init__.py tasks/__init__.py && pip install -e .
 
 COPY flows flows
 COPY tasks tasks
 COPY data data
+COPY examples examples
 COPY prefect.yaml ./
 RUN useradd --create-home --uid 1000 fitflow \
     && mkdir -p /var/lib/fitflow/prefect && chown -R fitflow /var/lib/fitflow

@@ -236,7 +236,7 @@ def test_installed_packages_are_exactly_the_pinned_ones():
     pins = _pins()
     drift = []
     for name, version in _frozen().items():
-        # torch's CPU wheel is 2.13.0+cpu, a CUDA wheel 2.13.0+cu128: the pin leaves the build open
+        # torch 2.14.1+cu130 (PyPI) or +cpu (a CPU index), torchvision likewise: the pins leave the build open
         if name not in pins or Version(pins[name]) != Version(Version(version).public):
             drift.append(f"{name}=={version} (pinned: {pins.get(name, 'nothing')})")
     assert not drift, "installed packages differ from constraints.txt; run `make lock` after a deliberate change: " + \
