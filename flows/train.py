@@ -41,6 +41,7 @@ from flows.steps import (
 from tasks import tracking
 from tasks.data import Prepared
 from tasks.errors import ConfigError
+from tasks.image_plots import validation_plots
 from tasks.plots import plot_learning_curves
 from tasks.trainer import Run, Trained, first_inputs
 from tasks.user_dataset import make_dataset_loaders
@@ -190,8 +191,11 @@ def log_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Ru
     best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
     tracking.log_metrics(run.client, run.run_id, {**test_metrics, **best}, step=trained.best_epoch)
     with tempfile.TemporaryDirectory() as tmp:
-        png = plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")
-        tracking.log_artifact(run.client, run.run_id, png, "plots")
+        plots = [plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")]
+        if data.kind == "images":  # where the classes are confused, and the images it gets wrong
+            plots += validation_plots(trained.model, prepared, Path(tmp))
+        for png in plots:
+            tracking.log_artifact(run.client, run.run_id, png, "plots")
     if trained.checkpoint is not None:
         tracking.log_artifact(run.client, run.run_id, trained.checkpoint, "checkpoints")
     model_uri = tracking.log_pyfunc_model(run.client, run.run_id, trained.model, trained.spec, prepared.preprocessor,

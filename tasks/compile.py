@@ -45,11 +45,20 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, ste
     raise ConfigError(f"unknown scheduler '{name}'; use none, cosine, step or plateau")
 
 
-def make_loss(name: str, task: str) -> nn.Module:
+def make_loss(name: str, task: str, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The loss by name; `class_weights` (one per class) weigh cross-entropy for imbalanced classes."""
     if name == "auto":
         name = "cross_entropy" if task == "classification" else "mse"
     if name not in LOSSES:
         raise ConfigError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
     if (name == "cross_entropy") != (task == "classification"):
         raise ConfigError(f"loss '{name}' does not fit a {task} task; use --loss auto")
-    return LOSSES[name]()
+    return nn.CrossEntropyLoss(weight=class_weights) if class_weights is not None else LOSSES[name]()
+
+
+def balanced_class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """n / (classes * count of the class), scikit-learn's "balanced": each class weighs as much in
+    the loss as if the classes were equally frequent. A class absent from the training split
+    weighs as one row would."""
+    counts = torch.bincount(torch.as_tensor(targets).long().flatten(), minlength=n_classes).clamp(min=1)
+    return (len(targets) / (n_classes * counts)).float()

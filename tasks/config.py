@@ -150,6 +150,10 @@ class TrainConfig(BaseModel):
     loss: Literal["auto", "cross_entropy", "mse", "huber", "l1"] = Field(
         "auto", description="auto: cross_entropy for classification, mse for regression."
     )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weigh each class in the loss by how rare it is in the training split "
+        "(imbalanced classes); the validation and test losses are weighed the same way.",
+    )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value (off when empty).")
 
     # --- model ----------------------------------------------------------------------------

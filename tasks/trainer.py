@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from tasks import tracking
 from tasks.callbacks import Callback, Progress, deciding_callbacks
 from tasks.checkpoints import Checkpoints
-from tasks.compile import make_loss, make_optimizer, make_scheduler
+from tasks.compile import balanced_class_weights, make_loss, make_optimizer, make_scheduler
 from tasks.config import TrainConfig
 from tasks.data import PrepSpec, Prepared
 from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
@@ -177,7 +177,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         log.info("training %s on %s for up to %d epochs", spec["model"], device, config.epochs)
     history = fit(
         trainee, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
-        loss_fn=make_loss(config.loss, prepared.preprocessor.task), metrics=task_metrics(prepared), device=device,
+        loss_fn=loss_of(config, prepared).to(device), metrics=task_metrics(prepared), device=device,
         callbacks=callbacks, precision=config.precision, grad_clip=config.grad_clip,
     )
     best = stateful["best_weights"]
@@ -188,5 +188,18 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
 def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained) -> dict[str, float]:
     """Test-split metrics of the best weights."""
     device = next(trained.model.parameters()).device
-    loss_fn = make_loss(config.loss, prepared.preprocessor.task)
-    return evaluate(trained.model, loaders.test, loss_fn, task_metrics(prepared), device, "test")
+    return evaluate(trained.model, loaders.test, loss_of(config, prepared).to(device), task_metrics(prepared), device, "test")
+
+
+def loss_of(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> torch.nn.Module:
+    """The configured loss; with class_weights balanced, weighed by the training split's class counts."""
+    task = prepared.preprocessor.task
+    if config.class_weights == "none":
+        return make_loss(config.loss, task)
+    if task != "classification":
+        raise ConfigError("class_weights balanced is for classification; this task is regression: drop it")
+    if isinstance(prepared, UserDatasets):
+        raise ConfigError("class_weights balanced needs the training labels, which fitflow does not read from your "
+                          "Datasets; weigh the classes in your own loss, or drop class_weights")
+    targets = torch.as_tensor(prepared.train.targets)
+    return make_loss(config.loss, task, balanced_class_weights(targets, len(prepared.preprocessor.classes)))

@@ -40,6 +40,8 @@ def test_shipped_digits_train_the_cnn_and_the_model_predicts_from_paths_and_byte
     assert run.data.params["data.channels"] == "1" and run.data.tags["fitflow.model"] == "cnn"
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "digits"
+    plots = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(result.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/misclassified.png"}
 
     # A fresh process, no pickle: the model rebuilds from JSON + a state dict and takes paths or bytes
     paths = sorted(str(p) for p in DIGITS.glob("[37]/*.png"))[:6] + sorted(str(p) for p in DIGITS.glob("9/*.png"))[:4]

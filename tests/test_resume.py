@@ -132,3 +132,29 @@ def test_resume_refuses_what_it_cannot_continue(table, mlflow_uri, capsys):
         main(["train", "--resume", finished.run_id])
     assert moved.value.code == 2
     assert "; continue a run with `fitflow resume RUN_ID`" in capsys.readouterr().err
+
+
+def test_an_image_run_that_crashed_resumes_with_fitflow_resume_to_the_same_weights(mlflow_uri, tmp_path, capsys):
+    """The same checkpoints for images: augmentation and the decoded cache are functions of
+    (seed, epoch), so the continued run ends where an uninterrupted one does, bit for bit."""
+    from image_folders import write_class_folders
+
+    folder = write_class_folders(tmp_path / "pets", per_class=20)
+    marker = tmp_path / "crashed"
+    per_epoch = 6  # 60 images: 42 train rows in batches of 8
+    settings = {"data": str(folder), "image_size": 16, "batch_size": 8, "augment": "standard", "epochs": EPOCHS,
+                "patience": 0, "scheduler": "cosine", "experiment": "resume-images", "retries": 0, "num_threads": 1,
+                "model": "custom_models:CrashOnceCNN", "model_kwargs": {"crash_at": 2 * per_epoch + 3, "marker": str(marker)}}
+    marker.touch()  # the reference run must not crash
+    whole = train(TrainConfig(**settings))
+    marker.unlink()
+    with pytest.raises(Exception, match="simulated device failure"):
+        train(TrainConfig(**settings))  # crashes in epoch 3; no retry: the run ends FAILED
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("resume-images").experiment_id
+    (failed,) = [run for run in client.search_runs([experiment]) if run.info.status == "FAILED"]
+    assert marker.exists()
+    capsys.readouterr()
+    assert main(["resume", failed.info.run_id, "--num-threads", "1"]) == 0
+    assert f"MLflow run: {failed.info.run_id}" in capsys.readouterr().out
+    _assert_same_training(client, whole.run_id, failed.info.run_id, tmp_path)

@@ -253,3 +253,22 @@ def test_the_optimizer_takes_the_fused_kernel_and_steps_as_the_default_one_does(
             optimizer.step()
     for a, b in zip(fused_model.parameters(), default_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_balanced_class_weights_weigh_the_loss_by_the_training_split(breast_cancer):
+    from tasks.trainer import loss_of
+
+    config, prepared = breast_cancer
+    targets = torch.as_tensor(prepared.train.targets)
+    counts = torch.bincount(targets).double()
+    weighed = loss_of(config.model_copy(update={"class_weights": "balanced"}), prepared)
+    # n / (classes * count): the rarer class (malignant) weighs more, both weigh equally in sum
+    assert torch.allclose(weighed.weight.double(), len(targets) / (2 * counts))
+    assert weighed.weight[int(counts.argmin())] > 1 > weighed.weight[int(counts.argmax())]
+    assert loss_of(config, prepared).weight is None
+    trained = train_model(config.model_copy(update={"class_weights": "balanced", "epochs": 2}), prepared,
+                          build_loaders(config, prepared), progress=False)
+    assert len(trained.history) == 2
+    with pytest.raises(ConfigError, match="class_weights balanced is for classification"):
+        regression = TrainConfig(task="regression", target="mean_radius", class_weights="balanced")
+        loss_of(regression, prepare(load_table(regression.data), prep_spec(regression)))

@@ -1,0 +1,84 @@
+"""The plots an image run logs beside its learning curves: where the model confuses classes, and
+which validation images it gets wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.images_prepare import ImagesPrepared
+from tasks.training import predict_outputs
+
+MISCLASSIFIED_SHOWN = 25  # a 5 x 5 grid: enough to see a pattern, small enough to read
+
+
+def validation_plots(model: torch.nn.Module, prepared: ImagesPrepared, folder: Path) -> list[Path]:
+    """confusion_matrix.png and misclassified.png of the validation split (the images, not a sample)."""
+    p = prepared.preprocessor
+    paths, truth = prepared.val.paths, prepared.val.targets.numpy()
+    predicted = np.concatenate([predict_outputs(model, p.load_images(paths[i : i + 256])).argmax(1).numpy()
+                                for i in range(0, len(paths), 256)])
+    wrong = np.flatnonzero(predicted != truth)
+    if len(wrong) > MISCLASSIFIED_SHOWN:  # spread over the split (it is in class order), not the first class only
+        wrong = wrong[np.linspace(0, len(wrong) - 1, MISCLASSIFIED_SHOWN).astype(int)]
+    shown = p.load_images([paths[i] for i in wrong]) if len(wrong) else torch.empty(0)
+    mean, std = torch.tensor(p.mean).view(1, -1, 1, 1), torch.tensor(p.std).view(1, -1, 1, 1)
+    pixels = (shown * std + mean).clamp(0, 1) if len(wrong) else shown  # back from the normalisation, to look at
+    titles = [f"{p.classes[truth[i]]} -> {p.classes[predicted[i]]}" for i in wrong]
+    return [plot_confusion_matrix(truth, predicted, p.classes, folder / "confusion_matrix.png"),
+            plot_image_grid(pixels, titles, folder / "misclassified.png")]
+
+
+def plot_confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Counts of (true class, predicted class), true classes as rows."""
+    plt = _pyplot()
+    k = len(classes)
+    counts = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+    size = min(0.5 * k + 2, 14)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts, cmap="Blues")
+    if k <= 30:  # beyond that the numbers overlap; the colours still show the pattern
+        for (row, col), count in np.ndenumerate(counts):
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > counts.max() / 2 else "black")
+        ax.set_xticks(range(k), classes, rotation=90)
+        ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"validation: {int(np.trace(counts))} of {len(truth)} right")
+    return _save(plt, fig, path)
+
+
+def plot_image_grid(pixels: torch.Tensor, titles: list[str], path: Path) -> Path:
+    """Images (N, C, H, W) in [0, 1] with a title each; an empty grid says there was nothing to show."""
+    plt = _pyplot()
+    columns = 5
+    rows = max(1, -(-len(titles) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, pixels, titles):
+        array = image.permute(1, 2, 0).numpy()
+        ax.imshow(array[..., 0] if array.shape[2] == 1 else array, cmap="gray" if array.shape[2] == 1 else None)
+        ax.set_title(title, fontsize=8)
+    if not titles:
+        axes[0, 0].text(0, 0.5, "no misclassified validation images", fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to file only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
