@@ -64,3 +64,40 @@ class CrashOnceCNN(nn.Module):
                 open(self.marker, "w").close()
                 raise RuntimeError("simulated device failure")
         return self.body(x)
+
+
+class HoldAtEpochs(nn.Module):
+    """A linear model that holds training at the start of given epochs until the test releases it.
+
+    At the first training step of epoch e in `epochs` it creates `folder/reached-e` and waits for
+    `folder/release-e`: a test acts at a known point of training (after epoch e - 1 ended and was
+    journaled) however fast or slow the machine is. An epoch starts at the first training-mode
+    call after one in eval mode (the output check before training, each validation pass).
+    """
+
+    def __init__(self, in_features: int, out_features: int, folder: str, epochs: list[int], wait_s: float = 300) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.folder, self.hold_at, self.wait_s = folder, set(epochs), wait_s
+        self.epoch, self.was_training = 0, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.was_training:
+            self.epoch += 1
+            if self.epoch in self.hold_at:
+                self._hold(self.epoch)
+        self.was_training = self.training
+        return self.linear(x)
+
+    def _hold(self, epoch: int) -> None:
+        import time
+        from pathlib import Path
+
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"reached-{epoch}").touch()
+        deadline = time.monotonic() + self.wait_s  # only a guard against a test that never releases
+        while not (folder / f"release-{epoch}").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"held at epoch {epoch} for {self.wait_s} s: nothing released it")
+            time.sleep(0.02)

@@ -76,8 +76,7 @@ def home(server, tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def write_table(path: Path, rows: int = 6_000, seed: int = 0) -> Path:
-    """Epochs of a tenth of a second or more: several pass between the kill of the server and its restart."""
+def write_table(path: Path, rows: int = 2_000, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, 16))
     label = (x[:, :4].sum(axis=1) + rng.normal(scale=0.5, size=rows) > 0).astype(int)
@@ -87,9 +86,26 @@ def write_table(path: Path, rows: int = 6_000, seed: int = 0) -> Path:
     return path
 
 
-def config(tmp_path: Path, epochs: int) -> TrainConfig:
+def config(tmp_path: Path, epochs: int, hold_at: list[int]) -> TrainConfig:
+    """Training that waits at the start of each epoch in `hold_at` until `release` lets it go on."""
     return TrainConfig(data=str(write_table(tmp_path / "table.csv")), target="label", epochs=epochs, batch_size=32,
-                       hidden_sizes=[64, 64], patience=0, experiment="outage")
+                       patience=0, experiment="outage", model="custom_models:HoldAtEpochs",
+                       model_kwargs={"folder": str(tmp_path / "hold"), "epochs": hold_at})
+
+
+def reached(tmp_path: Path, epoch: int, training: Future) -> None:
+    """Wait until training is held at the start of `epoch` (epochs before it are journaled)."""
+    deadline = time.monotonic() + WATCH_TIMEOUT_S
+    while not (tmp_path / "hold" / f"reached-{epoch}").exists():
+        if training.done():
+            raise AssertionError(f"training ended before epoch {epoch}: {training.exception()!r}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"training did not reach epoch {epoch} in {WATCH_TIMEOUT_S} s: it is stuck")
+        time.sleep(0.02)
+
+
+def release(tmp_path: Path, epoch: int) -> None:
+    (tmp_path / "hold" / f"release-{epoch}").touch()
 
 
 def journal_lines(home: Path, at_least: int, training: Future) -> tuple[Path, int]:
@@ -115,16 +131,19 @@ def assert_every_step_once(client: MlflowClient, run_id: str, names: list[str], 
 def test_training_goes_on_while_the_server_is_down_and_delivery_catches_up(server, home, tmp_path):
     epochs = 16
     with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(train, config(tmp_path, epochs))
-        journal, _ = journal_lines(home, 2, training)
+        training = pool.submit(train, config(tmp_path, epochs, hold_at=[3, 7]))
+        reached(tmp_path, 3, training)  # epochs 1-2 are journaled; epoch 3 waits
         server.stop()
-        _, at_stop = journal_lines(home, 0, training)
+        journal, at_stop = journal_lines(home, 2, training)
+        release(tmp_path, 3)
         # Epochs keep coming while nothing answers: training does not wait for tracking.
-        _, at_restart = journal_lines(home, at_stop + 3, training)
+        reached(tmp_path, 7, training)
+        _, at_restart = journal_lines(home, 6, training)
         server.start()
+        release(tmp_path, 7)
         result = training.result(timeout=WATCH_TIMEOUT_S)
 
-    assert at_restart >= at_stop + 3 and result.epochs_trained == epochs
+    assert (at_stop, at_restart) == (2, 6) and result.epochs_trained == epochs
     client = MlflowClient(server.uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -139,10 +158,11 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     epochs = 10
     monkeypatch.setenv("FITFLOW_TRACKING_WAIT_S", "2")  # the server will not come back: do not wait 30 s for it
     with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(train, config(tmp_path, epochs))
-        journal, _ = journal_lines(home, 2, training)
+        training = pool.submit(train, config(tmp_path, epochs, hold_at=[3]))
+        reached(tmp_path, 3, training)
         server.stop()
-        _, at_stop = journal_lines(home, 0, training)
+        journal, at_stop = journal_lines(home, 2, training)
+        release(tmp_path, 3)
         with pytest.raises(MetricsKeptLocally) as failure:
             training.result(timeout=WATCH_TIMEOUT_S)
 
@@ -153,7 +173,8 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     for text in (warnings[0], str(failure.value)):
         assert f"of run {run_id} are kept locally in {journal}" in text, text
         assert f"fitflow upload-metrics {run_id}" in text
-    delivered = int((journal.parent / "metrics.delivered").read_text())
+    mark = journal.parent / "metrics.delivered"  # absent when no epoch reached the server before it stopped
+    delivered = int(mark.read_text()) if mark.exists() else 0
     assert delivered <= at_stop and f"epochs {delivered + 1}-{epochs} of run" in str(failure.value)
     assert (journal.parent / "run_end.json").exists()
 
