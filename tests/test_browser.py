@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from stack import REPO, Process, free_port, wait_http
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 CHROMIUM = Path(os.environ.get("FITFLOW_CHROMIUM", "/usr/bin/chromium"))

@@ -20,11 +20,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 from stack import Process, free_port, wait_http
 
 from tasks import tracking
 from tasks.metrics import metric_names
+
+pytestmark = pytest.mark.slow  # starts real processes: minutes on 2 cores
 
 BIN = Path(sys.executable).parent
 EPOCHS = 4

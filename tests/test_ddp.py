@@ -25,6 +25,8 @@ from tasks.models import build_model, model_spec
 from tasks.trainer import build_loaders, prep_spec, task_metrics, train_model
 from tasks.training import evaluate
 
+pytestmark = pytest.mark.slow  # starts real processes: minutes on 2 cores
+
 # 400 rows -> 280 train / 60 val / 60 test. Global batch 40: 7 full steps, each split 20 + 20, so
 # a DDP step averages the same rows as the single-process step (no uneven tail); no dropout,
 # whose masks differ between one process and two.

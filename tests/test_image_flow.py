@@ -22,7 +22,7 @@ from flows.cli import main
 from flows.train import train
 from tasks.config import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "digits"
 # 16 px and 8 epochs: the CNN reaches >= 0.97 validation accuracy in about 10 s on one CPU core

@@ -22,7 +22,7 @@ from tasks.config import TrainConfig
 from flows.environment import fitflow_home
 from flows.train import train
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 EPOCHS = 6
 
 

@@ -22,6 +22,8 @@ from flows.deployments import GPU_TAG
 from flows.sweep import sweep
 from flows.sweep_config import load_sweep_config
 
+pytestmark = pytest.mark.slow  # starts real processes: minutes on 2 cores
+
 # A grid of four learning rates: every trial is known in advance, so both runners train the same four configs.
 CONFIG = {
     "base": {"epochs": 2, "patience": 0, "hidden_sizes": [16], "monitor": "val_accuracy", "experiment": "sweep-dask"},

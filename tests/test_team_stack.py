@@ -26,7 +26,7 @@ import pytest
 
 from stack import REPO, TeamStack, postgres_bin, started_stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DEPLOYMENT = "train/default"
 EXPERIMENT = "team-stack"

@@ -26,7 +26,7 @@ from tasks.config import TrainConfig
 from flows.train import train
 from tasks.metrics_journal import MetricsKeptLocally
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 BIN = Path(sys.executable).parent
 WATCH_TIMEOUT_S = 240  # only a guard against a hang (training that blocks on the dead server)
 
