@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # arguments may hold \r, \n
         self.exit(EXIT_USAGE, f"fitflow: error: {message} (see {self.prog} --help)\n")
 
 

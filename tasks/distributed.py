@@ -133,7 +133,7 @@ def launch(config: TrainConfig, job: Job) -> Result | None:
         try:
             results = elastic_launch(launch_config, _train_rank)(job)
         except ChildFailedError as err:
-            raise _as_fitflow_error(err) from None
+            raise _as_fitflow_error(every_failure(err, Path(logs), settings.node_rank * nproc)) from None
     return results.get(0)
 
 
@@ -153,13 +153,28 @@ def _train_rank(job: Job) -> Result | None:
     return Result(weights, trained.history.epochs, trained.best_epoch)
 
 
-def _as_fitflow_error(err: ChildFailedError) -> errors.FitflowError:
+def every_failure(err: ChildFailedError, logs: Path, first_rank: int) -> dict[int, ProcessFailure]:
+    """Every rank of this machine that recorded an error, by global rank.
+
+    The agent reports the first failed process it sees, often a peer whose collective broke
+    because another rank died (torch 2.14: only that one); each rank's own error file is in
+    `logs` (<run>/attempt_<n>/<local rank>/error.json), the cause's included.
+    """
+    failures = dict(err.failures)
+    for path in logs.glob("*/attempt_*/*/error.json"):
+        local_rank = int(path.parent.name)
+        failures.setdefault(first_rank + local_rank,
+                            ProcessFailure(local_rank=local_rank, pid=-1, exitcode=1, error_file=str(path)))
+    return failures
+
+
+def _as_fitflow_error(failures: dict[int, ProcessFailure]) -> errors.FitflowError:
     """The failed rank that caused it, as one line; its traceback to the log.
 
     A fitflow error in a rank (bad config, a NaN loss) keeps its type, so the CLI treats it as
     in a single process; anything else becomes a TrainingError naming the rank.
     """
-    failures = sorted(err.failures.items(), key=lambda item: item[1].timestamp)
+    failures = sorted(failures.items(), key=lambda item: item[1].timestamp)
     causes = [(rank, failure) for rank, failure in failures if not _ECHO.match(_message(failure))]
     rank, failure = (causes or failures)[0]
     message = _message(failure)
