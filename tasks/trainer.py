@@ -70,11 +70,20 @@ def task_metrics(prepared: Prepared) -> TaskMetrics:
     return TaskMetrics(p.task, len(p.classes or []), mean, std)
 
 
-def spec_of_model(config: TrainConfig, prepared: Prepared) -> dict:
+def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> dict:
     """What `build_model` needs: the class, its input and output sizes, its keyword arguments."""
     p = prepared.preprocessor
     in_shape = getattr(p, "in_shape", None)  # images and Datasets: one sample's shape; tables: n_features
-    model = config.model if config.model != "auto" else ("mlp" if in_shape is None else "cnn")
+    in_features = p.n_features or (in_shape[0] if in_shape is not None and len(in_shape) == 1 else None)
+    model = config.model
+    if model == "auto":  # the MLP for feature vectors (tables, flat Dataset items), the CNN for images
+        if in_features is not None:
+            model = "mlp"
+        elif in_shape is not None and len(in_shape) == 3:
+            model = "cnn"
+        else:
+            raise ConfigError(f"model auto has no built-in model for inputs of shape {in_shape or 'tuple/dict'}; "
+                              "name yours with --model package.module:Class")
     if model == "mlp":
         kwargs = {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
                   "dropout": config.dropout, "batch_norm": config.batch_norm}
@@ -82,7 +91,11 @@ def spec_of_model(config: TrainConfig, prepared: Prepared) -> dict:
         kwargs = {"dropout": config.dropout, **config.model_kwargs}
     else:
         kwargs = config.model_kwargs
-    return model_spec(model, p.n_features, len(p.classes) if p.classes else 1, kwargs, in_shape)
+    fits = in_features is not None if model == "mlp" else in_shape is not None and len(in_shape) == 3
+    if model in ("mlp", "cnn") and not fits:
+        raise ConfigError(f"model {model} needs {'feature vectors' if model == 'mlp' else 'images'} (inputs of shape "
+                          f"{in_shape or 'tuple/dict'} here); use model auto or name yours with --model package.module:Class")
+    return model_spec(model, in_features, len(p.classes) if p.classes else 1, kwargs, in_shape)
 
 
 def build_loaders(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,

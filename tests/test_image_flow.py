@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from image_folders import write_class_folders, write_manifest, write_split_folders
 from mlflow.tracking import MlflowClient
 
@@ -136,5 +137,57 @@ def test_bad_image_data_is_one_line_and_leaves_no_run_running(case, message, mlf
     assert err[-1].startswith("fitflow: error: ") and message in err[-1], err[-3:]
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("bad")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    assert all(run.info.status == "FAILED" for run in runs), [run.info.status for run in runs]
+
+
+FACTORIES = '''
+import torch
+from torch.utils.data import TensorDataset
+
+def raises():
+    raise RuntimeError("the bucket is gone")
+
+def not_datasets():
+    return 42
+
+def not_pairs():
+    return {"train": TensorDataset(torch.zeros(8, 3)), "val": TensorDataset(torch.zeros(4, 3))}
+
+def three_classes():
+    x, y = torch.randn(30, 4), torch.arange(30) % 3
+    return {"train": TensorDataset(x, y), "val": TensorDataset(x[:9], y[:9])}
+'''
+
+
+class TwoOutputs(torch.nn.Module):
+    """Two outputs whatever the data has: a model that does not fit three classes."""
+
+    def __init__(self, in_shape: tuple) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(in_shape[0], 2)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("data, model, message", [
+    ("bad_factories:nowhere", "auto", "has no attribute 'nowhere'"),
+    ("no_such_module:make", "auto", "no module named 'no_such_module'"),
+    ("bad_factories:raises", "auto", "raised RuntimeError: the bucket is gone"),
+    ("bad_factories:not_datasets", "auto", "int"),
+    ("bad_factories:not_pairs", "auto", "(x, y)"),
+    ("bad_factories:three_classes", "test_image_flow:TwoOutputs", "it must return (batch, 3)"),
+])
+def test_bad_datasets_and_models_are_one_line_and_leave_no_run_running(data, model, message, mlflow_uri, tmp_path,
+                                                                        capsys, monkeypatch):
+    (tmp_path / "bad_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capsys.readouterr()
+    assert main(["train", "--data", data, "--model", model, "--epochs", "1", "--experiment", "bad-datasets"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fitflow: error: ") and message in err[-1], err[-3:]
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("bad-datasets")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     assert all(run.info.status == "FAILED" for run in runs), [run.info.status for run in runs]

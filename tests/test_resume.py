@@ -4,6 +4,7 @@ bit, and the metric steps, exactly once each, of a run that was never interrupte
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ EPOCHS = 6
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    """Big enough that an epoch takes a while (a good part of a second here), so the kill lands mid-epoch."""
+    """16,000 rows: 350 training steps of 32 per epoch (the crash tests count steps)."""
     rng = np.random.default_rng(7)
     x = rng.normal(size=(16_000, 12)).astype(np.float32)
     y = (x[:, :4].sum(axis=1) + 0.5 * rng.normal(size=len(x)) > 0).astype(int)
@@ -64,29 +65,34 @@ def _assert_same_training(client, whole_id, resumed_id, tmp: Path) -> None:
 
 
 def test_sigkilled_training_process_resumes_to_bit_identical_weights(table, mlflow_uri, tmp_path, capsys):
-    whole = train(_config(table))  # the uninterrupted run, in this process
+    # The model holds training at the start of epoch 3 until released (tests/custom_models.py), so
+    # the kill lands inside epoch 3 however fast the machine is; uninterrupted, it never holds.
+    hold = tmp_path / "hold"
+    model = {"model": "custom_models:HoldAtEpochs", "model_kwargs": {"folder": str(hold), "epochs": [3]}}
+    whole = train(_config(table, model=model["model"], model_kwargs={"folder": str(hold), "epochs": []}))
 
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parent)}
     exe = Path(sys.executable).with_name("fitflow")
     args = ["train", "--data", str(table), "--target", "label", "--epochs", str(EPOCHS), "--batch-size", "32",
-            "--patience", "0", "--dropout", "0.2", "--scheduler", "cosine", "--experiment", "resume"]
+            "--patience", "0", "--dropout", "0.2", "--scheduler", "cosine", "--experiment", "resume",
+            "--model", model["model"], "--model-kwargs", json.dumps(model["model_kwargs"])]
     checkpoints = fitflow_home() / "checkpoints"
     earlier = set(checkpoints.iterdir())  # other tests' runs share this home
     process = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while not (started := [p.parent for p in checkpoints.glob("*/epoch-00002.pt") if p.parent not in earlier]):
+    deadline = time.monotonic() + 300  # only a guard against a hang
+    while not (hold / "reached-3").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
         time.sleep(0.01)
-    time.sleep(0.3)  # into epoch 3
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # held in epoch 3's first step
     assert process.wait(timeout=30) == -signal.SIGKILL
-    killed_dir = started[0]
+    (killed_dir,) = [p.parent for p in checkpoints.glob("*/epoch-00002.pt") if p.parent not in earlier]
     run_id = killed_dir.name
-    assert not (killed_dir / f"epoch-{EPOCHS:05d}.pt").exists()  # it really was stopped during training
+    assert not (killed_dir / "epoch-00003.pt").exists()  # it really was stopped during epoch 3
     client = MlflowClient(mlflow_uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves behind
+    (hold / "release-3").touch()  # the resumed process counts its epochs from 1: let its 3rd pass
 
     capsys.readouterr()
     assert main(["resume", run_id]) == 0
