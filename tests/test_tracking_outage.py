@@ -122,6 +122,20 @@ def journal_lines(home: Path, at_least: int, training: Future) -> tuple[Path, in
     raise AssertionError(f"no epoch {at_least} in the journal after {WATCH_TIMEOUT_S} s: training is stuck")
 
 
+def delivered(home: Path, count: int, training: Future) -> None:
+    """Wait until the server has accepted `count` epochs (the journal's cursor): no batch is in flight."""
+    deadline = time.monotonic() + WATCH_TIMEOUT_S
+    while True:
+        marks = list((home / "checkpoints").glob("*/metrics.delivered"))
+        if marks and int(marks[0].read_text()) >= count:
+            return
+        if training.done():
+            raise AssertionError(f"training ended before epoch {count} was delivered: {training.exception()!r}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"epoch {count} not delivered after {WATCH_TIMEOUT_S} s: delivery is stuck")
+        time.sleep(0.05)
+
+
 def assert_every_step_once(client: MlflowClient, run_id: str, names: list[str], epochs: int) -> None:
     for name in names:
         steps = sorted(m.step for m in client.get_metric_history(run_id, name))
@@ -160,6 +174,9 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     with ThreadPoolExecutor(1) as pool:
         training = pool.submit(train, config(tmp_path, epochs, hold_at=[3]))
         reached(tmp_path, 3, training)
+        # Epochs 1-2 reached the server before it stops: a batch in flight at the kill could be
+        # stored by the server without the cursor moving, and the upload would then start later.
+        delivered(home, 2, training)
         server.stop()
         journal, at_stop = journal_lines(home, 2, training)
         release(tmp_path, 3)
@@ -173,9 +190,8 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     for text in (warnings[0], str(failure.value)):
         assert f"of run {run_id} are kept locally in {journal}" in text, text
         assert f"fitflow upload-metrics {run_id}" in text
-    mark = journal.parent / "metrics.delivered"  # absent when no epoch reached the server before it stopped
-    delivered = int(mark.read_text()) if mark.exists() else 0
-    assert delivered <= at_stop and f"epochs {delivered + 1}-{epochs} of run" in str(failure.value)
+    assert (journal.parent / "metrics.delivered").read_text() == str(at_stop) == "2"
+    assert f"epochs 3-{epochs} of run" in str(failure.value)
     assert (journal.parent / "run_end.json").exists()
 
     capsys.readouterr()
@@ -190,7 +206,7 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing could end it while the server was down
     assert main(["upload-metrics", run_id]) == 0
     out = capsys.readouterr().out
-    assert f"sent epochs {delivered + 1}-{epochs} of run {run_id}" in out, out
+    assert f"sent epochs 3-{epochs} of run {run_id}" in out, out
     assert f"run {run_id} ended FAILED" in out
     names = [*pd.read_json(journal, lines=True)["metrics"][0]]
     assert "val_loss" in names and "lr" in names
