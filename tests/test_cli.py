@@ -102,6 +102,7 @@ def test_every_config_field_is_a_flag():
     assert flags("resume") == as_flags(Launch.model_fields)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
     """The installed `fitflow` command: a real run, then a bad file, against the test server."""
     from prefect.settings import PREFECT_API_URL

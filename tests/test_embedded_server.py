@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real processes and servers: the first migrates a fresh Prefect database
 
 # A command's shape: configure, start the server, import (here: Prefect's flow API) while it
 # starts, run a flow on it. The flow returns the API URL it ran against.

@@ -144,6 +144,7 @@ def _assert_nowhere(secret: str, places: dict[str, str]) -> None:
     assert not leaks, f"the password appears in: {', '.join(leaks)}"
 
 
+@pytest.mark.slow
 def test_password_from_the_environment_appears_nowhere(auth_server, prefect_server, tmp_path, monkeypatch):
     result = _train_cli(tmp_path, {"MLFLOW_TRACKING_URI": auth_server.uri, "MLFLOW_TRACKING_USERNAME": ADMIN,
                                    "MLFLOW_TRACKING_PASSWORD": auth_server.password})
@@ -152,6 +153,7 @@ def test_password_from_the_environment_appears_nowhere(auth_server, prefect_serv
     _assert_nowhere(auth_server.password, {**places, "stdout": result.stdout, "stderr": result.stderr})
 
 
+@pytest.mark.slow
 def test_credentials_inline_in_the_tracking_uri_are_redacted(auth_server, prefect_server, tmp_path, monkeypatch):
     inline = auth_server.uri.replace("http://", f"http://{ADMIN}:{auth_server.password}@")
     result = _train_cli(tmp_path, {"MLFLOW_TRACKING_URI": inline})  # no MLFLOW_TRACKING_USERNAME/PASSWORD
@@ -165,6 +167,7 @@ def test_credentials_inline_in_the_tracking_uri_are_redacted(auth_server, prefec
         assert shown in places[name], f"{name} does not name the server as {shown}"
 
 
+@pytest.mark.slow
 def test_a_refused_inline_password_is_not_repeated_in_the_error(auth_server, monkeypatch):
     from tasks.errors import TrackingError
     from tasks.tracking import prepare_store
