@@ -107,10 +107,13 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
             assert prefect.read_flow_run(long.id).state.is_cancelled()
         run = client.get_run(run_id)
         assert run.info.status == "KILLED", run.data.tags.get("fitflow.error")
-        epochs = len(client.get_metric_history(run_id, "val_loss"))
-        time.sleep(3)
-        assert len(client.get_metric_history(run_id, "val_loss")) == epochs  # training has stopped
-        kept = list((Path(server_env["FITFLOW_HOME"]) / "checkpoints" / run_id).glob("epoch-*.pt"))
+        # Training has stopped: the flow run's process is gone (no sleep-then-compare), and MLflow
+        # holds every epoch it journaled (fit's end delivers them before the run ends KILLED).
+        _wait_until_gone(serve, long.id)
+        folder = Path(server_env["FITFLOW_HOME"]) / "checkpoints" / run_id
+        journaled = (folder / "metrics.jsonl").read_text().count("\n")
+        assert len(client.get_metric_history(run_id, "val_loss")) == journaled >= 2
+        kept = list(folder.glob("epoch-*.pt"))
         assert kept  # what `fitflow resume <run id>` continues from
 
         # A flow-run process SIGKILLed while it trains (the OOM killer, a lost node): no code of
@@ -127,8 +130,7 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.1)
         run_id = _wait_for_epochs(client, "crashed", at_least=2)
-        (engine,) = [p for p in psutil.Process(serve.pid).children(recursive=True)
-                     if str(crashed.id) in " ".join(p.cmdline()) or "prefect.engine" in " ".join(p.cmdline())]
+        (engine,) = _flow_run_processes(serve, crashed.id)
         engine.kill()
         with get_client(sync_client=True) as prefect:
             deadline = time.monotonic() + 120
@@ -161,6 +163,26 @@ def _wait_for_served_deployment(name: str, timeout: float = 120) -> None:
             except Exception:
                 time.sleep(1)
     raise AssertionError(f"fitflow serve did not register {name}")
+
+
+def _flow_run_processes(serve: subprocess.Popen, flow_run_id) -> list[psutil.Process]:
+    """The live processes under `fitflow serve` that run this flow run (`python -m prefect.engine`)."""
+    found = []
+    for process in psutil.Process(serve.pid).children(recursive=True):
+        try:
+            if (process.environ().get("PREFECT__FLOW_RUN_ID") == str(flow_run_id) and "prefect.engine" in process.cmdline()
+                    and process.status() != psutil.STATUS_ZOMBIE):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
+
+
+def _wait_until_gone(serve: subprocess.Popen, flow_run_id, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout  # only a guard against a hang
+    while _flow_run_processes(serve, flow_run_id):
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} still has a process after {timeout:.0f} s"
+        time.sleep(0.5)
 
 
 def _wait_for_epochs(client: MlflowClient, experiment: str, at_least: int, timeout: float = 180) -> str:
