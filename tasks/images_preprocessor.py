@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from tasks.errors import DataError
+from tasks.preprocessing import class_predictions
 from tasks.images_decode import decode_bytes, from_array, load_pixels, normalise, read_image
 
 ImageItem = str | Path | bytes | bytearray | memoryview | np.ndarray
@@ -63,14 +64,7 @@ class ImagePreprocessor:
 
     def decode(self, outputs: np.ndarray) -> pd.DataFrame:
         """Logits -> `prediction` (the class name) and `probability_<class>` (softmax) columns."""
-        outputs = np.asarray(outputs)  # float32 logits give float32 probabilities, as for tables
-        logits = outputs - outputs.max(axis=1, keepdims=True)
-        proba = np.exp(logits)
-        proba /= proba.sum(axis=1, keepdims=True)
-        frame = pd.DataFrame({"prediction": np.asarray(self.classes, dtype=object)[proba.argmax(axis=1)]})
-        for i, label in enumerate(self.classes):
-            frame[f"probability_{label}"] = proba[:, i]
-        return frame
+        return class_predictions(outputs, self.classes)
 
     # --- plain-data round trip ------------------------------------------------------------
 

@@ -157,13 +157,7 @@ class Preprocessor:
         """Model outputs -> predictions in the original label space (+ class probabilities)."""
         if self.classes is None:
             return pd.DataFrame({"prediction": self.unscale_targets(outputs.reshape(len(outputs), -1)[:, 0])})
-        logits = outputs - outputs.max(axis=1, keepdims=True)
-        proba = np.exp(logits)
-        proba /= proba.sum(axis=1, keepdims=True)
-        frame = pd.DataFrame({"prediction": np.asarray(self.classes, dtype=object)[proba.argmax(axis=1)]})
-        for i, label in enumerate(self.classes):
-            frame[f"probability_{label}"] = proba[:, i]
-        return frame
+        return class_predictions(outputs, self.classes)
 
     def unscale_targets(self, values: np.ndarray) -> np.ndarray:
         return values * self.target_std + self.target_mean
@@ -189,6 +183,19 @@ class Preprocessor:
 
 
 # --- checks and inference -------------------------------------------------------------------
+
+
+def class_predictions(outputs: np.ndarray, classes: list) -> pd.DataFrame:
+    """Logits -> `prediction` (the class) and a `probability_<class>` column each (softmax); every
+    data kind's model answers in these columns."""
+    outputs = np.asarray(outputs)  # float32 logits give float32 probabilities
+    logits = outputs - outputs.max(axis=1, keepdims=True)
+    proba = np.exp(logits)
+    proba /= proba.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
+    for i, label in enumerate(classes):
+        frame[f"probability_{label}"] = proba[:, i]
+    return frame
 
 
 def check_features(table: pd.DataFrame, target: str) -> None:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from tasks.errors import DataError
+from tasks.preprocessing import class_predictions
 
 
 @dataclass
@@ -45,13 +46,7 @@ class TensorPreprocessor:
         """Logits -> `prediction` and `probability_<class>` (softmax); regression -> `prediction`."""
         if self.task != "classification":
             return pd.DataFrame({"prediction": outputs[:, 0]})
-        logits = outputs - outputs.max(axis=1, keepdims=True)
-        proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        classes = self.classes or [str(i) for i in range(outputs.shape[1])]
-        frame = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
-        for i, label in enumerate(classes):
-            frame[f"probability_{label}"] = proba[:, i]
-        return frame
+        return class_predictions(outputs, self.classes or [str(i) for i in range(outputs.shape[1])])
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
