@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ SUITE = {
     "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),
                               p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],
                 lambda t, p: [t.scaling(rounds=1, sizes=(2_000, 4_000)), p.prepare_scaling(rounds=1, sizes=(2_000, 4_000))]),
+    # issue #13: image loaders vs ImageFolder + DataLoader, the CNN epoch vs a hand loop (benchmarks/images.py)
+    "images": (lambda t, p: importlib.import_module("benchmarks.images").suite(),
+               lambda t, p: importlib.import_module("benchmarks.images").suite(smoke=True)),
 }
 
 
