@@ -254,8 +254,8 @@ def cnn_epoch(prepared, n_train: int, n_val: int, rounds: int) -> Comparison:
     from tasks.config import TrainConfig
     from tasks.images_loaders import make_image_loaders
     from tasks.models import CNN
-    from tasks.trainer import Run, train_model
     from tasks.tracking import experiment_id, prepare_store
+    from tasks.trainer import Run, train_model
 
     small = subset(prepared, n_train, n_val)
     loaders = make_image_loaders(small, BATCH, num_workers=0, cache="auto")

@@ -141,9 +141,9 @@ def model_logging_time() -> Measurement:
     from mlflow.tracking import MlflowClient
 
     from tasks.config import TrainConfig
-    from tasks.trainer import build_loaders, prep_spec, train_model
     from tasks.data import load_table, prepare
     from tasks.tracking import experiment_id, log_pyfunc_model, prepare_store
+    from tasks.trainer import build_loaders, prep_spec, train_model
 
     config = TrainConfig(epochs=1)
     table = load_table(config.data)

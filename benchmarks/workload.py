@@ -106,10 +106,10 @@ class FitflowRunner:
         from mlflow.tracking import MlflowClient
 
         from tasks.config import TrainConfig
-        from tasks.trainer import Run, build_loaders
         from tasks.data import Prepared, Split
         from tasks.preprocessing import NumericColumn, Preprocessor
         from tasks.tracking import experiment_id, prepare_store
+        from tasks.trainer import Run, build_loaders
 
         self.tmp = tempfile.TemporaryDirectory(prefix="fitflow-bench-")
         # the features are already standardised: an identity preprocessing of FEATURES columns

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tasks.config import load_config
 from flows.sweep_config import check_task_runner, load_sweep_config
+from tasks.config import load_config
 
 
 def add_commands(commands) -> None:
@@ -81,8 +81,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from flows.runs import as_json, print_table, ranked_runs
     from flows.environment import tracking_uri
+    from flows.runs import as_json, print_table, ranked_runs
 
     _environment()
     rows = ranked_runs(tracking_uri(), args.experiment, args.sort, args.top, args.sweep)

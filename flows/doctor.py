@@ -70,8 +70,8 @@ def close_runs_of_flow_run(flow, flow_run, state) -> None:
     on a tracking server that is down (MLflow would retry for minutes): `fitflow doctor` later.
     """
     from flows.environment import tracking_uri
-    from tasks.redaction import redact_uri
     from tasks.errors import TrackingError
+    from tasks.redaction import redact_uri
     from tasks.tracking import check_server
 
     uri = tracking_uri()

@@ -27,13 +27,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.environment import artifact_location, tracking_uri
-from tasks.redaction import redact_uri
 from flows.steps import load_table_task
 from tasks import scoring, tracking
 from tasks.data import resolve_source
 from tasks.errors import ConfigError
 from tasks.images import images_to_score
 from tasks.images_preprocessor import ImagePreprocessor
+from tasks.redaction import redact_uri
 
 log = logging.getLogger("fitflow")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -19,12 +19,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from tasks.config import Launch, TrainConfig, describe_validation_error
 from flows.environment import tracking_uri
-from tasks.redaction import redact_uri
 from flows.steps import DataRecord
 from tasks import tracking
+from tasks.config import Launch, TrainConfig, describe_validation_error
 from tasks.errors import ConfigError
+from tasks.redaction import redact_uri
 
 log = logging.getLogger("fitflow")
 

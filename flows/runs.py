@@ -14,9 +14,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from tasks.redaction import redact_uri
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError
+from tasks.redaction import redact_uri
 
 MAX_PARAM_COLUMNS = 6
 SHOWN_METRICS = ("test_accuracy", "test_f1_macro", "test_auroc", "test_rmse", "test_mae", "test_r2", "test_loss")

@@ -15,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 

@@ -41,20 +41,20 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from tasks.config import TrainConfig
-from flows.registry import register_model_task
 from flows.environment import fitflow_home, tracking_uri
-from tasks.checkout import checkout_first_on_path
-from tasks.redaction import redact_uri
+from flows.registry import register_model_task
 from flows.steps import DataRecord, evaluate_on_test_task, load_and_prepare, train_model_task
-from tasks.trainer import Run, build_loaders
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
 from tasks import search, tracking
 from tasks.callbacks import Monitor
+from tasks.checkout import checkout_first_on_path
+from tasks.config import TrainConfig
 from tasks.data import Prepared
 from tasks.errors import ConfigError, TrainingError
+from tasks.redaction import redact_uri
 from tasks.sweep_report import plot_metric_by_param, rank_trials, table_records
+from tasks.trainer import Run, build_loaders
 
 log = logging.getLogger("fitflow")
 

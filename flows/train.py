@@ -24,25 +24,25 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
-from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from flows.doctor import close_runs_of_flow_run
+from flows.environment import artifact_location, fitflow_home, tracking_uri
 from flows.registry import register_model_task
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
-from flows.environment import artifact_location, fitflow_home, tracking_uri
-from tasks.redaction import redact_uri
 from flows.steps import (
     DataRecord,
-    load_and_prepare,
     build_loaders_task,
     evaluate_on_test_task,
+    load_and_prepare,
     retry_after_crash,
     train_model_task,
 )
 from tasks import tracking
+from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from tasks.data import Prepared
 from tasks.errors import ConfigError
 from tasks.image_plots import validation_plots
 from tasks.plots import plot_learning_curves
+from tasks.redaction import redact_uri
 from tasks.trainer import Run, Trained, first_inputs
 from tasks.user_dataset import make_dataset_loaders
 

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from tasks.errors import DataError
-from tasks.preprocessing import class_predictions
 from tasks.images_decode import decode_bytes, from_array, load_pixels, normalise, read_image
+from tasks.preprocessing import class_predictions
 
 ImageItem = str | Path | bytes | bytearray | memoryview | np.ndarray
 

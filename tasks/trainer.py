@@ -20,7 +20,7 @@ from tasks.callbacks import Callback, Progress, deciding_callbacks
 from tasks.checkpoints import Checkpoints
 from tasks.compile import balanced_class_weights, make_loss, make_optimizer, make_scheduler
 from tasks.config import TrainConfig
-from tasks.data import PrepSpec, Prepared
+from tasks.data import Prepared, PrepSpec
 from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
 from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError

@@ -21,7 +21,6 @@ from uuid import uuid4
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from stack import REPO, Process, free_port, wait_http
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import TrainConfig
-from tasks.trainer import Run, build_loaders, prep_spec, train_model
 from tasks.callbacks import Callback
 from tasks.checkpoints import checkpoint_files, load_checkpoint, rng_state, set_rng_state
+from tasks.config import TrainConfig
 from tasks.data import load_table, prepare
 from tasks.errors import TrainingError
+from tasks.trainer import Run, build_loaders, prep_spec, train_model
 
 
 class Epochs(Callback):

@@ -19,7 +19,6 @@ import click
 import jsonschema
 import pytest
 import yaml
-
 from stack import COMPOSE_FILE, MLFLOW_ENTRYPOINT, REPO, InterpolationError, interpolate, load_compose, read_env_file
 
 ENV_EXAMPLE = read_env_file(REPO / ".env.example")

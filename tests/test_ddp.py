@@ -14,9 +14,9 @@ import torch
 from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
-from tasks.config import TrainConfig, load_config
 from flows.environment import fitflow_home
 from tasks.compile import make_loss
+from tasks.config import TrainConfig, load_config
 from tasks.data import load_table, prepare
 from tasks.distributed import launch, processes_per_node, train_distributed
 from tasks.errors import ConfigError, TrainingError

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-from tasks.config import TrainConfig
 from flows.train import train
 from tasks import tracking
+from tasks.config import TrainConfig
 from tasks.data import load_table
 from tasks.errors import TrainingError
 

@@ -12,13 +12,13 @@ from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.config import TrainConfig
 from flows.predict import PredictConfig, predict
-from tasks.trainer import prep_spec
 from flows.train import train
+from tasks.config import TrainConfig
 from tasks.data import load_table, prepare, split_rows
 from tasks.models import build_model, model_spec
 from tasks.preprocessing import infer_task
+from tasks.trainer import prep_spec
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prefect.utilities.callables import parameter_schema
 
-from tasks.config import TrainConfig
 from flows.train import train_flow
+from tasks.config import TrainConfig
 
 
 def test_parameter_schema_is_a_usable_ui_form():

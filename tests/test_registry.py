@@ -6,8 +6,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import TrainConfig
 from flows.train import train
+from tasks.config import TrainConfig
 from tasks.data import load_table
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -19,9 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.config import TrainConfig
 from flows.environment import fitflow_home
 from flows.train import train
+from tasks.config import TrainConfig
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 EPOCHS = 6

@@ -23,7 +23,6 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from stack import REPO, TeamStack, postgres_bin, started_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -194,8 +193,13 @@ def test_runs_triggered_through_the_api_and_the_cli_complete_and_are_tracked(tea
 
 # --- schedules ---------------------------------------------------------------------------------------
 def test_nightly_schedule_is_registered_in_its_time_zone_and_a_scheduled_run_fires(team_stack, worker, prefect, mlflow_client):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.schedules import IntervalSchedule
 

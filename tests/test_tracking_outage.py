@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from stack import Process, free_port, wait_http
 
 from flows.cli import main
-from tasks.config import TrainConfig
 from flows.train import train
+from tasks.config import TrainConfig
 from tasks.metrics_journal import MetricsKeptLocally
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]

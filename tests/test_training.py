@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import TrainConfig
-from tasks.trainer import build_loaders, prep_spec, train_model
 from tasks.callbacks import BestWeights, Callback, EarlyStopping, Monitor
+from tasks.config import TrainConfig
 from tasks.data import load_table, prepare
 from tasks.errors import ConfigError, TrainingError
 from tasks.loaders import make_loader
 from tasks.models import MLP, build_model, model_spec
+from tasks.trainer import build_loaders, prep_spec, train_model
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,9 @@ def test_callbacks_see_every_epoch(breast_cancer):
         def on_epoch_end(self, state):
             self.epochs.append(state.epoch)
 
-    from tasks.training import fit
-    from tasks.trainer import task_metrics
     from tasks.compile import make_loss, make_optimizer
+    from tasks.trainer import task_metrics
+    from tasks.training import fit
 
     loaders = build_loaders(config, prepared)
     model = build_model(model_spec("mlp", prepared.preprocessor.n_features, 2, {}))
