@@ -255,14 +255,17 @@ def log_pyfunc_model(
     model: torch.nn.Module,
     spec: dict[str, Any],
     preprocessor,
-    input_example: pd.DataFrame | np.ndarray,
+    input_example: pd.DataFrame | np.ndarray | dict | None,
 ) -> str:
-    """Log the pyfunc (preprocessing + weights, no pickle); returns the model URI."""
+    """Log the pyfunc (preprocessing + weights, no pickle); returns the model URI.
+
+    `input_example` None (a model whose inputs are a tuple: no pyfunc form): no example, no signature.
+    """
     from mlflow.models import Model, infer_signature
 
     from tasks.serving import FitflowModel
 
-    example = input_example.copy()
+    example = input_example.copy() if input_example is not None else None
     if isinstance(example, pd.DataFrame):
         for column in example.columns:  # ints in the signature would reject rows with missing values
             if pd.api.types.is_numeric_dtype(example[column]) and not pd.api.types.is_bool_dtype(example[column]):
@@ -276,7 +279,7 @@ def log_pyfunc_model(
         serving.load_context(_Context({"preprocessor": str(files["preprocessor.json"]),
                                        "model_spec": str(files["model_spec.json"]),
                                        "weights": str(files["weights.pt"])}))
-        signature = infer_signature(example, serving.predict(None, example))
+        signature = infer_signature(example, serving.predict(None, example)) if example is not None else None
         if getattr(preprocessor, "kind", "table") == "images":  # paths or bytes: either column will do
             from mlflow.types.schema import ColSpec, Schema
 

@@ -133,12 +133,7 @@ def test_bad_image_data_is_one_line_and_leaves_no_run_running(case, message, mlf
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--epochs", "1", "--image-size", "16", "--num-threads", "1",
                  "--experiment", "bad"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("fitflow: error: ") and message in err[-1], err[-3:]
-    client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name("bad")
-    runs = client.search_runs([experiment.experiment_id]) if experiment else []
-    assert all(run.info.status == "FAILED" for run in runs), [run.info.status for run in runs]
+    _assert_one_line_and_no_run_running(capsys, message, mlflow_uri, "bad")
 
 
 FACTORIES = '''
@@ -153,6 +148,21 @@ def not_datasets():
 
 def not_pairs():
     return {"train": TensorDataset(torch.zeros(8, 3)), "val": TensorDataset(torch.zeros(4, 3))}
+
+class Pairs(torch.utils.data.Dataset):
+    """Items ((a, b), y): a model called as model(a, b)."""
+
+    def __init__(self, n):
+        self.a, self.b, self.y = torch.randn(n, 3), torch.randn(n, 2), torch.arange(n) % 2
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.a[i], self.b[i]), self.y[i]
+
+def two_inputs():
+    return {"train": Pairs(40), "val": Pairs(10)}
 
 def three_classes():
     x, y = torch.randn(30, 4), torch.arange(30) % 3
@@ -171,6 +181,26 @@ class TwoOutputs(torch.nn.Module):
         return self.linear(x)
 
 
+class TwoInputs(torch.nn.Module):
+    """model(a, b): what a Dataset with tuple inputs trains."""
+
+    def __init__(self, num_outputs: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, num_outputs)
+
+    def forward(self, a, b):
+        return self.linear(torch.cat([a, b], dim=1))
+
+
+def test_a_dataset_of_tuple_inputs_trains_and_logs_a_model_without_an_example(mlflow_uri, tmp_path, monkeypatch):
+    (tmp_path / "bad_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = train(TrainConfig(data="bad_factories:two_inputs", model="test_image_flow:TwoInputs", epochs=2,
+                               experiment="tuples"))
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fitflow.model_uri"] == result.model_uri
+
+
 @pytest.mark.parametrize("data, model, message", [
     ("bad_factories:nowhere", "auto", "has no attribute 'nowhere'"),
     ("no_such_module:make", "auto", "no module named 'no_such_module'"),
@@ -185,9 +215,14 @@ def test_bad_datasets_and_models_are_one_line_and_leave_no_run_running(data, mod
     monkeypatch.syspath_prepend(str(tmp_path))
     capsys.readouterr()
     assert main(["train", "--data", data, "--model", model, "--epochs", "1", "--experiment", "bad-datasets"]) == 2
+    _assert_one_line_and_no_run_running(capsys, message, mlflow_uri, "bad-datasets")
+
+
+def _assert_one_line_and_no_run_running(capsys, message: str, mlflow_uri: str, experiment_name: str) -> None:
+    """The CLI's last stderr line is fitflow's one-line error, and every run it made ended FAILED."""
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fitflow: error: ") and message in err[-1], err[-3:]
     client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name("bad-datasets")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     assert all(run.info.status == "FAILED" for run in runs), [run.info.status for run in runs]
