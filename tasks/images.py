@@ -36,6 +36,12 @@ log = logging.getLogger("fitflow")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 PATH_COLUMNS = ("path", "image", "file", "filename")  # tried in this order when path_column is not given
+
+
+def find_path_column(columns) -> str | None:
+    """A manifest's image-path column: the first of PATH_COLUMNS it has (any case), or None."""
+    lower = {str(c).lower(): c for c in columns}
+    return next((lower[name] for name in PATH_COLUMNS if name in lower), None)
 SPLIT_NAMES = ("train", "val", "test")
 _EDGE = 4096  # bytes hashed from each end of a file: the digest reads <= 8 KiB per image
 
@@ -195,8 +201,7 @@ def _index_manifest(manifest: Path, target: str | None, path_column: str | None)
     table = load_table(str(manifest))
     columns = [str(c) for c in table.columns]
     if path_column is None:
-        lower = {c.lower(): c for c in columns}
-        path_column = next((lower[name] for name in PATH_COLUMNS if name in lower), None)
+        path_column = find_path_column(columns)
         if path_column is None:
             raise DataError(f"manifest {manifest} has no image-path column (looked for {', '.join(PATH_COLUMNS)}; "
                             f"columns are {', '.join(columns[:20])}); rename it or set path_column")
@@ -276,8 +281,7 @@ def images_to_score(source: str, path_column: str | None = None) -> pd.DataFrame
         labels = [Path(p).parent.name if Path(p).parent != root else None for p in paths]
         return pd.DataFrame({"path": paths, "label": labels})
     table = load_table(str(root))
-    lower = {str(c).lower(): c for c in table.columns}
-    column = path_column or next((lower[name] for name in PATH_COLUMNS if name in lower), None)
+    column = path_column or find_path_column(table.columns)
     if column is None or column not in table.columns:
         raise DataError(f"manifest {root} has no image-path column (looked for {', '.join(PATH_COLUMNS)}); rename it")
     files = [root.parent / str(raw) for raw in table[column]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks.config import IMPORT_PATH
 from tasks.data import resolve_source
-from tasks.images import IMAGE_SUFFIXES, PATH_COLUMNS
+from tasks.images import IMAGE_SUFFIXES, find_path_column
 
 log = logging.getLogger("fitflow")
 
@@ -44,17 +44,14 @@ def _image_path_column(path: Path) -> str | None:
         if path.suffix.lower() in (".parquet", ".pq"):
             import pyarrow.parquet as pq
 
-            names = [c for c in pq.ParquetFile(path).schema_arrow.names if c.lower() in PATH_COLUMNS]
-            head = pq.ParquetFile(path).read_row_group(0, columns=names).to_pandas().head(20) if names else None
+            column = find_path_column(pq.ParquetFile(path).schema_arrow.names)
+            head = pq.ParquetFile(path).read_row_group(0, columns=[column]).to_pandas().head(20) if column else None
         else:
             head = pd.read_csv(path, nrows=20)
+            column = find_path_column(head.columns)
     except Exception:  # not a readable table: load_table gives the one-line reason
         return None
-    if head is None:
+    if column is None:
         return None
-    for column in head.columns:
-        if str(column).lower() in PATH_COLUMNS:
-            values = head[column].dropna().astype(str)
-            if len(values) and values.str.lower().str.endswith(IMAGE_SUFFIXES).all():
-                return str(column)
-    return None
+    values = head[column].dropna().astype(str)
+    return str(column) if len(values) and values.str.lower().str.endswith(IMAGE_SUFFIXES).all() else None
