@@ -54,19 +54,23 @@ class FitflowModel(mlflow.pyfunc.PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        inputs = self.model_inputs(model_input)
+        if isinstance(inputs, dict):
+            with torch.inference_mode():
+                outputs = call_model(self.model, inputs).float()
+        else:
+            outputs = predict_outputs(self.model, inputs)
+        return self.preprocessor.decode(outputs.numpy())
+
+    def model_inputs(self, model_input) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the network takes for a pyfunc input: preprocessed rows, decoded images, or the arrays
+        as tensors. Public, so that the `pytorch` flavor of the same model can be fed the same way."""
         p = self.preprocessor
         if isinstance(p, ImagePreprocessor):
-            outputs = predict_outputs(self.model, p.load_images(image_items(model_input)))
-        elif isinstance(p, TensorPreprocessor):
-            inputs = p.model_inputs(model_input)
-            if isinstance(inputs, dict):
-                with torch.inference_mode():
-                    outputs = call_model(self.model, inputs).float()
-            else:
-                outputs = predict_outputs(self.model, inputs)
-        else:
-            outputs = predict_outputs(self.model, torch.from_numpy(p.transform(pd.DataFrame(model_input))))
-        return p.decode(outputs.numpy())
+            return p.load_images(image_items(model_input))
+        if isinstance(p, TensorPreprocessor):
+            return p.model_inputs(model_input)
+        return torch.from_numpy(p.transform(pd.DataFrame(model_input)))
 
 
 def image_items(model_input: Any) -> list:

@@ -257,12 +257,16 @@ def log_pyfunc_model(
     preprocessor,
     input_example: pd.DataFrame | np.ndarray | dict | None,
 ) -> str:
-    """Log the pyfunc (preprocessing + weights, no pickle); returns the model URI.
+    """Log the MLflow model; returns its URI. One model, two flavors, no pickle in either: the
+    pyfunc (preprocessing as JSON + weights as a state dict) and the `pytorch` flavor (the same
+    network exported by torch.export, tasks/pytorch_flavor.py).
 
-    `input_example` None (a model whose inputs are a tuple: no pyfunc form): no example, no signature.
+    `input_example` None (a model whose inputs are a tuple: no pyfunc form): no example, no
+    signature, no pytorch flavor.
     """
     from mlflow.models import Model, infer_signature
 
+    from tasks import pytorch_flavor
     from tasks.serving import FitflowModel
 
     example = input_example.copy() if input_example is not None else None
@@ -280,6 +284,8 @@ def log_pyfunc_model(
                                        "model_spec": str(files["model_spec.json"]),
                                        "weights": str(files["weights.pt"])}))
         signature = infer_signature(example, serving.predict(None, example)) if example is not None else None
+        # the network the pyfunc loads (state dict, CPU, eval mode) is the one exported
+        exported = pytorch_flavor.export(serving.model, serving.model_inputs(example), Path(tmp)) if example is not None else None
         if getattr(preprocessor, "kind", "table") == "images":  # paths or bytes: either column will do
             from mlflow.types.schema import ColSpec, Schema
 
@@ -293,7 +299,7 @@ def log_pyfunc_model(
         info = Model.log(
             artifact_path=None,
             name="model",
-            flavor=mlflow.pyfunc,
+            flavor=pytorch_flavor,
             run_id=run_id,
             model_id=logged.model_id,
             python_model=str(MODEL_CODE),
@@ -304,6 +310,7 @@ def log_pyfunc_model(
             signature=signature,
             input_example=example,
             pip_requirements=_requirements(spec, preprocessor),  # skips MLflow's requirement inference, 8-11 s
+            pytorch_model=exported,
         )
     return info.model_uri
 
