@@ -9,6 +9,8 @@ arrays) for a model trained on your own Datasets. Outputs: `prediction`, and for
 It carries the fitted preprocessing as JSON (its `kind` says which), the model spec as JSON and
 the weights as a state dict: no pickle anywhere, so it loads with
 MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. MLflow loads it "from code" through tasks/model_code.py.
+The same logged model carries the network as MLflow's `pytorch` flavor too
+(tasks/pytorch_flavor.py), fed what `model_inputs` returns.
 """
 
 from __future__ import annotations
