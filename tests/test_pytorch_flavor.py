@@ -26,9 +26,11 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from flows.train import train
-from tasks import pytorch_flavor
+from tasks import pytorch_flavor, tracking
 from tasks.config import TrainConfig
-from tasks.models import build_model
+from tasks.data import load_table, prepare
+from tasks.models import build_model, model_spec
+from tasks.trainer import prep_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,10 +154,36 @@ def test_inputs_given_as_a_dict_are_left_without_the_flavor_and_say_why(tmp_path
     assert "takes its inputs as a dict" in caplog.text
 
 
-def test_a_single_example_row_still_exports_a_free_batch_size(tmp_path):
+def test_a_single_example_row_still_exports_a_free_batch_size(tmp_path, monkeypatch):
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
     saved = pytorch_flavor.export(net, torch.randn(1, 3), tmp_path)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     loaded = mlflow.pytorch.load_model(str(saved))
     x = torch.randn(6, 3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=1e-6)
+
+
+def test_log_pyfunc_model_logs_one_model_with_both_flavors(mlflow_uri, monkeypatch):
+    """The quick suite's check of the whole logging step (the runs above are slow): an untrained
+    MLP on the shipped table, logged and read back in this process with pickle off."""
+    config = TrainConfig(epochs=1)
+    table = load_table(config.data)
+    prepared = prepare(table, prep_spec(config))
+    p = prepared.preprocessor
+    spec = model_spec("mlp", p.n_features, len(p.classes), {"dropout": 0.5})
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("both")).info.run_id
+    rows = table.drop(columns=[config.target]).head(7)
+
+    uri = tracking.log_pyfunc_model(client, run_id, build_model(spec).eval(), spec, p, rows)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    net = mlflow.pytorch.load_model(uri)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    x = pyfunc.unwrap_python_model().model_inputs(rows)
+    with torch.no_grad():
+        logits = net(x)
+        torch.testing.assert_close(logits, pyfunc.unwrap_python_model().model(x), rtol=0, atol=1e-6)
+    probabilities = pyfunc.predict(rows).filter(like="probability_").to_numpy()
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), probabilities, rtol=0, atol=1e-6)
