@@ -10,7 +10,10 @@ from torch import nn
 from tasks.errors import ConfigError
 
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch ships fused Adam/AdamW/SGD kernels
-LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss, "l1": nn.L1Loss}
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss, "mse": nn.MSELoss, "huber": nn.HuberLoss,
+          "l1": nn.L1Loss}
+AUTO_LOSS = {"classification": "cross_entropy", "multilabel": "bce", "regression": "mse"}
+_LOSS_TASK = {"cross_entropy": "classification", "bce": "multilabel"}  # the others are regression losses
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
@@ -46,14 +49,17 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, ste
 
 
 def make_loss(name: str, task: str, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """The loss by name; `class_weights` (one per class) weigh cross-entropy for imbalanced classes."""
+    """The loss by name; `class_weights` (one per class) weigh cross-entropy for imbalanced classes,
+    or each class's positives in binary cross-entropy (its `pos_weight`) for multilabel."""
     if name == "auto":
-        name = "cross_entropy" if task == "classification" else "mse"
+        name = AUTO_LOSS[task]
     if name not in LOSSES:
         raise ConfigError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
-    if (name == "cross_entropy") != (task == "classification"):
+    if _LOSS_TASK.get(name, "regression") != task:
         raise ConfigError(f"loss '{name}' does not fit a {task} task; use --loss auto")
-    return nn.CrossEntropyLoss(weight=class_weights) if class_weights is not None else LOSSES[name]()
+    if class_weights is None:
+        return LOSSES[name]()
+    return nn.CrossEntropyLoss(weight=class_weights) if name == "cross_entropy" else nn.BCEWithLogitsLoss(pos_weight=class_weights)
 
 
 def balanced_class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:

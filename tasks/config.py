@@ -31,6 +31,11 @@ IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # an MLflow run id, as `fitflow runs` lists them
 
 
+def target_columns(target: str) -> list[str]:
+    """The columns a `target` names: `toxic,obscene` two (a multi-label target), `label` one."""
+    return [name.strip() for name in target.split(",")]
+
+
 def check_run_id(run_id: str) -> str:
     if not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise ConfigError(f"not an MLflow run id: {_one_line(repr(run_id))} (32 hex digits, as `fitflow runs` lists them)")
@@ -113,15 +118,17 @@ class TrainConfig(BaseModel):
         "path is dataset, other files are tables); set it to read a file another way.",
     )
     data_kwargs: dict[str, Any] = Field({}, description="Keyword arguments for your Dataset factory (data_kind dataset).")
-    target: str = Field("diagnosis", description="Column to predict (tables); the label column of an image manifest "
-                        "(when the manifest has no such column, 'label').", min_length=1)
+    target: str = Field("diagnosis", description="Column to predict (tables), or several 0/1 columns comma-separated "
+                        "for multi-label ('toxic,obscene,insult'; a YAML list works too); the label column of an image "
+                        "manifest (when the manifest has no such column, 'label').", min_length=1)
     validation_data: str | None = Field(
         None,
         description="Optional CSV/Parquet used as the validation split (like Keras' validation_data); "
         "then only the test split is cut from `data`.",
     )
-    task: Literal["auto", "classification", "regression"] = Field(
-        "auto", description="auto: strings, booleans and integers with few values are classification."
+    task: Literal["auto", "classification", "regression", "multilabel"] = Field(
+        "auto", description="auto: several target columns, or text labels holding 'a|b' label sets, are multilabel; "
+        "strings, booleans and integers with few values are classification; other numbers regression.",
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for the final test.")
@@ -147,12 +154,13 @@ class TrainConfig(BaseModel):
     )
     scheduler_step_size: int = Field(10, ge=1, description="Epochs between decays (step).")
     scheduler_gamma: float = Field(0.1, gt=0, le=1, description="Decay factor (step, plateau).")
-    loss: Literal["auto", "cross_entropy", "mse", "huber", "l1"] = Field(
-        "auto", description="auto: cross_entropy for classification, mse for regression."
+    loss: Literal["auto", "cross_entropy", "bce", "mse", "huber", "l1"] = Field(
+        "auto", description="auto: cross_entropy for classification, bce (a sigmoid per class) for multilabel, mse for regression."
     )
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weigh each class in the loss by how rare it is in the training split "
-        "(imbalanced classes); the validation and test losses are weighed the same way.",
+        "(imbalanced classes; multilabel: each label's positives by its negatives/positives ratio); the validation "
+        "and test losses are weighed the same way.",
     )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value (off when empty).")
 
@@ -216,6 +224,23 @@ class TrainConfig(BaseModel):
         values["launch"] = launch
         return values
 
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_columns(cls, target: Any) -> Any:
+        """Several target columns as one string, `a,b,c` (a YAML list is joined): one value on every surface."""
+        if isinstance(target, (list, tuple)):
+            if not all(isinstance(name, str) for name in target):
+                raise ValueError("list the target columns by name")
+            target = ",".join(target)
+        if isinstance(target, str) and "," in target:
+            names = [name.strip() for name in target.split(",")]
+            if not all(names):
+                raise ValueError("name each target column once, separated by commas, like 'toxic,obscene'")
+            if len(set(names)) < len(names):
+                raise ValueError("a target column is named twice; name each once")
+            target = ",".join(names)
+        return target
+
     @field_validator("hidden_sizes")
     @classmethod
     def _positive_widths(cls, sizes: list[int]) -> list[int]:
@@ -241,6 +266,13 @@ class TrainConfig(BaseModel):
     def _splits_leave_training_rows(self) -> TrainConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
+        return self
+
+    @model_validator(mode="after")
+    def _several_targets_are_multilabel(self) -> TrainConfig:
+        if "," in self.target and self.task in ("classification", "regression"):
+            raise ValueError(f"several target columns are one multi-label target; task {self.task} predicts one "
+                             "column: use task auto or multilabel, or name one target column")
         return self
 
     def params(self) -> dict[str, str]:

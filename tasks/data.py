@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.config import target_columns
 from tasks.errors import DataError
+from tasks.labels import binary_columns, check_every_label_varies
 from tasks.preprocessing import Preprocessor, check_features, infer_task
 
 log = logging.getLogger("fitflow")
@@ -136,7 +138,7 @@ class PrepSpec:
 @dataclass
 class Split:
     features: np.ndarray  # float32, (rows, features)
-    targets: np.ndarray  # int64 class indices, or float32 scaled values
+    targets: np.ndarray  # int64 class indices, float32 multi-hot (rows, classes), or float32 scaled values
 
 
 @dataclass
@@ -164,43 +166,60 @@ class Prepared:
 
 def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None = None) -> Prepared:
     """Split the table (stratified for classification) and fit the preprocessing on train only."""
-    table = _with_known_target(table, spec.target, "data")
+    targets = target_columns(spec.target)
+    _require_targets(table, targets, "data")
+    task = "multilabel" if len(targets) > 1 else infer_task(table[spec.target].dropna(), spec.task)
+    label_sets = task == "multilabel" and len(targets) == 1  # one column of "a|b": an empty cell is no labels
+    if len(targets) > 1:  # before rows are dropped, so that the error's row is the file's
+        binary_columns(table, targets, "the data")
+    table = _without_missing_targets(table, targets, label_sets)
     check_features(table, spec.target)
-    task = infer_task(table[spec.target], spec.task)
     # Splits are row positions into `table`, never copies of it: fitting and encoding read one
     # column of one split at a time, so the peak stays near the table plus the float32 features.
+    labels = table[targets[0]]  # stratification (classification only) needs one column
     if validation is None:
-        train_rows, val_rows, test_rows = split_rows(table[spec.target], task, spec)
+        train_rows, val_rows, test_rows = split_rows(labels, task, spec)
     else:
-        validation = _with_known_target(validation, spec.target, "validation data")
+        _require_targets(validation, targets, "validation data")
+        if len(targets) > 1:
+            binary_columns(validation, targets, "the validation data")
+        validation = _without_missing_targets(validation, targets, label_sets)
         check_features(validation, spec.target)
         no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
-        train_rows, _, test_rows = split_rows(table[spec.target], task, no_val)
+        train_rows, _, test_rows = split_rows(labels, task, no_val)
     preprocessor = Preprocessor.fit(table, spec.target, task, spec.max_categories, rows=train_rows)
     train, test = _encode(preprocessor, table, train_rows), _encode(preprocessor, table, test_rows)
     val = _encode(preprocessor, table, val_rows) if validation is None else _encode(preprocessor, validation, None)
+    if task == "multilabel":
+        check_every_label_varies(train.targets, preprocessor.classes, f"the training split of '{spec.target}'")
     log.info("prepared %s: %d train / %d val / %d test rows, %d features",
              task, len(train.targets), len(val.targets), len(test.targets), preprocessor.n_features)
     return Prepared(train=train, val=val, test=test, preprocessor=preprocessor)
 
 
 def _encode(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:
-    labels = frame[preprocessor.target] if rows is None else frame[preprocessor.target].iloc[rows]
-    return Split(preprocessor.transform(frame, rows), preprocessor.encode_target(labels))
+    labels = frame[preprocessor.target_columns]
+    return Split(preprocessor.transform(frame, rows), preprocessor.encode_target(labels if rows is None else labels.iloc[rows]))
 
 
-def _with_known_target(table: pd.DataFrame, target: str, what: str) -> pd.DataFrame:
+def _require_targets(table: pd.DataFrame, targets: list[str], what: str) -> None:
+    """Each target column is in the table, and has values."""
     _reject_duplicate_columns(f"the {what}", list(table.columns))  # a frame built in memory, not read by load_table
-    if target not in table.columns:
-        close = difflib.get_close_matches(target, [str(c) for c in table.columns], n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"columns are: {', '.join(map(str, table.columns[:20]))}"
-        raise DataError(f"target column '{target}' is not in the {what}; {hint} (set --target)")
-    labels = table[target]
-    if labels.isna().all():
-        raise DataError(f"target column '{target}' has no values (all missing); pick a column with labels")
-    if labels.isna().any():
-        log.warning("dropping %d rows whose target '%s' is missing", int(labels.isna().sum()), target)
-        table = table[labels.notna()].reset_index(drop=True)
+    for name in targets:
+        if name not in table.columns:
+            close = difflib.get_close_matches(name, [str(c) for c in table.columns], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"columns are: {', '.join(map(str, table.columns[:20]))}"
+            raise DataError(f"target column '{name}' is not in the {what}; {hint} (set --target)")
+        if table[name].isna().all():
+            raise DataError(f"target column '{name}' has no values (all missing); pick a column with labels")
+
+
+def _without_missing_targets(table: pd.DataFrame, targets: list[str], label_sets: bool) -> pd.DataFrame:
+    """The rows with a value in every target column (a row of label sets may be empty: no labels)."""
+    missing = table[targets].isna().any(axis=1)
+    if missing.any() and not label_sets:
+        log.warning("dropping %d rows whose target '%s' is missing", int(missing.sum()), ",".join(targets))
+        table = table[~missing.to_numpy()].reset_index(drop=True)
     return table
 
 
@@ -242,6 +261,6 @@ def content_key(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | 
             digest.update(repr(list(map(str, frame.columns))).encode())
             digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     digest.update(repr(sorted(asdict(spec).items())).encode())
-    for module in ("data.py", "preprocessing.py"):
+    for module in ("data.py", "preprocessing.py", "labels.py", "config.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
     return f"prepare-{digest.hexdigest()}"

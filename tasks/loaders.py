@@ -140,8 +140,8 @@ def make_loader(
     # np.require copies only arrays that are read-only (pandas' copy-on-write) or not contiguous
     x = torch.from_numpy(np.require(features, np.float32, ["C", "W"]))
     y = torch.from_numpy(np.require(targets, None, ["C", "W"]))
-    if y.dtype != torch.int64:  # regression: (rows, 1) so that loss(model(x), y) needs no reshaping
-        y = y.float().reshape(-1, 1)
+    if y.dtype != torch.int64:  # regression: (rows, 1) so that loss(model(x), y) needs no reshaping;
+        y = y.float().reshape(len(y), -1)  # multilabel targets are (rows, classes) already
     if device is not None:
         x, y = x.to(device), y.to(device)
     dataset = GatherDataset(x, y)

@@ -3,7 +3,8 @@
 `Preprocessor.fit` learns it from the training split only: median imputation and
 standardisation for numeric columns, most-frequent imputation and one-hot encoding (the
 `max_categories` most frequent values, the rest sharing one `__other__` column) for
-categorical ones, the class names for classification and the target scale for regression.
+categorical ones, the class names for classification and multi-label (tasks/labels.py), and
+the target scale for regression.
 Training and the MLflow model apply exactly the same `transform`.
 """
 
@@ -19,7 +20,16 @@ import numpy as np
 import pandas as pd
 from pandas.api import types
 
+from tasks.config import target_columns
 from tasks.errors import DataError
+from tasks.labels import (
+    binary_columns,
+    is_label_set_column,
+    label_set_classes,
+    label_set_predictions,
+    multi_hot,
+    parse_label_sets,
+)
 
 OTHER = "__other__"
 _NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with typos, not a category
@@ -53,8 +63,8 @@ class CategoricalColumn:
 
 @dataclass
 class Preprocessor:
-    target: str
-    task: str
+    target: str  # one column; multilabel: several 0/1 columns "a,b,c", or one column of "a|b" label sets
+    task: str  # classification | regression | multilabel
     numeric: list[NumericColumn] = field(default_factory=list)
     categorical: list[CategoricalColumn] = field(default_factory=list)
     classes: list[Any] | None = None
@@ -64,6 +74,10 @@ class Preprocessor:
     @property
     def n_features(self) -> int:
         return len(self.numeric) + sum(c.width for c in self.categorical)
+
+    @property
+    def target_columns(self) -> list[str]:
+        return target_columns(self.target)
 
     @property
     def input_columns(self) -> list[str]:
@@ -83,7 +97,8 @@ class Preprocessor:
             rows: np.ndarray | None = None) -> Preprocessor:
         """Learn the preprocessing from `frame` (only its `rows`: the training split)."""
         prep = cls(target=target, task=task)
-        for name in (c for c in frame.columns if c != target):
+        targets = target_columns(target)
+        for name in (c for c in frame.columns if c not in targets):
             column = _rows(frame[name], rows)  # one column at a time: no copy of the whole split
             if _is_numeric(column):
                 values = _as_float(column)
@@ -97,6 +112,10 @@ class Preprocessor:
                 fill = ranked[0][0] if ranked else OTHER
                 kept = [value for value, _ in ranked[:max_categories]]
                 prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories))
+        if task == "multilabel":  # the classes are the 0/1 columns, or the labels of the training rows' sets
+            sets = None if len(targets) > 1 else parse_label_sets(_rows(frame[target], rows))
+            prep.classes = targets if sets is None else label_set_classes(sets)
+            return prep
         labels = _rows(frame[target], rows)
         if task == "classification":
             # Numbers only from a numeric dtype: an object column mixing 1 and "1" sorts (and matches) as text.
@@ -142,7 +161,15 @@ class Preprocessor:
         if twice:
             raise DataError(f"input has column(s) {', '.join(map(repr, twice))} more than once; keep one of each")
 
-    def encode_target(self, labels: pd.Series) -> np.ndarray:
+    def encode_target(self, frame: pd.DataFrame, what: str = "the data") -> np.ndarray:
+        """The target columns of `frame` -> int64 class indices, float32 multi-hot (rows, classes)
+        for multilabel, or float32 scaled values for regression."""
+        if self.task == "multilabel":
+            targets = self.target_columns
+            if len(targets) > 1:
+                return binary_columns(frame, targets, what)
+            return multi_hot(parse_label_sets(frame[self.target]), self.classes, f"'{self.target}' of {what}")
+        labels = frame[self.target]
         if self.classes is None:
             return ((_as_float(labels) - self.target_mean) / self.target_std).astype(np.float32)
         keys = labels.map(_plain) if isinstance(self.classes[0], (int, float, bool)) else labels.astype(str)
@@ -155,6 +182,8 @@ class Preprocessor:
 
     def decode(self, outputs: np.ndarray) -> pd.DataFrame:
         """Model outputs -> predictions in the original label space (+ class probabilities)."""
+        if self.task == "multilabel":
+            return label_set_predictions(outputs, self.classes)
         if self.classes is None:
             return pd.DataFrame({"prediction": self.unscale_targets(outputs.reshape(len(outputs), -1)[:, 0])})
         return class_predictions(outputs, self.classes)
@@ -200,7 +229,7 @@ def class_predictions(outputs: np.ndarray, classes: list) -> pd.DataFrame:
 
 def check_features(table: pd.DataFrame, target: str) -> None:
     """Reject what no preprocessing can fix: no features, infinities, typos in numeric columns."""
-    if len(table.columns) < 2:
+    if len(table.columns) <= len(target_columns(target)):
         raise DataError(f"the data has no feature columns besides the target '{target}'; add input columns")
     for name in table.columns:
         column = table[name]
@@ -230,7 +259,13 @@ def _reject_out_of_range(name: Any, column: pd.Series, values: np.ndarray) -> No
 
 
 def infer_task(labels: pd.Series, requested: str) -> str:
-    """classification or regression, from the request or from the labels."""
+    """classification, regression or multilabel (`a|b` label sets), from the request or from one
+    target column's labels (several target columns are multilabel: tasks/data.py)."""
+    if requested == "multilabel" or (requested == "auto" and is_label_set_column(labels)):
+        if types.is_numeric_dtype(labels) or types.is_bool_dtype(labels):
+            raise DataError(f"target '{labels.name}' is one numeric column, not label sets; for multilabel name several "
+                            "0/1 columns (--target a,b,c) or give one column of 'a|b' labels")
+        return "multilabel"
     numeric = _is_numeric(labels)
     if requested == "regression" and not numeric:
         raise DataError(f"target '{labels.name}' holds text, so it cannot be a regression target; use --task classification")

@@ -26,6 +26,7 @@ from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError
 from tasks.images_loaders import make_image_loaders
 from tasks.images_prepare import ImagesPrepared
+from tasks.labels import balanced_pos_weight
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
 from tasks.models import build_model, load_pretrained, model_spec
@@ -205,14 +206,17 @@ def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, 
 
 
 def loss_of(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> torch.nn.Module:
-    """The configured loss; with class_weights balanced, weighed by the training split's class counts."""
+    """The configured loss; with class_weights balanced, weighed by the training split's class counts
+    (multilabel: each class's positives by its negatives/positives ratio, BCE's pos_weight)."""
     task = prepared.preprocessor.task
     if config.class_weights == "none":
         return make_loss(config.loss, task)
-    if task != "classification":
+    if task == "regression":
         raise ConfigError("class_weights balanced is for classification; this task is regression: drop it")
     if isinstance(prepared, UserDatasets):
         raise ConfigError("class_weights balanced needs the training labels, which fitflow does not read from your "
                           "Datasets; weigh the classes in your own loss, or drop class_weights")
     targets = torch.as_tensor(prepared.train.targets)
+    if task == "multilabel":
+        return make_loss(config.loss, task, torch.from_numpy(balanced_pos_weight(targets.numpy())))
     return make_loss(config.loss, task, balanced_class_weights(targets, len(prepared.preprocessor.classes)))
