@@ -19,7 +19,7 @@ from tasks.errors import ConfigError
 from tasks.redaction import redact_uri
 
 MAX_PARAM_COLUMNS = 6
-SHOWN_METRICS = ("test_accuracy", "test_f1_macro", "test_auroc", "test_rmse", "test_mae", "test_r2", "test_loss")
+SHOWN_METRICS = ("test_accuracy", "test_f1_micro", "test_f1_macro", "test_auroc", "test_rmse", "test_mae", "test_r2", "test_loss")
 
 
 def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20,

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import images
 from tasks.callbacks import Callback
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, target_columns
 from tasks.data import Prepared, content_key, load_table, prepare, resolve_source
 from tasks.distributed import train_distributed
 from tasks.errors import FitflowError
@@ -40,7 +40,7 @@ class DataRecord:
     kind: str  # table | images | dataset
     frame: pd.DataFrame  # the table; the image index (path, label, split, bytes); the factory and its kwargs
     source: str  # the file or folder, or the factory's import path
-    target: str | None  # the label column of `frame`
+    target: str | None  # the label column of `frame` (None for several: MLflow's dataset names one)
 
 
 def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | UserDatasets, DataRecord]:
@@ -49,7 +49,7 @@ def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | U
     if kind == "images":
         # the table default ("diagnosis") names no manifest column: a manifest's labels are then in "label"
         target = None if config.target == TrainConfig.model_fields["target"].default else config.target
-        source = index_images_task(str(resolve_source(config.data)), target)
+        source = index_images_task(str(resolve_source(config.data)), target, task=config.task)
         prepared = prepare_images_task(source, config.image_size, config.val_fraction, config.test_fraction, config.seed)
         return prepared, DataRecord(kind, source.as_frame(), source.root, "label")
     if kind == "dataset":
@@ -59,7 +59,8 @@ def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | U
     table = load_table_task(config.data)
     validation = load_table_task(config.validation_data) if config.validation_data else None
     prepared = prepare_task(table, prep_spec(config), validation)
-    return prepared, DataRecord(kind, table, str(resolve_source(config.data)), config.target)
+    target = config.target if len(target_columns(config.target)) == 1 else None
+    return prepared, DataRecord(kind, table, str(resolve_source(config.data)), target)
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
@@ -103,7 +104,7 @@ def _prepare_images_cache_key(context, parameters) -> str:
     digest = hashlib.sha256(parameters["source"].digest().encode())
     settings = {k: parameters.get(k) for k in ("image_size", "val_fraction", "test_fraction", "seed")}
     digest.update(repr(sorted(settings.items())).encode())
-    for module in ("images.py", "images_prepare.py", "images_decode.py", "images_preprocessor.py"):
+    for module in ("images.py", "images_prepare.py", "images_decode.py", "images_preprocessor.py", "labels.py"):
         digest.update((Path(images.__file__).parent / module).read_bytes())
     return f"prepare-images-{digest.hexdigest()}"
 

@@ -208,7 +208,7 @@ def log_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Ru
 def input_example(data: DataRecord, prepared) -> pd.DataFrame | np.ndarray | dict | None:
     """A few inputs as a user has them at prediction time: raw rows, image paths, or arrays."""
     if data.kind == "table":
-        return data.frame.drop(columns=[data.target]).head(5)
+        return data.frame.drop(columns=prepared.preprocessor.target_columns).head(5)
     if data.kind == "images":
         return pd.DataFrame({"path": prepared.val.paths[:3]})
     x = first_inputs(make_dataset_loaders(prepared, batch_size=3).val)

@@ -1,5 +1,10 @@
 """The plots an image run logs beside its learning curves: where the model confuses classes, and
-which validation images it gets wrong."""
+which validation images it gets wrong.
+
+Multi-label runs have no confusion matrix (a row may hold any number of classes, so there is
+no single true and predicted class to cross); they log `label_scores.png` instead: per class,
+precision, recall and F1 on the validation split at the 0.5 threshold, and how many images hold
+the class. Their misclassified images are those whose predicted label set differs from the true one."""
 
 from __future__ import annotations
 
@@ -9,26 +14,54 @@ import numpy as np
 import torch
 
 from tasks.images_prepare import ImagesPrepared
+from tasks.labels import SEPARATOR, THRESHOLD
 from tasks.training import predict_outputs
 
 MISCLASSIFIED_SHOWN = 25  # a 5 x 5 grid: enough to see a pattern, small enough to read
 
 
 def validation_plots(model: torch.nn.Module, prepared: ImagesPrepared, folder: Path) -> list[Path]:
-    """confusion_matrix.png and misclassified.png of the validation split (the images, not a sample)."""
+    """confusion_matrix.png (multilabel: label_scores.png) and misclassified.png of the validation
+    split (the images, not a sample)."""
     p = prepared.preprocessor
     paths, truth = prepared.val.paths, prepared.val.targets.numpy()
-    predicted = np.concatenate([predict_outputs(model, p.load_images(paths[i : i + 256])).argmax(1).numpy()
-                                for i in range(0, len(paths), 256)])
-    wrong = np.flatnonzero(predicted != truth)
+    outputs = np.concatenate([predict_outputs(model, p.load_images(paths[i : i + 256])).numpy()
+                              for i in range(0, len(paths), 256)])
+    multilabel = p.task == "multilabel"
+    # multilabel: a class is predicted where its sigmoid reaches the threshold, i.e. its logit reaches logit(threshold)
+    predicted = outputs >= np.log(THRESHOLD / (1 - THRESHOLD)) if multilabel else outputs.argmax(1)
+    truth = truth.astype(bool) if multilabel else truth
+    wrong = np.flatnonzero((predicted != truth).any(axis=1) if multilabel else predicted != truth)
     if len(wrong) > MISCLASSIFIED_SHOWN:  # spread over the split (it is in class order), not the first class only
         wrong = wrong[np.linspace(0, len(wrong) - 1, MISCLASSIFIED_SHOWN).astype(int)]
     shown = p.load_images([paths[i] for i in wrong]) if len(wrong) else torch.empty(0)
     mean, std = torch.tensor(p.mean).view(1, -1, 1, 1), torch.tensor(p.std).view(1, -1, 1, 1)
     pixels = (shown * std + mean).clamp(0, 1) if len(wrong) else shown  # back from the normalisation, to look at
-    titles = [f"{p.classes[truth[i]]} -> {p.classes[predicted[i]]}" for i in wrong]
-    return [plot_confusion_matrix(truth, predicted, p.classes, folder / "confusion_matrix.png"),
-            plot_image_grid(pixels, titles, folder / "misclassified.png")]
+    def name(label) -> str:  # a class index, or a multi-label row of booleans
+        return (SEPARATOR.join(np.asarray(p.classes)[label]) or "(none)") if multilabel else p.classes[label]
+
+    titles = [f"{name(truth[i])} -> {name(predicted[i])}" for i in wrong]
+    scores = (plot_label_scores(truth, predicted, p.classes, folder / "label_scores.png") if multilabel
+              else plot_confusion_matrix(truth, predicted, p.classes, folder / "confusion_matrix.png"))
+    return [scores, plot_image_grid(pixels, titles, folder / "misclassified.png")]
+
+
+def plot_label_scores(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Multi-label: precision, recall and F1 per class (bars), with the count of true images per class."""
+    plt = _pyplot()
+    hits = (truth & predicted).sum(axis=0)
+    precision = hits / np.maximum(predicted.sum(axis=0), 1)
+    recall = hits / np.maximum(truth.sum(axis=0), 1)
+    f1 = 2 * hits / np.maximum(truth.sum(axis=0) + predicted.sum(axis=0), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(min(0.6 * k + 4, 16), 4.5))
+    for offset, (label, values) in zip((-0.27, 0, 0.27), (("precision", precision), ("recall", recall), ("F1", f1))):
+        ax.bar(np.arange(k) + offset, values, width=0.27, label=label)
+    ax.set_xticks(range(k), [f"{c} ({n} true)" for c, n in zip(classes, truth.sum(axis=0))], rotation=90 if k > 6 else 0)
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right")
+    ax.set_title(f"validation: {int((truth == predicted).all(axis=1).sum())} of {len(truth)} label sets right")
+    return _save(plt, fig, path)
 
 
 def plot_confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:

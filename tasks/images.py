@@ -6,7 +6,10 @@ Three layouts, detected from the path:
 - `splits`: `train/` plus `val/` and/or `test/`, each in that layout, used as given (a missing
   `val/` or `test/` is carved out of `train/` by `prepare_images`); the classes are train's;
 - `manifest`: a CSV or Parquet file with an image-path column (relative to the manifest's
-  folder) and a label column.
+  folder) and a label column. Labels written `a|b` (any number of classes, one included) make
+  it multi-label (tasks/labels.py): the classes are the sorted union of the labels, and an
+  empty label is an image with none of them; `task: multilabel` reads single labels so too,
+  `task: classification` reads `a|b` as one class name.
 
 Files in a class folder whose suffix is not an image's (.png .jpg .jpeg .bmp .webp, any case),
 and AppleDouble `._*` files, are skipped rather than refused: `.DS_Store`, `Thumbs.db` and
@@ -30,6 +33,7 @@ import pandas as pd
 
 from tasks.data import load_table
 from tasks.errors import DataError
+from tasks.labels import SEPARATOR, is_label_set_column, label_set_classes, parse_label_sets
 
 log = logging.getLogger("fitflow")
 
@@ -53,10 +57,12 @@ class ImageSource:
     root: str  # the resolved folder (a manifest's own folder); item paths are absolute
     layout: str  # folders | splits | manifest
     classes: list[str]
-    splits: dict[str, list[tuple[str, int]]]  # "all" (folders, manifest) or train/val/test: (path, class index)
+    # "all" (folders, manifest) or train/val/test: (path, class index), or (path, class indices) for multilabel
+    splits: dict[str, list[tuple[str, int | tuple[int, ...]]]]
     sizes: dict[str, list[int]]  # bytes of each file, in the order of `splits`
     skipped: int = 0  # non-image files left out (and manifest rows without a label)
     target: str = "label"  # the manifest's label column; "label" for folders
+    task: str = "classification"  # or multilabel (a manifest of "a|b" labels)
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -65,10 +71,14 @@ class ImageSource:
 
     def as_frame(self) -> pd.DataFrame:
         """The index as a table (path relative to the root, label, split, bytes): what MLflow logs as the dataset."""
-        rows = [(os.path.relpath(path, self.root), self.classes[label], name, size)
+        rows = [(os.path.relpath(path, self.root), self.label_text(label), name, size)
                 for name in sorted(self.splits)
                 for (path, label), size in zip(self.splits[name], self.sizes[name])]
         return pd.DataFrame(rows, columns=["path", "label", "split", "bytes"])
+
+    def label_text(self, label: int | tuple[int, ...]) -> str:
+        """A class name, or a multi-label set as `a|b`."""
+        return SEPARATOR.join(self.classes[i] for i in label) if isinstance(label, tuple) else self.classes[label]
 
     def digest(self) -> str:
         """sha256 of the root, classes, and per file: relative path, label, size and its first
@@ -88,8 +98,11 @@ class ImageSource:
         return self._digest
 
 
-def index_images(source: str, target: str | None = None, path_column: str | None = None) -> ImageSource:
-    """Detect the layout of `source` (see the module docstring) and list its images."""
+def index_images(source: str, target: str | None = None, path_column: str | None = None,
+                 task: str = "auto") -> ImageSource:
+    """Detect the layout of `source` (see the module docstring) and list its images.
+
+    `task` (a manifest's): auto, multilabel or classification, as the module docstring says."""
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"image data not found: {source}; pass a folder of class sub-folders or a CSV/Parquet manifest")
@@ -98,7 +111,7 @@ def index_images(source: str, target: str | None = None, path_column: str | None
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
             raise DataError(f"{path} is a file but not a manifest; "
                             "pass a folder of class sub-folders or a .csv/.parquet manifest")
-        return _index_manifest(path, target, path_column)
+        return _index_manifest(path, target, path_column, task)
     subdirs = {entry.name for entry in _class_dirs(path)}
     if "train" in subdirs and subdirs & {"val", "test"}:
         return _index_splits(path, subdirs)
@@ -197,7 +210,7 @@ def _log_skipped(root: Path, skipped: int) -> None:
 # --- manifest ------------------------------------------------------------------------------
 
 
-def _index_manifest(manifest: Path, target: str | None, path_column: str | None) -> ImageSource:
+def _index_manifest(manifest: Path, target: str | None, path_column: str | None, task: str = "auto") -> ImageSource:
     table = load_table(str(manifest))
     columns = [str(c) for c in table.columns]
     if path_column is None:
@@ -212,36 +225,50 @@ def _index_manifest(manifest: Path, target: str | None, path_column: str | None)
         raise DataError(f"manifest {manifest} has no label column '{target}' (columns are {', '.join(columns[:20])}); "
                         "name it 'label' or set --target")
     labels = table[target]
+    if task == "multilabel" or (task == "auto" and is_label_set_column(labels)):
+        return _index_multilabel_manifest(manifest, table, path_column, target)
     unlabelled = int(labels.isna().sum())
     if unlabelled:
         log.warning("manifest %s: dropping %d row(s) without a '%s' label", manifest, unlabelled, target)
         table, labels = table[labels.notna()], labels[labels.notna()]
     names = labels.astype(str).str.strip() if not pd.api.types.is_numeric_dtype(labels) else labels.astype(str)
-    multi = names.str.contains("|", regex=False)
-    if multi.any():
-        row = int(multi.to_numpy().argmax())
-        raise DataError(f"manifest {manifest} row {table.index[row] + 1}: label {names.iloc[row]!r} names several classes; "
-                        "multi-label ('a|b') is not supported for images yet: give each row one label")
     # numeric labels sort as numbers (2 before 10); text labels as text, like folder names
     unique = (labels if pd.api.types.is_numeric_dtype(labels) else names).drop_duplicates().sort_values()
     classes = list(dict.fromkeys(unique.astype(str)))
     if len(classes) < 2:
         raise DataError(f"manifest {manifest} has a single label in '{target}' ({classes[0]!r}); classification needs at least two classes")
     index = {name: i for i, name in enumerate(classes)}
+    items, sizes = _manifest_files(manifest, table, path_column, [index[name] for name in names])
+    return ImageSource(str(manifest.parent), "manifest", classes, {"all": items}, {"all": sizes}, unlabelled, target)
+
+
+def _index_multilabel_manifest(manifest: Path, table: pd.DataFrame, path_column: str, target: str) -> ImageSource:
+    """`a|b` labels: every row is kept, an empty label is an image with none of the classes."""
+    sets = parse_label_sets(table[target])
+    classes = label_set_classes(sets)
+    if not classes:
+        raise DataError(f"manifest {manifest} has no labels in '{target}' (every row is empty); label the images")
+    index = {name: i for i, name in enumerate(classes)}
+    items, sizes = _manifest_files(manifest, table, path_column, [tuple(index[n] for n in labels) for labels in sets])
+    return ImageSource(str(manifest.parent), "manifest", classes, {"all": items}, {"all": sizes}, 0, target, "multilabel")
+
+
+def _manifest_files(manifest: Path, table: pd.DataFrame, path_column: str, labels: list) -> tuple[list, list[int]]:
+    """(absolute path, label) items and file sizes of the manifest's rows; a file that does not exist is an error."""
     items, sizes, missing = [], [], []
-    for row, (raw, name) in enumerate(zip(table[path_column], names)):
+    for row, (raw, label) in enumerate(zip(table[path_column], labels)):
         file = manifest.parent / str(raw) if isinstance(raw, str) and raw.strip() else None
         size = _size(file) if file is not None else None
         if size is None:
             missing.append((int(table.index[row]) + 1, raw))
             continue
-        items.append((str(file), index[name]))
+        items.append((str(file), label))
         sizes.append(size)
     if missing:
         row, raw = missing[0]
         raise DataError(f"manifest {manifest} names {len(missing)} file(s) that do not exist, the first: {raw!r} (row {row}); "
                         f"paths are relative to {manifest.parent}: fix them or remove those rows")
-    return ImageSource(str(manifest.parent), "manifest", classes, {"all": items}, {"all": sizes}, unlabelled, target)
+    return items, sizes
 
 
 def _size(file: Path) -> int | None:

@@ -27,7 +27,7 @@ STATS_SAMPLE = 2000  # images decoded for mean/std: the estimate's error is ~1/s
 @dataclass
 class ImageSplit:
     paths: list[str]
-    targets: torch.Tensor  # int64 class indices
+    targets: torch.Tensor  # int64 class indices, or float32 multi-hot (images, classes) for multilabel
 
 
 @dataclass
@@ -53,9 +53,10 @@ def prepare_images(source: ImageSource, image_size: int, val_fraction: float = 0
     rng = np.random.default_rng(seed)
     sample = sorted(rng.choice(len(train_paths), min(STATS_SAMPLE, len(train_paths)), replace=False))
     channels, mean, std = _pixel_stats([train_paths[i] for i in sample], image_size)
-    preprocessor = ImagePreprocessor(list(source.classes), image_size, channels, mean, std, target=source.target)
+    preprocessor = ImagePreprocessor(list(source.classes), image_size, channels, mean, std, task=source.task,
+                                     target=source.target)
     facts: dict[str, int | str] = {
-        "task": "classification",
+        "task": source.task,
         "data_kind": "images",
         "layout": source.layout,
         "rows_train": len(splits["train"].paths),
@@ -77,7 +78,8 @@ def _splits(source: ImageSource, val_fraction: float, test_fraction: float, seed
     base = source.splits.get("train", source.splits.get("all"))
     wanted_val = 0.0 if "val" in source.splits else val_fraction
     wanted_test = 0.0 if "test" in source.splits else test_fraction
-    labels = np.array([label for _, label in base], dtype=np.int64)
+    # Multi-label sets are too many combinations to stratify by: one group, a seeded shuffle
+    labels = np.array([0 if source.task == "multilabel" else label for _, label in base], dtype=np.int64)
     parts = stratified_split(labels, wanted_val, wanted_test, seed)
     carved = dict(zip(("train", "val", "test"), ([base[i] for i in rows] for rows in parts)))
     items = {"train": carved["train"], "val": source.splits.get("val", carved["val"]),
@@ -87,8 +89,18 @@ def _splits(source: ImageSource, val_fraction: float, test_fraction: float, seed
         raise DataError(f"{len(base)} images in {source.root} are too few to split into train/val/test "
                         f"(val_fraction={val_fraction}, test_fraction={test_fraction}, {empty[0]} would be empty); "
                         "provide at least 3 images per class")
-    return {name: ImageSplit([p for p, _ in split], torch.tensor([label for _, label in split], dtype=torch.int64))
+    return {name: ImageSplit([p for p, _ in split], _targets([label for _, label in split], len(source.classes), source.task))
             for name, split in items.items()}
+
+
+def _targets(labels: list, n_classes: int, task: str) -> torch.Tensor:
+    """Class indices as int64, or label sets (tuples of class indices) as float32 multi-hot rows."""
+    if task != "multilabel":
+        return torch.tensor(labels, dtype=torch.int64)
+    targets = torch.zeros((len(labels), n_classes), dtype=torch.float32)
+    for row, classes in enumerate(labels):
+        targets[row, list(classes)] = 1.0
+    return targets
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float,

@@ -20,6 +20,7 @@ import torch
 
 from tasks.errors import DataError
 from tasks.images_decode import decode_bytes, from_array, load_pixels, normalise, read_image
+from tasks.labels import label_set_predictions
 from tasks.preprocessing import class_predictions
 
 ImageItem = str | Path | bytes | bytearray | memoryview | np.ndarray
@@ -32,12 +33,16 @@ class ImagePreprocessor:
     channels: int  # 1 (every sampled training image was grey) or 3
     mean: list[float]  # per channel, pixel values in [0, 1], from the training split
     std: list[float]
-    task: str = "classification"
+    task: str = "classification"  # or multilabel: "a|b" labels, a sigmoid per class
     target: str = "label"  # the manifest's label column ("label" for folders)
     target_mean: None = None  # no target scaling: tables' regression targets have one
     target_std: None = None
     n_features: None = None  # images have no feature columns
     kind: str = "images"  # tells a reader of the JSON which preprocessor it holds
+
+    @property
+    def target_columns(self) -> list[str]:
+        return [self.target]
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -63,7 +68,10 @@ class ImagePreprocessor:
         raise DataError(f"item {i} is a {type(item).__name__}; pass image paths, image file bytes or uint8 arrays (H, W) / (H, W, C)")
 
     def decode(self, outputs: np.ndarray) -> pd.DataFrame:
-        """Logits -> `prediction` (the class name) and `probability_<class>` (softmax) columns."""
+        """Logits -> `prediction` (the class name; multilabel: the label set `a|b`) and
+        `probability_<class>` (softmax; multilabel: sigmoid) columns."""
+        if self.task == "multilabel":
+            return label_set_predictions(outputs, self.classes)
         return class_predictions(outputs, self.classes)
 
     # --- plain-data round trip ------------------------------------------------------------

@@ -73,7 +73,7 @@ class TaskMetrics:
         elif self.task == "multilabel":  # probabilities, thresholded at 0.5 by the F1 and accuracies
             self.collection.update(outputs.sigmoid(), targets.long())
         else:  # report regression errors in the target's own units, not the scaled ones
-            scale = lambda t: t.float().squeeze(-1) * self.target_std + self.target_mean
+            scale = lambda t: t.float().squeeze(-1) * self.target_std + self.target_mean  # noqa: E731
             self.collection.update(scale(outputs), scale(targets))
         values = {name: float(value) for name, value in self.collection.compute().items()}
         self.collection.reset()

@@ -7,7 +7,8 @@ Plain functions (flows/predict.py runs them as tasks). The rules, so nothing is 
   feature's `__other__` column when it has one, otherwise all zeros), and counted per column
   in the summary; with `unseen="error"` it is an error naming the column and value instead;
 - missing values: filled like training (median / most frequent) and counted in the summary;
-- extra columns are ignored; the target column, when present, adds metrics to the summary.
+- extra columns are ignored; the target column, when present, adds metrics to the summary
+  (multilabel: every target column, or the `a|b` label column).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import DataError
+from tasks.labels import THRESHOLD, binary_columns, parse_label_sets
 from tasks.preprocessing import Preprocessor, _as_float
 
 
@@ -51,17 +53,52 @@ def check_rows(frame: pd.DataFrame, prep: Preprocessor, unseen: str = "encode") 
 def summarise(predictions: pd.DataFrame, prep: Preprocessor, frame: pd.DataFrame) -> dict[str, Any]:
     """Counts and averages of the predictions; metrics when the input carries the target column."""
     summary: dict[str, Any] = {"rows": len(predictions), "task": prep.task}
-    if prep.task == "classification":
+    if prep.task == "multilabel":  # a row may have several classes: rows per class, and rows with none
+        chosen = _predicted_sets(predictions, prep.classes)
+        summary["predicted_classes"] = {str(c): int(n) for c, n in zip(prep.classes, chosen.sum(axis=0))}
+        summary["rows_without_labels"] = int((chosen.sum(axis=1) == 0).sum())
+    elif prep.task == "classification":
         counts = predictions["prediction"].astype(str).value_counts()
         summary["predicted_classes"] = {str(k): int(v) for k, v in counts.items()}
-        summary["mean_probability"] = {c.removeprefix("probability_"): float(predictions[c].mean())
-                                       for c in predictions.columns if c.startswith("probability_")}
     else:
         summary["prediction_mean"] = float(predictions["prediction"].mean())
         summary["prediction_std"] = float(predictions["prediction"].std())
-    if prep.target in frame.columns and frame[prep.target].notna().any():
-        summary["metrics"] = _metrics(predictions["prediction"], frame[prep.target], prep)
+    if prep.task != "regression":
+        summary["mean_probability"] = {c.removeprefix("probability_"): float(predictions[c].mean())
+                                       for c in predictions.columns if c.startswith("probability_")}
+    truth_columns = prep.target_columns
+    if all(name in frame.columns for name in truth_columns) and frame[truth_columns].notna().any().all():
+        if prep.task == "multilabel":
+            summary["metrics"] = _multilabel_metrics(predictions, frame, prep)
+        else:
+            summary["metrics"] = _metrics(predictions["prediction"], frame[prep.target], prep)
     return summary
+
+
+def _predicted_sets(predictions: pd.DataFrame, classes: list) -> np.ndarray:
+    """(rows, classes) booleans: the classes each row's prediction holds."""
+    return predictions[[f"probability_{c}" for c in classes]].to_numpy() >= THRESHOLD
+
+
+def _multilabel_metrics(predictions: pd.DataFrame, frame: pd.DataFrame, prep) -> dict[str, float]:
+    """Against the input's labels (rows with every target known): the share of right (row, class)
+    decisions, of rows whose whole set is right, and micro F1. A label that is not one of the
+    model's classes counts as a class it missed."""
+    targets = prep.target_columns
+    known = frame[targets].notna().all(axis=1).to_numpy() if len(targets) > 1 else np.ones(len(frame), dtype=bool)
+    predicted = _predicted_sets(predictions, prep.classes)[known]
+    if len(targets) > 1:
+        truth = binary_columns(frame[known], targets, "the input").astype(bool)
+        unknown = np.zeros(len(truth), dtype=int)
+    else:
+        sets = parse_label_sets(frame[prep.target][known])
+        truth = np.array([[c in labels for c in map(str, prep.classes)] for labels in sets], dtype=bool).reshape(-1, len(prep.classes))
+        unknown = np.array([len(set(labels) - set(map(str, prep.classes))) for labels in sets], dtype=int)
+    hits = (predicted & truth).sum()
+    f1 = 2 * hits / max(predicted.sum() + truth.sum() + unknown.sum(), 1)
+    return {"accuracy": float((predicted == truth).mean()),
+            "subset_accuracy": float(((predicted == truth).all(axis=1) & (unknown == 0)).mean()),
+            "f1_micro": float(f1), "rows_with_labels": int(known.sum())}
 
 
 def _metrics(predicted: pd.Series, truth: pd.Series, prep: Preprocessor) -> dict[str, float]:
