@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 
 from tasks.errors import DataError
+from tasks.labels import label_set_predictions
 from tasks.preprocessing import class_predictions
 
 
 @dataclass
 class TensorPreprocessor:
-    task: str  # classification | regression
+    task: str  # classification | regression | multilabel
     classes: list[str] | None
     in_shape: list[int] | None  # one sample's x; None when x is a tuple or dict
     target_mean: None = None
@@ -43,7 +44,10 @@ class TensorPreprocessor:
         return torch.as_tensor(array, dtype=torch.float32 if array.dtype.kind == "f" else None)
 
     def decode(self, outputs: np.ndarray) -> pd.DataFrame:
-        """Logits -> `prediction` and `probability_<class>` (softmax); regression -> `prediction`."""
+        """Logits -> `prediction` and `probability_<class>` (softmax; multilabel: the label set `a|b`
+        and sigmoids); regression -> `prediction`."""
+        if self.task == "multilabel":
+            return label_set_predictions(outputs, self.classes)
         if self.task != "classification":
             return pd.DataFrame({"prediction": outputs[:, 0]})
         return class_predictions(outputs, self.classes or [str(i) for i in range(outputs.shape[1])])

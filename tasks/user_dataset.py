@@ -43,7 +43,7 @@ from tasks.tensor_inputs import TensorPreprocessor
 
 log = logging.getLogger("fitflow")
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "multilabel")
 _KEYS = ("train", "val", "validation", "test", "collate_fn", "classes", "task")
 
 
@@ -177,6 +177,7 @@ class _Collate:
 
     Classification: int64 class indices, (batch,). Regression: float32, (batch, 1), as the table
     path's targets are, so that MSELoss(model(x), y) never broadcasts (batch,) against (batch, 1).
+    Multilabel: float32 0/1, (batch, classes).
     A class, not a closure: DataLoader workers started by spawn pickle it.
     """
 
@@ -319,7 +320,12 @@ def _inspect(path: str, splits: dict[str, Any], collate_fn: Callable | None, tas
         if in_shape is None and isinstance(bx, torch.Tensor):
             in_shape = tuple(bx.shape[1:])
     if task is None:
-        task = "classification" if kind == "int" or classes is not None else "regression"
+        task = "multilabel" if kind == "multi" else "classification" if kind == "int" or classes is not None else "regression"
+    if task == "multilabel":
+        return task, _label_names(path, where, y, classes, batched=isinstance(train, DataLoader)), in_shape
+    if kind == "multi":
+        raise _bad(path, f"y of {where} is a 0/1 vector (multi-label) but the task is {task}; "
+                        "return task 'multilabel' (or no task), or one label per item")
     if task == "classification" and kind != "int":
         raise _bad(path, f"the task is classification but y of {where} is a float; "
                         "return class indices 0..n-1 as int or a 0-d int64 tensor")
@@ -368,7 +374,8 @@ def _check_x(path: str, where: str, x: Any) -> None:
 
 
 def _label_kind(path: str, where: str, y: Any, batched: bool) -> str:
-    """'int' (a class index) or 'float' (a regression target); other labels are refused."""
+    """'int' (a class index), 'float' (a regression target) or 'multi' (a float 0/1 vector, one
+    value per class: multi-label); other labels are refused."""
     if isinstance(y, (bool, int, np.integer)) and not batched:
         return "int"
     if isinstance(y, (float, np.floating)) and not batched:
@@ -379,12 +386,24 @@ def _label_kind(path: str, where: str, y: Any, batched: bool) -> str:
         if shape in ((), (1,)) and (floating or shape == ()):
             return "float" if floating else "int"
         if floating and len(shape) == 1 and bool(((y == 0) | (y == 1)).all()):
-            raise _bad(path, f"y of {where} is a 0/1 vector of {shape[0]} values (multi-label): "
-                            "not supported yet for the dataset kind; return one class index per item")
+            return "multi"  # one 0/1 per class: multi-label
         raise _bad(path, f"y of {where} is a {y.dtype} tensor of shape {shape}; y must be a class "
                         "index (int or 0-d int tensor) or one float (regression)")
     raise _bad(path, f"y of {where} is {_type_of(y)}; y must be a class index (int or 0-d int "
                     "tensor) or one float (regression)")
+
+
+def _label_names(path: str, where: str, y: Any, classes: Any, batched: bool) -> list[str]:
+    """Multilabel: `classes` as given (one name per value of y), or '0'..'k-1'."""
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() != 1 + batched:
+        raise _bad(path, f"the task is multilabel but y of {where} is not a float vector; "
+                        "return y as a float tensor of 0/1, one value per class")
+    width = y.shape[-1]
+    if classes is None:
+        return [str(i) for i in range(width)]
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__") or len(classes) != width:
+        raise _bad(path, f"classes must name each of the {width} values of y of {where}; got {_type_of(classes)}")
+    return [str(name) for name in classes]
 
 
 def _classes(path: str, splits: dict[str, Any], classes: Any) -> list[str]:
