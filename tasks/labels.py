@@ -73,7 +73,8 @@ def binary_columns(frame: pd.DataFrame, columns: list[str], what: str) -> np.nda
         bad &= ~words
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f"target column '{name}' of {what} row {row + 1} holds {column.iloc[row]!r}; a multi-label "
+            value = column.iloc[row].item() if isinstance(column.iloc[row], np.generic) else column.iloc[row]
+            raise DataError(f"target column '{name}' of {what} row {row + 1} holds {value!r}; a multi-label "
                             "target column holds only 0/1 (or true/false): fix the value, or drop the column from --target")
         out[:, j] = np.where(words, (text == "true").to_numpy(), values.to_numpy(dtype=np.float64, na_value=0.0))
     return out

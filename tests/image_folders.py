@@ -70,3 +70,33 @@ def write_manifest(root: Path, classes=("cat", "dog"), per_class: int = 6, name:
     manifest = root / name
     frame.to_parquet(manifest) if manifest.suffix == ".parquet" else frame.to_csv(manifest, index=False)
     return manifest
+
+
+TAG_MARKS = ("blue", "green", "red")  # the multi-label manifest's classes, each a mark an image may carry
+
+
+def tagged_pixels(tags: tuple[str, ...], index: int, size: int = 16) -> np.ndarray:
+    """uint8 (size, size, 3): dim noise (a pure function of `index`) plus one mark per tag: a red
+    square top left, a blue bar at the bottom, a green column on the right."""
+    noise = np.random.default_rng(index).integers(0, 60, size=(size, size, 3))
+    image = noise.astype(np.uint8)
+    if "red" in tags:
+        image[2 : size // 2, 2 : size // 2, 0] = 230
+    if "blue" in tags:
+        image[size - 5 : size - 2, :, 2] = 230
+    if "green" in tags:
+        image[:, size - 4 : size - 1, 1] = 230
+    return image
+
+
+def write_multilabel_manifest(root: Path, images: int = 48, name: str = "tags.csv") -> Path:
+    """root/images/<i>.png and a manifest whose `label` is the image's tags as `a|b` (empty: no tag).
+    Image i carries the tags of the bits of i % 8, so every combination of the three occurs."""
+    rows = []
+    for i in range(images):
+        tags = tuple(tag for bit, tag in enumerate(TAG_MARKS) if i % 8 >> bit & 1)
+        write_image(root / "images" / f"{i:03d}.png", tagged_pixels(tags, i))
+        rows.append({"path": f"images/{i:03d}.png", "label": "|".join(tags)})
+    manifest = root / name
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
