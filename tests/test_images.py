@@ -273,10 +273,10 @@ def test_manifest_errors_are_one_line_naming_the_manifest(tmp_path):
         with pytest.raises(DataError, match=expected) as err:
             index_images(str(tmp_path / "bad.csv"))
         _one_line(err, tmp_path / "bad.csv")
-    frame.assign(label="cat|dog").to_csv(tmp_path / "multi.csv", index=False)
-    with pytest.raises(DataError, match="multi-label") as err:
-        index_images(str(tmp_path / "multi.csv"))
-    _one_line(err, tmp_path / "multi.csv")
+    frame.assign(label="").to_csv(tmp_path / "unlabelled.csv", index=False)
+    with pytest.raises(DataError, match="no labels in 'label'") as err:
+        index_images(str(tmp_path / "unlabelled.csv"), task="multilabel")
+    _one_line(err, tmp_path / "unlabelled.csv")
 
 
 def test_corrupt_images_are_named_at_prepare_or_at_load(tmp_path):
