@@ -32,8 +32,9 @@ RUN_ID_PATTERN = r"^[0-9a-f]{32}$"  # an MLflow run id, as `fitflow runs` lists 
 
 
 def target_columns(target: str) -> list[str]:
-    """The columns a `target` names: `toxic,obscene` two (a multi-label target), `label` one."""
-    return [name.strip() for name in target.split(",")]
+    """The columns a `target` names: `toxic,obscene` two (a multi-label target), `label` one (as it
+    is, spaces included: only names in a list are stripped)."""
+    return [name.strip() for name in target.split(",")] if "," in target else [target]
 
 
 def check_run_id(run_id: str) -> str:
