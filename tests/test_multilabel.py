@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -197,6 +198,7 @@ def test_a_multilabel_table_trains_through_the_cli_and_its_model_predicts_label_
     assert run.data.params["target"] == "toxic,obscene,insult" and run.data.params["data.n_classes"] == "3"
     for name in ("val_f1_micro", "val_f1_macro", "val_auroc", "val_subset_accuracy"):
         assert len(client.get_metric_history(run.info.run_id, name)) >= 1, name
+    assert "pytorch" in mlflow.models.get_model_info(run.data.tags["fitflow.model_uri"]).flavors  # the network too
     version = client.get_model_version_by_alias("toxic", "champion")
     assert client.get_model_version("toxic", version.version).tags["fitflow.gate_metric"] == "test_f1_micro"
 
