@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from tasks.errors import ConfigError
@@ -269,12 +269,14 @@ class TrainConfig(BaseModel):
             raise ValueError("val_fraction + test_fraction must leave at least 10% of rows for training")
         return self
 
-    @model_validator(mode="after")
-    def _several_targets_are_multilabel(self) -> TrainConfig:
-        if "," in self.target and self.task in ("classification", "regression"):
-            raise ValueError(f"several target columns are one multi-label target; task {self.task} predicts one "
+    @field_validator("task")
+    @classmethod
+    def _several_targets_are_multilabel(cls, task: str, info: ValidationInfo) -> str:
+        # a field validator (target is validated before task), so that the error names the field to change
+        if "," in info.data.get("target", "") and task in ("classification", "regression"):
+            raise ValueError(f"several target columns are one multi-label target; task {task} predicts one "
                              "column: use task auto or multilabel, or name one target column")
-        return self
+        return task
 
     def params(self) -> dict[str, str]:
         """The hyperparameters as MLflow params (strings; lists and dicts as JSON), for display and comparison."""

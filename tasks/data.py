@@ -168,6 +168,9 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
     """Split the table (stratified for classification) and fit the preprocessing on train only."""
     targets = target_columns(spec.target)
     _require_targets(table, targets, "data")
+    if len(targets) > 1 and spec.task in ("classification", "regression"):  # TrainConfig refuses it too; PrepSpec is plain
+        raise DataError(f"target '{spec.target}' names several columns, a multi-label target; task {spec.task} "
+                        "predicts one column: use task auto or multilabel")
     task = "multilabel" if len(targets) > 1 else infer_task(table[spec.target].dropna(), spec.task)
     label_sets = task == "multilabel" and len(targets) == 1  # one column of "a|b": an empty cell is no labels
     if len(targets) > 1:  # before rows are dropped, so that the error's row is the file's

@@ -59,8 +59,10 @@ def test_several_targets_are_one_comma_separated_string_from_the_cli_yaml_and_py
         load_config(None, target="toxic,toxic")
     with pytest.raises(ConfigError, match="name each target column once"):
         load_config(None, target="toxic,,insult")
-    with pytest.raises(ConfigError, match="task classification predicts one column"):
+    with pytest.raises(ConfigError, match="for 'task': several target columns .* task classification predicts one"):
         load_config(None, target="toxic,insult", task="classification")
+    with pytest.raises(DataError, match="task regression predicts one column"):
+        prepare(comments(60), PrepSpec(target="toxic,insult", task="regression"))
 
 
 # --- tables ------------------------------------------------------------------------------------
