@@ -7,8 +7,10 @@ FROM python:3.11-slim
 ARG TORCH_INDEX_URL=
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+# MLFLOW_ALLOW_PICKLE_DESERIALIZATION: flow runs started by the worker never read a pickle (README, "No pickle")
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    FITFLOW_REPO=/app FITFLOW_HOME=/var/lib/fitflow PREFECT_HOME=/var/lib/fitflow/prefect
+    FITFLOW_REPO=/app FITFLOW_HOME=/var/lib/fitflow PREFECT_HOME=/var/lib/fitflow/prefect \
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
 WORKDIR /app
 
 # torch and torchvision first (a matching pair), then the dependencies from pyproject.toml with

@@ -23,6 +23,9 @@ def add_command(commands) -> None:
     predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
                          help="categories never seen in training: encode like rare values and count them (default), or fail")
     predict.add_argument("--experiment", metavar="NAME", default="fitflow-predictions", help="MLflow experiment of the prediction run")
+    predict.add_argument("--trust-model-code", action="store_true",
+                         help="let a model whose network is custom code (pkg.mod:Class) import and run that code here; "
+                         "only for models logged by people you trust (fitflow's own networks never need it)")
     predict.set_defaults(handler=_predict)
 
 
@@ -39,7 +42,8 @@ def _predict(args: argparse.Namespace) -> int:
     from tasks.data import resolve_source
 
     try:
-        config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment)
+        config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment,
+                               trust_model_code=args.trust_model_code)
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"--{first['loc'][0]}: {first['msg']}") from None

@@ -59,6 +59,9 @@ def configure_environment() -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    # Nothing fitflow reads is a pickle (weights with weights_only, JSON, pt2); refusing them makes
+    # MLflow's loaders in this process and its children fail instead of running a pickle's code.
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     if redact_uri(tracking_uri()) != tracking_uri():
         # MLflow prints "View run ... at: <tracking URI>/#/..." as a run ends, user info and all;
         # fitflow prints and links the run itself, redacted

@@ -1,6 +1,7 @@
 """The `predict` flow: a registered (or logged) model scores a table of raw rows.
 
-Reads top to bottom: resolve and load the model -> read the rows -> check them against what
+Reads top to bottom: resolve the model and load it from its files (its code never runs:
+tasks/model_loading.py) -> read the rows -> check them against what
 the model was trained on (tasks/scoring.py) -> predict -> write the predictions and a summary
 -> one MLflow run that records the input, the model version and the summary. Every problem a
 user can fix is found before the MLflow run is created and raises a one-line FitflowError.
@@ -33,7 +34,9 @@ from tasks.data import resolve_source
 from tasks.errors import ConfigError
 from tasks.images import images_to_score
 from tasks.images_preprocessor import ImagePreprocessor
+from tasks.model_loading import load_fitflow_model
 from tasks.redaction import redact_uri
+from tasks.serving import FitflowModel
 
 log = logging.getLogger("fitflow")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -49,6 +52,9 @@ class PredictConfig(BaseModel):
     unseen: Literal["encode", "error"] = Field(
         "encode", description="Categorical values never seen in training: encode them as training encoded rare values (and count them), or fail.")
     experiment: str = Field("fitflow-predictions", min_length=1, description="MLflow experiment of the prediction run.")
+    trust_model_code: bool = Field(
+        False, description="Allow a model whose network is custom code (pkg.mod:Class) to import and run that code, "
+        "packed in the model by whoever logged it, on this machine. Off: only fitflow's own networks are built.")
 
 
 class PredictResult(BaseModel):
@@ -73,8 +79,8 @@ def predict(config: PredictConfig) -> PredictResult:
     """Resolve the model -> read rows -> check -> predict -> write -> track."""
     out, kind = output_path(config.out, config.data)
     ref = resolve_model_task(config.model)
-    model = load_model_task(ref)
-    images = isinstance(model.unwrap_python_model().preprocessor, ImagePreprocessor)
+    model = load_model_task(ref, config.trust_model_code)
+    images = isinstance(model.preprocessor, ImagePreprocessor)
     frame = images_to_score_task(config.data) if images else load_table_task(config.data)
     predictions, summary = score_task(model, frame, config.unseen)
     summary = {"model": ref.uri, "registered": f"{ref.name}/{ref.version}" if ref.name else None,
@@ -150,27 +156,25 @@ def _or_none(call):
         raise
 
 
-def load_model(ref: ModelRef):
+def load_model(ref: ModelRef, trust_model_code: bool = False) -> FitflowModel:
+    """The model from its files, never its code (tasks/model_loading.py): MLflow's loader would run it."""
     mlflow.set_tracking_uri(tracking_uri())  # registry URIs resolve through MLflow's fluent layer
-    model = mlflow.pyfunc.load_model(ref.uri)
-    if not hasattr(model.unwrap_python_model(), "preprocessor"):
-        raise ConfigError(f"model {ref.uri} was not trained by fitflow (no fitted preprocessing); use a fitflow model")
-    return model
+    return load_fitflow_model(ref.uri, trust_model_code, tracking_uri())
 
 
 load_model_task = task(load_model, name="load_model", cache_policy=NO_CACHE)
 
 
-def score(model, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
+def score(model: FitflowModel, frame: pd.DataFrame, unseen: str) -> tuple[pd.DataFrame, dict]:
     """Check the rows (errors name column and row), predict, summarise."""
-    prep = model.unwrap_python_model().preprocessor
+    prep = model.preprocessor
     if isinstance(prep, ImagePreprocessor):  # path and label (if known) first, then the predictions
-        predictions = model.predict(frame[["path"]])
+        predictions = model.predict(None, frame[["path"]])
         scored = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
         return scored, scoring.summarise(predictions, prep, frame)
     prep.check_columns(frame)  # missing or duplicated model columns, before any per-row check
     rows, handling = scoring.check_rows(frame, prep, unseen)
-    predictions = model.predict(rows)
+    predictions = model.predict(None, rows)
     return predictions, {**scoring.summarise(predictions, prep, frame), **handling}
 
 

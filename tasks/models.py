@@ -107,6 +107,11 @@ def model_spec(model: str, in_features: int | None, out_features: int, kwargs: d
             "out_features": out_features, "kwargs": dict(kwargs)}
 
 
+def is_builtin(name: str) -> bool:
+    """One of fitflow's own networks (mlp, cnn, a torchvision architecture), not a class by import path."""
+    return name in ("mlp", "cnn") or name.startswith("torchvision:")
+
+
 def import_model_class(path: str) -> type[nn.Module]:
     module_name, _, class_name = path.partition(":")
     try:

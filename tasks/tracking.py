@@ -322,8 +322,10 @@ class _Context:
 
 def _code_paths(spec: dict[str, Any]) -> list[str]:
     """The `tasks` package, plus the top-level package of a custom model if it is local code."""
+    from tasks.models import is_builtin
+
     paths = [str(Path(__file__).parent)]
-    if spec["model"] not in ("mlp", "cnn") and not spec["model"].startswith("torchvision:"):
+    if not is_builtin(spec["model"]):
         import importlib
         import sysconfig
 

@@ -441,16 +441,16 @@ def _check_predictions(predictions: pd.DataFrame, frame: pd.DataFrame, classes: 
 
 
 @group("predict_input", accepted_at_least=0.3)
-@settings(BOUNDED, max_examples=100)  # MLflow's schema check makes each call ~0.1 s
+@settings(BOUNDED, max_examples=100)  # fewer than the pyfunc test below, which tries the same frames
 @given(st.data())
 def test_predict_flow_scores_random_rows_or_raises_one_line(served, data):
-    """What `fitflow predict` runs: the checks of tasks/scoring.py, then the MLflow pyfunc."""
+    """What `fitflow predict` runs: the checks of tasks/scoring.py, then fitflow's model (loaded from its files)."""
     from flows.predict import score_task
 
     model, base = served
     frame = data.draw(raw_rows(base))
     unseen = data.draw(st.sampled_from(["encode", "error"]))
-    result = _attempt(lambda: score_task.fn(model, frame, unseen))
+    result = _attempt(lambda: score_task.fn(model.unwrap_python_model(), frame, unseen))
     if result is not None:
         _check_predictions(result[0], frame, model.unwrap_python_model().preprocessor.classes)
         assert result[1]["rows"] == len(frame)
