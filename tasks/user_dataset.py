@@ -82,29 +82,39 @@ class UserDatasets:
 def load_factory(path: str, kwargs: dict[str, Any] | None = None) -> UserDatasets:
     """Import and call the factory `path` ('pkg.module:function') and check what it returns."""
     factory = _import_factory(path)
+    source = f"data factory '{path}'"
     if not isinstance(kwargs or {}, Mapping) or not all(isinstance(key, str) for key in kwargs or {}):
         raise ConfigError(f"data_kwargs for '{path}' must map argument names (strings) to values")
     try:
         result = factory(**(kwargs or {}))
     except Exception as err:  # the user's code: any exception is the user's to fix
-        raise _bad(path, f"raised {_describe(err)}") from None
-    parts = _parts(path, result)
-    splits = {name: _checked_split(path, name, parts.get(name)) for name in ("train", "val", "test")}
+        raise _bad(source, f"raised {_describe(err)}") from None
+    return datasets_from(source, path, result)
+
+
+def datasets_from(source: str, name: str, result: Any) -> UserDatasets:
+    """Check splits as a factory returns them (see the module's docstring) and look at their items.
+
+    `name` is what the run calls the data (the factory's import path); `source` starts every
+    error message ("data factory 'pkg.mod:make'", or the argument of the Python API).
+    """
+    parts = _parts(source, result)
+    splits = {split: _checked_split(source, split, parts.get(split)) for split in ("train", "val", "test")}
     if splits["test"] is None:
         splits["test"] = splits["val"]
-        log.info("data factory '%s' returned no test split: the val split doubles as the test split", path)
+        log.info("%s returned no test split: the val split doubles as the test split", source)
     collate_fn = parts.get("collate_fn")
     if collate_fn is not None and not callable(collate_fn):
-        raise _bad(path, f"collate_fn is {_type_of(collate_fn)}, not a function")
-    task, classes, in_shape = _inspect(path, splits, collate_fn, parts.get("task"), parts.get("classes"))
+        raise _bad(source, f"collate_fn is {_type_of(collate_fn)}, not a function")
+    task, classes, in_shape = _inspect(source, splits, collate_fn, parts.get("task"), parts.get("classes"))
     info = DatasetInfo(task=task, classes=classes, in_shape=in_shape)
-    facts: dict[str, int | str] = {"task": task, **{f"rows_{name}": _rows(split) for name, split in splits.items()}}
+    facts: dict[str, int | str] = {"task": task, **{f"rows_{split}": _rows(data) for split, data in splits.items()}}
     facts["test_split"] = "val" if splits["test"] is splits["val"] else "given"
     if classes is not None:
         facts["n_classes"] = len(classes)
-    log.info("data factory '%s': %s, %d train / %d val / %d test rows%s", path, task, facts["rows_train"],
+    log.info("%s: %s, %d train / %d val / %d test rows%s", source, task, facts["rows_train"],
              facts["rows_val"], facts["rows_test"], " (test = val)" if facts["test_split"] == "val" else "")
-    return UserDatasets(path, splits["train"], splits["val"], splits["test"], collate_fn, info, facts)
+    return UserDatasets(name, splits["train"], splits["val"], splits["test"], collate_fn, info, facts)
 
 
 def make_dataset_loaders(
@@ -194,9 +204,10 @@ class _Collate:
 
 
 def _import_factory(path: str) -> Callable:
+    source = f"data factory '{path}'"
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise _bad(path, "must be 'package.module:function' (a colon before the function's name)", ConfigError)
+        raise _bad(source, "must be 'package.module:function' (a colon before the function's name)", ConfigError)
     for folder in (os.getcwd(), str(REPO)):  # appended: an installed package of the same name still wins
         if folder not in sys.path:
             sys.path.append(folder)
@@ -204,12 +215,12 @@ def _import_factory(path: str) -> Callable:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise _bad(path, f"no module named '{err.name}' in the current directory "
+            raise _bad(source, f"no module named '{err.name}' in the current directory "
                               f"({os.getcwd()}), the fitflow checkout or the installed packages; check the name, "
                               "or run from the folder that holds the package", ConfigError) from None
-        raise _bad(path, f"importing {module_name} raised {_describe(err)}") from None
+        raise _bad(source, f"importing {module_name} raised {_describe(err)}") from None
     except Exception as err:
-        raise _bad(path, f"importing {module_name} raised {_describe(err)}") from None
+        raise _bad(source, f"importing {module_name} raised {_describe(err)}") from None
     try:
         factory = reduce(getattr, attribute.split("."), module)
     except AttributeError:
@@ -217,38 +228,38 @@ def _import_factory(path: str) -> Callable:
                  if not name.startswith("_") and callable(value) and getattr(value, "__module__", None) == module_name]
         close = difflib.get_close_matches(attribute, names, n=1, cutoff=0.4)
         hint = f"did you mean '{close[0]}'?" if close else f"it defines: {', '.join(names[:15]) or 'no functions'}"
-        raise _bad(path, f"module {module_name} has no attribute '{attribute}'; {hint}", ConfigError) from None
+        raise _bad(source, f"module {module_name} has no attribute '{attribute}'; {hint}", ConfigError) from None
     if not callable(factory):
-        raise _bad(path, f"is {_type_of(factory)}, not a function to call", ConfigError)
+        raise _bad(source, f"is {_type_of(factory)}, not a function to call", ConfigError)
     return factory
 
 
-def _parts(path: str, result: Any) -> dict[str, Any]:
+def _parts(source: str, result: Any) -> dict[str, Any]:
     """What the factory returned, as a dict with the keys of _KEYS ('validation' read as 'val')."""
     if isinstance(result, Mapping):
         unknown = [key for key in result if key not in _KEYS]
         if unknown:
-            raise _bad(path, f"returned a dict with unknown key(s) {', '.join(map(repr, unknown))}; "
+            raise _bad(source, f"returned a dict with unknown key(s) {', '.join(map(repr, unknown))}; "
                             f"the keys are {', '.join(_KEYS)}")
         parts = dict(result)
     elif isinstance(result, (tuple, list)) and not _is_split(result):
         if len(result) not in (2, 3):
-            raise _bad(path, f"returned a {type(result).__name__} of {len(result)} items; "
+            raise _bad(source, f"returned a {type(result).__name__} of {len(result)} items; "
                             "return (train, val) or (train, val, test)")
         parts = dict(zip(("train", "val", "test"), result))
     elif hasattr(result, "train") and not _is_split(result):  # torchvision's MNIST has a .train flag
         parts = {key: getattr(result, key) for key in _KEYS if getattr(result, key, None) is not None}
     else:
         what = "a single dataset" if _is_split(result) else _type_of(result)
-        raise _bad(path, f"returned {what}; return a dict {{'train': ..., 'val': ..., 'test': ...}}, "
+        raise _bad(source, f"returned {what}; return a dict {{'train': ..., 'val': ..., 'test': ...}}, "
                         "a tuple (train, val[, test]) or an object with .train and .val")
     if "validation" in parts:
         if parts.get("val") is not None:
-            raise _bad(path, "returned both 'val' and 'validation'; return one of them")
+            raise _bad(source, "returned both 'val' and 'validation'; return one of them")
         parts["val"] = parts.pop("validation")
     for name in ("train", "val"):
         if parts.get(name) is None:
-            raise _bad(path, f"returned no {name} split; it must return train and val (test is optional)")
+            raise _bad(source, f"returned no {name} split; it must return train and val (test is optional)")
     return parts
 
 
@@ -264,23 +275,23 @@ def _is_split(value: Any) -> bool:
     return hasattr(value, "__len__") and hasattr(value, "__getitem__")
 
 
-def _checked_split(path: str, name: str, split: Any) -> Any:
+def _checked_split(source: str, name: str, split: Any) -> Any:
     if split is None:
         return None
     if isinstance(split, IterableDataset):
-        raise _bad(path, f"the {name} split is an IterableDataset; return a map-style Dataset, "
+        raise _bad(source, f"the {name} split is an IterableDataset; return a map-style Dataset, "
                         "or wrap it in a DataLoader (used as it is)")
     if not _is_split(split):
-        raise _bad(path, f"the {name} split is {_type_of(split)}, "
+        raise _bad(source, f"the {name} split is {_type_of(split)}, "
                         "not a torch Dataset (with __len__ and __getitem__) or a DataLoader")
     try:
         rows = _rows(split)
         batches = len(split) if isinstance(split, DataLoader) else rows
     except TypeError:
-        raise _bad(path, f"the {name} DataLoader has no length (its dataset has no __len__); "
+        raise _bad(source, f"the {name} DataLoader has no length (its dataset has no __len__); "
                         "the loop needs the number of batches") from None
     if rows == 0 or batches == 0:
-        raise _bad(path, f"the {name} split is empty")
+        raise _bad(source, f"the {name} split is empty")
     return split
 
 
@@ -291,66 +302,66 @@ def _rows(split: Any) -> int:
 # --- looking at the items --------------------------------------------------------------------
 
 
-def _inspect(path: str, splits: dict[str, Any], collate_fn: Callable | None, task: Any, classes: Any):
+def _inspect(source: str, splits: dict[str, Any], collate_fn: Callable | None, task: Any, classes: Any):
     """(task, classes, in_shape) from one item of train, a collated batch, and the labels."""
     if task is not None and task not in TASKS:
-        raise _bad(path, f"task is {task!r}; it must be one of {', '.join(TASKS)}")
+        raise _bad(source, f"task is {task!r}; it must be one of {', '.join(TASKS)}")
     train = splits["train"]
     if isinstance(train, DataLoader):
         where = "the first batch of the train DataLoader"
-        x, y = _pair(path, where, _first_batch(path, train))
-        _check_x(path, where, x)
-        kind = _label_kind(path, where, y, batched=True)
+        x, y = _pair(source, where, _first_batch(source, train))
+        _check_x(source, where, x)
+        kind = _label_kind(source, where, y, batched=True)
         in_shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
     else:
         where = "train[0]"
-        x, y = _pair(path, where, _item(path, "train", train, 0))
+        x, y = _pair(source, where, _item(source, "train", train, 0))
         if collate_fn is None:  # with a collate_fn, items may be raw (text, arrays): the batch is checked below
-            _check_x(path, where, x)
-        kind = _label_kind(path, where, y, batched=False)
+            _check_x(source, where, x)
+        kind = _label_kind(source, where, y, batched=False)
         in_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
-        items = [_item(path, "train", train, i) for i in range(min(2, len(train)))]
+        items = [_item(source, "train", train, i) for i in range(min(2, len(train)))]
         try:
             batch = (collate_fn or default_collate)(items)
         except Exception as err:
             hint = "" if collate_fn else "; items of different shapes need a collate_fn that pads or packs them"
-            raise _bad(path, f"collating train[0] and train[1] raised {_describe(err)}{hint}") from None
-        bx, _ = _pair(path, "a collated batch of train", batch)
-        _check_x(path, "a collated batch of train", bx)
+            raise _bad(source, f"collating train[0] and train[1] raised {_describe(err)}{hint}") from None
+        bx, _ = _pair(source, "a collated batch of train", batch)
+        _check_x(source, "a collated batch of train", bx)
         if in_shape is None and isinstance(bx, torch.Tensor):
             in_shape = tuple(bx.shape[1:])
     if task is None:
         task = "multilabel" if kind == "multi" else "classification" if kind == "int" or classes is not None else "regression"
     if task == "multilabel":
-        return task, _label_names(path, where, y, classes, batched=isinstance(train, DataLoader)), in_shape
+        return task, _label_names(source, where, y, classes, batched=isinstance(train, DataLoader)), in_shape
     if kind == "multi":
-        raise _bad(path, f"y of {where} is a 0/1 vector (multi-label) but the task is {task}; "
+        raise _bad(source, f"y of {where} is a 0/1 vector (multi-label) but the task is {task}; "
                         "return task 'multilabel' (or no task), or one label per item")
     if task == "classification" and kind != "int":
-        raise _bad(path, f"the task is classification but y of {where} is a float; "
+        raise _bad(source, f"the task is classification but y of {where} is a float; "
                         "return class indices 0..n-1 as int or a 0-d int64 tensor")
     if task == "regression":
         if classes is not None:
-            raise _bad(path, "returned classes with task 'regression'; drop one of them")
+            raise _bad(source, "returned classes with task 'regression'; drop one of them")
         return task, None, in_shape
-    return task, _classes(path, splits, classes), in_shape
+    return task, _classes(source, splits, classes), in_shape
 
 
-def _item(path: str, name: str, split: Any, index: int) -> Any:
+def _item(source: str, name: str, split: Any, index: int) -> Any:
     try:
         return split[index]
     except Exception as err:
-        raise _bad(path, f"reading {name}[{index}] raised {_describe(err)}") from None
+        raise _bad(source, f"reading {name}[{index}] raised {_describe(err)}") from None
 
 
-def _first_batch(path: str, loader: DataLoader) -> Any:
+def _first_batch(source: str, loader: DataLoader) -> Any:
     try:
         return next(iter(loader))
     except Exception as err:
-        raise _bad(path, f"reading the first batch of the train DataLoader raised {_describe(err)}") from None
+        raise _bad(source, f"reading the first batch of the train DataLoader raised {_describe(err)}") from None
 
 
-def _pair(path: str, where: str, item: Any) -> tuple[Any, Any]:
+def _pair(source: str, where: str, item: Any) -> tuple[Any, Any]:
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
     if isinstance(item, (tuple, list)):
@@ -359,21 +370,21 @@ def _pair(path: str, where: str, item: Any) -> tuple[Any, Any]:
         what = f"a dict with keys {', '.join(map(repr, list(item)[:6]))}"
     else:
         what = _type_of(item)
-    raise _bad(path, f"{where} is {what}; items must be (x, y) pairs")
+    raise _bad(source, f"{where} is {what}; items must be (x, y) pairs")
 
 
-def _check_x(path: str, where: str, x: Any) -> None:
+def _check_x(source: str, where: str, x: Any) -> None:
     if isinstance(x, torch.Tensor):
         return
     if isinstance(x, (tuple, list)) and x and all(isinstance(part, torch.Tensor) for part in x):
         return
     if isinstance(x, Mapping) and x and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in x.items()):
         return
-    raise _bad(path, f"x of {where} is {_type_of(x)}; x must be a tensor, a tuple/list of tensors "
+    raise _bad(source, f"x of {where} is {_type_of(x)}; x must be a tensor, a tuple/list of tensors "
                     "or a dict of tensors (torch.from_numpy converts arrays)")
 
 
-def _label_kind(path: str, where: str, y: Any, batched: bool) -> str:
+def _label_kind(source: str, where: str, y: Any, batched: bool) -> str:
     """'int' (a class index), 'float' (a regression target) or 'multi' (a float 0/1 vector, one
     value per class: multi-label); other labels are refused."""
     if isinstance(y, (bool, int, np.integer)) and not batched:
@@ -387,33 +398,33 @@ def _label_kind(path: str, where: str, y: Any, batched: bool) -> str:
             return "float" if floating else "int"
         if floating and len(shape) == 1 and bool(((y == 0) | (y == 1)).all()):
             return "multi"  # one 0/1 per class: multi-label
-        raise _bad(path, f"y of {where} is a {y.dtype} tensor of shape {shape}; y must be a class "
+        raise _bad(source, f"y of {where} is a {y.dtype} tensor of shape {shape}; y must be a class "
                         "index (int or 0-d int tensor) or one float (regression)")
-    raise _bad(path, f"y of {where} is {_type_of(y)}; y must be a class index (int or 0-d int "
+    raise _bad(source, f"y of {where} is {_type_of(y)}; y must be a class index (int or 0-d int "
                     "tensor) or one float (regression)")
 
 
-def _label_names(path: str, where: str, y: Any, classes: Any, batched: bool) -> list[str]:
+def _label_names(source: str, where: str, y: Any, classes: Any, batched: bool) -> list[str]:
     """Multilabel: `classes` as given (one name per value of y), or '0'..'k-1'."""
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() != 1 + batched:
-        raise _bad(path, f"the task is multilabel but y of {where} is not a float vector; "
+        raise _bad(source, f"the task is multilabel but y of {where} is not a float vector; "
                         "return y as a float tensor of 0/1, one value per class")
     width = y.shape[-1]
     if classes is None:
         return [str(i) for i in range(width)]
     if isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__") or len(classes) != width:
-        raise _bad(path, f"classes must name each of the {width} values of y of {where}; got {_type_of(classes)}")
+        raise _bad(source, f"classes must name each of the {width} values of y of {where}; got {_type_of(classes)}")
     return [str(name) for name in classes]
 
 
-def _classes(path: str, splits: dict[str, Any], classes: Any) -> list[str]:
+def _classes(source: str, splits: dict[str, Any], classes: Any) -> list[str]:
     """The class names: `classes` as given, or '0'..'max label', checked against the labels."""
     if classes is not None:
         if isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__"):
-            raise _bad(path, f"classes is {_type_of(classes)}; it must be a list of class names")
+            raise _bad(source, f"classes is {_type_of(classes)}; it must be a list of class names")
         classes = [str(name) for name in classes]
         if len(classes) < 2:
-            raise _bad(path, f"classes has {len(classes)} name; classification needs at least 2 classes")
+            raise _bad(source, f"classes has {len(classes)} name; classification needs at least 2 classes")
     labels = {}
     for name, split in splits.items():
         if name == "test" and split is splits["val"]:
@@ -421,18 +432,18 @@ def _classes(path: str, splits: dict[str, Any], classes: Any) -> list[str]:
         cheap = None if isinstance(split, DataLoader) else _cheap_labels(split)
         if cheap is None and classes is not None:
             continue  # the names are given: reading every item just to check them is not worth it
-        labels[name] = cheap if cheap is not None else _scan_labels(path, name, split)
+        labels[name] = cheap if cheap is not None else _scan_labels(source, name, split)
     for name, values in labels.items():
         if len(values) and values.min() < 0:
-            raise _bad(path, f"the {name} split has label {int(values.min())}; labels must be class indices 0..n-1")
+            raise _bad(source, f"the {name} split has label {int(values.min())}; labels must be class indices 0..n-1")
         if classes is not None and len(values) and values.max() >= len(classes):
-            raise _bad(path, f"the {name} split has label {int(values.max())} but classes has "
+            raise _bad(source, f"the {name} split has label {int(values.max())} but classes has "
                             f"{len(classes)} names (labels 0..{len(classes) - 1})")
     if classes is not None:
         return classes
     n = 1 + max(int(values.max()) for values in labels.values() if len(values))
     if n < 2:
-        raise _bad(path, "every label is 0 (one class only); classification needs at least 2 classes")
+        raise _bad(source, "every label is 0 (one class only); classification needs at least 2 classes")
     return [str(i) for i in range(n)]
 
 
@@ -460,37 +471,37 @@ def _cheap_labels(split: Any) -> np.ndarray | None:
     return None
 
 
-def _scan_labels(path: str, name: str, split: Any) -> np.ndarray:
+def _scan_labels(source: str, name: str, split: Any) -> np.ndarray:
     """Every label of a split, read item by item (or batch by batch): slow for big decoded datasets."""
     if isinstance(split, DataLoader):
-        log.info("data factory '%s': reading the whole %s DataLoader once to find the classes "
-                 "(return `classes` to skip this)", path, name)
+        log.info("%s: reading the whole %s DataLoader once to find the classes "
+                 "(return `classes` to skip this)", source, name)
         values = []
         for batch in split:
-            _, y = _pair(path, f"a batch of the {name} DataLoader", batch)
+            _, y = _pair(source, f"a batch of the {name} DataLoader", batch)
             values.append(np.asarray(torch.as_tensor(y)).reshape(-1))
-        return _int_labels(path, f"the {name} DataLoader", np.concatenate(values))
-    log.info("data factory '%s': reading all %d items of %s to find the classes (return `classes`, "
-             "or give the dataset a `targets` attribute, to skip this)", path, len(split), name)
+        return _int_labels(source, f"the {name} DataLoader", np.concatenate(values))
+    log.info("%s: reading all %d items of %s to find the classes (return `classes`, "
+             "or give the dataset a `targets` attribute, to skip this)", source, len(split), name)
     values = np.empty(len(split), dtype=np.float64)
     for index in range(len(split)):
-        _, y = _pair(path, f"{name}[{index}]", _item(path, name, split, index))
-        if _label_kind(path, f"{name}[{index}]", y, batched=False) != "int":
-            raise _bad(path, f"{name}[{index}] has a float label but train[0] an int one; "
+        _, y = _pair(source, f"{name}[{index}]", _item(source, name, split, index))
+        if _label_kind(source, f"{name}[{index}]", y, batched=False) != "int":
+            raise _bad(source, f"{name}[{index}] has a float label but train[0] an int one; "
                             "every label must be a class index")
         values[index] = int(y)
     return values.astype(np.int64)
 
 
-def _int_labels(path: str, where: str, values: np.ndarray) -> np.ndarray:
+def _int_labels(source: str, where: str, values: np.ndarray) -> np.ndarray:
     if values.dtype.kind not in "iub":
-        raise _bad(path, f"{where} has float labels; every label must be a class index")
+        raise _bad(source, f"{where} has float labels; every label must be a class index")
     return values.astype(np.int64)
 
 
-def _bad(path: str, what: str, kind: type[Exception] = DataError) -> Exception:
-    """The one-line error for a mistake in the user's factory or data."""
-    return kind(f"data factory '{path}': {what}")
+def _bad(source: str, what: str, kind: type[Exception] = DataError) -> Exception:
+    """The one-line error for a mistake in the user's factory or data; `source` says where they came from."""
+    return kind(f"{source}: {what}")
 
 
 def _type_of(value: Any) -> str:
