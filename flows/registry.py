@@ -61,7 +61,8 @@ def gate_metric(monitor: str) -> str:
 def evaluation_data_key(run: MlflowRun) -> dict[str, str | None]:
     """What fixes a run's test rows: the dataset digest and the split settings."""
     params = run.data.params
-    key = {"dataset_digest": run.data.tags.get("fitflow.dataset_digest")}
+    # the Python API tests on the data given to `evaluate`, not on a split: its digest is part of the key
+    key = {"dataset_digest": run.data.tags.get("fitflow.dataset_digest"), "test_digest": run.data.tags.get("fitflow.test_digest")}
     key.update({name: params.get(name) for name in _SPLIT_PARAMS})
     if key["validation_data"] not in (None, "null"):
         key["val_fraction"] = None  # a separate validation file: the split ignores val_fraction

@@ -29,12 +29,16 @@ from tasks.redaction import redact_uri
 log = logging.getLogger("fitflow")
 
 
-def config_of_run(run_id: str, launch: Launch) -> TrainConfig:
-    """The config a run was started with, to run with `launch`; ConfigError if it cannot be resumed."""
+def config_of_run(run_id: str, launch: Launch, from_python: bool = False) -> TrainConfig:
+    """The config a run was started with, to run with `launch`; ConfigError if it cannot be resumed.
+
+    `from_python`: the caller is the Python API, which alone can resume its runs (their data and
+    model are the caller's objects), and only those.
+    """
     uri = tracking_uri()
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
-    _resumable_run(client, run_id, uri)
+    _resumable_run(client, run_id, uri, from_python)
     text = tracking.logged_config(client, run_id)
     if text is None:
         raise ConfigError(f"run {run_id} has no {tracking.CONFIG_ARTIFACT} artifact to resume from (it was not "
@@ -54,9 +58,10 @@ def unfinished_run_of_flow_run(client: MlflowClient, experiment_id: str, flow_ru
     return runs[0].info.run_id if runs else None
 
 
-def reopen_run(client: MlflowClient, run_id: str, data: DataRecord, tags: dict[str, str]) -> None:
+def reopen_run(client: MlflowClient, run_id: str, data: DataRecord, tags: dict[str, str],
+               from_python: bool = False) -> None:
     """Mark the run RUNNING again, after checking it trains on the same data; `tags` link the new flow run."""
-    run = _resumable_run(client, run_id, tracking_uri())
+    run = _resumable_run(client, run_id, tracking_uri(), from_python)
     logged = run.data.tags.get("fitflow.dataset_digest")
     digest = tracking.dataset_digest(data.frame, data.source, data.target)
     if logged and logged != digest:
@@ -72,7 +77,7 @@ def reopen_run(client: MlflowClient, run_id: str, data: DataRecord, tags: dict[s
     log.info("continuing MLflow run %s (attempt %d, was %s)", run_id, attempt, run.info.status)
 
 
-def _resumable_run(client: MlflowClient, run_id: str, uri: str) -> MlflowRun:
+def _resumable_run(client: MlflowClient, run_id: str, uri: str, from_python: bool) -> MlflowRun:
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -80,6 +85,13 @@ def _resumable_run(client: MlflowClient, run_id: str, uri: str) -> MlflowRun:
                           "(`fitflow runs` lists them) and the same MLFLOW_TRACKING_URI") from None
     if run.data.tags.get("fitflow.flow") != "train":
         raise ConfigError(f"run {run_id} is not a run of the train flow; only training runs can be resumed")
+    python_run = run.data.tags.get("fitflow.entry") == "python"
+    if python_run and not from_python:
+        raise ConfigError(f"run {run_id} was trained from Python objects (fitflow.compile(...).fit); resume it "
+                          f"there, with the same model and data: trainer.fit(..., resume='{run_id}')")
+    if from_python and not python_run:
+        raise ConfigError(f"run {run_id} was started by the train flow on its own data; resume it with "
+                          f"`fitflow resume {run_id}`")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} has already finished; there is nothing to resume")
     return run

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 from tasks import images
 from tasks.callbacks import Callback
@@ -28,7 +29,7 @@ from tasks.images import index_images
 from tasks.images_prepare import ImagesPrepared, prepare_images
 from tasks.kinds import detect_kind
 from tasks.loaders import Loaders
-from tasks.trainer import Run, Trained, build_loaders, evaluate_on_test, prep_spec
+from tasks.trainer import Given, Run, Trained, build_loaders, evaluate_on_test, prep_spec
 from tasks.trainer import train_model as train_single_process
 from tasks.user_dataset import UserDatasets, load_factory
 
@@ -64,11 +65,20 @@ def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | U
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
-                extra_callbacks: Sequence[Callback] = (), progress: bool = True) -> Trained:
-    """Train in this process, or with `strategy: ddp` in one process per device (tasks/distributed.py)."""
+                extra_callbacks: Sequence[Callback] = (), progress: bool = True, given: Given | None = None) -> Trained:
+    """Train in this process, or with `strategy: ddp` in one process per device (tasks/distributed.py).
+
+    `given`: the Python API's own model, optimizer or loss objects (single process only).
+    """
     if config.launch.strategy == "ddp":  # the ranks build their own loaders, on their shards
         return train_distributed(config, prepared, run, extra_callbacks, progress)
-    return train_single_process(config, prepared, loaders, run, extra_callbacks, progress)
+    return train_single_process(config, prepared, loaders, run, extra_callbacks, progress, given=given)
+
+
+def run_step(step, *args, **kwargs):
+    """Call a step: as its Prefect task inside a flow run (a task run in the UI, retries, the cache),
+    as the plain function elsewhere (the Python API's fit without flow=True: no Prefect server)."""
+    return (step if FlowRunContext.get() is not None else step.fn)(*args, **kwargs)
 
 
 def _retry_unless_bad_input(retry_on: type[Exception]):

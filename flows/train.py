@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,7 @@ from flows.steps import (
     evaluate_on_test_task,
     load_and_prepare,
     retry_after_crash,
+    run_step,
     train_model_task,
 )
 from tasks import tracking
@@ -43,7 +45,9 @@ from tasks.errors import ConfigError
 from tasks.image_plots import validation_plots
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.trainer import Run, Trained, first_inputs
+from tasks.callbacks import Callback
+from tasks.loaders import Loaders
+from tasks.trainer import Given, Run, Trained, first_inputs
 from tasks.user_dataset import make_dataset_loaders
 
 log = logging.getLogger("fitflow")
@@ -80,10 +84,7 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     loaders = build_loaders_task(config, prepared)
     run = start_run(config, prepared, data, resume=resume)
     with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
-        # a retry resumes from the last epoch checkpoint of this run
-        trained = train_model_task.with_options(retries=config.launch.retries, retry_condition_fn=retry_after_crash)(
-            config, prepared, loaders, run)
-        tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
+        trained = train_in_run(config, prepared, loaders, run)
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
         model_uri = log_model(config, prepared, data, run, trained, test_metrics)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
@@ -97,6 +98,16 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     )
     publish_summary(config, result)
     return result
+
+
+def train_in_run(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run,
+                 extra_callbacks: Sequence[Callback] = (), given: Given | None = None) -> Trained:
+    """The training step of a run (the flow's and the Python API's): in a flow run a task retried after a
+    crash, each retry resuming from the run's last epoch checkpoint; then every epoch must have reached MLflow."""
+    training = train_model_task.with_options(retries=config.launch.retries, retry_condition_fn=retry_after_crash)
+    trained = run_step(training, config, prepared, loaders, run, extra_callbacks, given=given)
+    tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
+    return trained
 
 
 # The flow takes the config's fields as flat parameters (JSON data): the deployment's form shows
@@ -130,7 +141,7 @@ def config_from_parameters(fields: dict) -> TrainConfig:
 
 @task(name="start_run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_run_id: str | None = None,
-              params: dict[str, str] | None = None, resume: str | None = None) -> Run:
+              params: dict[str, str] | None = None, resume: str | None = None, from_python: bool = False) -> Run:
     """Create the MLflow run, linked to this flow run both ways; log params and the dataset.
 
     With `parent_run_id` it is a child run (a sweep's trial), nested by the explicit
@@ -139,6 +150,7 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     A run being resumed (`resume`, or one an earlier attempt of this flow run left unfinished)
     is reopened instead: same run, same params, its checkpoints continue it. A new run gets the
     hyperparameters as params, the launch settings as tags and the whole config as config.json.
+    `from_python`: the Python API's run (fitflow/), on the caller's objects; only the API resumes it.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
@@ -147,6 +159,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
     flow_name = "train" if parent_run_id is None and params is None else "sweep"  # resume accepts "train" only
     tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py", **config.launch_tags()}
+    if from_python:
+        tags.update({"fitflow.entry": "python", "mlflow.source.name": "fitflow (Python API)"})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if flow_run.id:
@@ -156,7 +170,7 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     earlier = resume or (flow_run.id and not parent_run_id and params is None
                                 and unfinished_run_of_flow_run(client, experiment_id, flow_run.id))
     if earlier:
-        reopen_run(client, earlier, data, tags)
+        reopen_run(client, earlier, data, tags, from_python)
         run_id = earlier
     else:
         run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
@@ -187,9 +201,19 @@ def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
 def log_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Run,
               trained: Trained, test_metrics: dict[str, float]) -> str:
     """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
+    log_test_metrics(config, run, trained, test_metrics)
+    return log_trained_model(config, prepared, data, run, trained)
+
+
+def log_test_metrics(config: TrainConfig, run: Run, trained: Trained, test_metrics: dict[str, float]) -> None:
+    """The test metrics and best_<monitor>, at the best epoch's step (the registry's gate compares them)."""
     # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch
     best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
     tracking.log_metrics(run.client, run.run_id, {**test_metrics, **best}, step=trained.best_epoch)
+
+
+def log_trained_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Run, trained: Trained) -> str:
+    """The learning curves (images: validation plots too), the best checkpoint and the pyfunc model; its URI."""
     with tempfile.TemporaryDirectory() as tmp:
         plots = [plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")]
         if data.kind == "images":  # where the classes are confused, and the images it gets wrong
@@ -211,6 +235,8 @@ def input_example(data: DataRecord, prepared) -> pd.DataFrame | np.ndarray | dic
         return data.frame.drop(columns=prepared.preprocessor.target_columns).head(5)
     if data.kind == "images":
         return pd.DataFrame({"path": prepared.val.paths[:3]})
+    if data.kind == "arrays":  # the Python API's (x, y) (tasks/arrays.py)
+        return prepared.val.features[:3]
     x = first_inputs(make_dataset_loaders(prepared, batch_size=3).val)
     if isinstance(x, dict):
         return {name: value.numpy() for name, value in x.items()}

@@ -145,7 +145,7 @@ class Split:
 class Prepared:
     train: Split
     val: Split
-    test: Split
+    test: Split | None  # None: no test split (the Python API tests on the data given to `evaluate`)
     preprocessor: Preprocessor
 
     @property
@@ -156,16 +156,22 @@ class Prepared:
             "task": p.task,
             "rows_train": len(self.train.targets),
             "rows_val": len(self.val.targets),
-            "rows_test": len(self.test.targets),
-            "n_features": p.n_features,
         }
+        if self.test is not None:
+            facts["rows_test"] = len(self.test.targets)
+        if p.n_features is not None:  # arrays of more than one dimension (tasks/arrays.py) have a shape instead
+            facts["n_features"] = p.n_features
         if p.classes is not None:
             facts["n_classes"] = len(p.classes)
         return facts
 
 
 def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None = None) -> Prepared:
-    """Split the table (stratified for classification) and fit the preprocessing on train only."""
+    """Split the table (stratified for classification) and fit the preprocessing on train only.
+
+    `spec.test_fraction` 0 cuts no test split (the Python API's fit: Keras' semantics, the test
+    data is what the user gives to `evaluate`); the flow's config never allows it.
+    """
     targets = target_columns(spec.target)
     _require_targets(table, targets, "data")
     if len(targets) > 1 and spec.task in ("classification", "regression"):  # TrainConfig refuses it too; PrepSpec is plain
@@ -191,12 +197,13 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
         no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
         train_rows, _, test_rows = split_rows(labels, task, no_val)
     preprocessor = Preprocessor.fit(table, spec.target, task, spec.max_categories, rows=train_rows)
-    train, test = _encode(preprocessor, table, train_rows), _encode(preprocessor, table, test_rows)
+    train = _encode(preprocessor, table, train_rows)
+    test = _encode(preprocessor, table, test_rows) if spec.test_fraction > 0 else None
     val = _encode(preprocessor, table, val_rows) if validation is None else _encode(preprocessor, validation, None)
     if task == "multilabel":
         check_every_label_varies(train.targets, preprocessor.classes, f"the training split of '{spec.target}'")
     log.info("prepared %s: %d train / %d val / %d test rows, %d features",
-             task, len(train.targets), len(val.targets), len(test.targets), preprocessor.n_features)
+             task, len(train.targets), len(val.targets), len(test.targets) if test else 0, preprocessor.n_features)
     return Prepared(train=train, val=val, test=test, preprocessor=preprocessor)
 
 
@@ -243,9 +250,11 @@ def split_rows(labels: pd.Series, task: str, spec: PrepSpec) -> tuple[np.ndarray
         parts[0].append(rows[n_test + n_val :])
     train, val, test = (np.sort(np.concatenate(p)) for p in parts)
     needs_val = spec.val_fraction > 0
-    if len(train) < 2 or len(test) < 1 or (needs_val and len(val) < 1):
+    needs_test = spec.test_fraction > 0
+    if len(train) < 2 or (needs_test and len(test) < 1) or (needs_val and len(val) < 1):
         need = int(np.ceil(2 / max(1e-9, 1 - spec.val_fraction - spec.test_fraction)))
-        need = max(need, int(np.ceil(1 / spec.test_fraction)), int(np.ceil(1 / spec.val_fraction)) if needs_val else 0)
+        need = max(need, int(np.ceil(1 / spec.test_fraction)) if needs_test else 0,
+                   int(np.ceil(1 / spec.val_fraction)) if needs_val else 0)
         raise DataError(
             f"{len(labels)} rows are too few to split into train/validation/test "
             f"(val_fraction={spec.val_fraction}, test_fraction={spec.test_fraction}); "

@@ -117,7 +117,7 @@ class BatchLoader:
 class Loaders:
     train: BatchLoader | DataLoader
     val: BatchLoader | DataLoader
-    test: BatchLoader | DataLoader
+    test: BatchLoader | DataLoader | None  # None: no test split (Prepared.test)
 
 
 def make_loader(
@@ -171,12 +171,12 @@ def make_loaders(
     `rank`, `world_size`: this DDP process's shard of each split; `batch_size` is the global batch.
     """
     for split in ("train", "val", "test"):
-        if len(getattr(prepared, split).targets) < world_size:
+        if getattr(prepared, split) is not None and len(getattr(prepared, split).targets) < world_size:
             raise ConfigError(f"the {split} split has fewer rows than the {world_size} DDP processes; use fewer devices")
     eval_batch = max(batch_size, _EVAL_BATCH)
     common = {"num_workers": num_workers, "pin_memory": pin_memory, "device": device, "rank": rank, "world_size": world_size}
     return Loaders(
         train=make_loader(prepared.train.features, prepared.train.targets, batch_size, True, drop_last, seed=seed, **common),
         val=make_loader(prepared.val.features, prepared.val.targets, eval_batch, **common),
-        test=make_loader(prepared.test.features, prepared.test.targets, eval_batch, **common),
+        test=make_loader(prepared.test.features, prepared.test.targets, eval_batch, **common) if prepared.test else None,
     )

@@ -112,6 +112,11 @@ def is_builtin(name: str) -> bool:
     return name in ("mlp", "cnn") or name.startswith("torchvision:")
 
 
+def class_path(cls: type) -> str:
+    """'package.module:Class', the name `import_model_class` reads back."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def import_model_class(path: str) -> type[nn.Module]:
     module_name, _, class_name = path.partition(":")
     try:

@@ -29,7 +29,7 @@ class TensorPreprocessor:
     in_shape: list[int] | None  # one sample's x; None when x is a tuple or dict
     target_mean: None = None
     target_std: None = None
-    n_features: None = None
+    n_features: int | None = None  # flat in_shape of arrays (tasks/arrays.py): their width
     kind: str = "tensors"
 
     def model_inputs(self, model_input: Any) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ it with its `Rank` (tasks/ddp.py), which adds only the lines marked "DDP". No Pr
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from tasks.images_prepare import ImagesPrepared
 from tasks.labels import balanced_pos_weight
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import TaskMetrics, metric_names
-from tasks.models import build_model, load_pretrained, model_spec
-from tasks.training import History, evaluate, fit, seed_everything
+from tasks.models import build_model, check_outputs, class_path, load_pretrained, model_spec
+from tasks.training import History, evaluate, fit, seed_everything, to_device
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
 
 log = logging.getLogger("fitflow")
@@ -47,6 +47,20 @@ class Run:
     run_id: str
     experiment_id: str
     checkpoint_dir: Path
+
+
+@dataclass
+class Given:
+    """Objects the caller built (the Python API, fitflow/), used instead of building them from the config.
+
+    `model` is trained in place, as Keras trains its model: after `fit` the caller's object holds
+    the best weights. `optimizer` must hold the model's parameters. `loss_fn` is any callable
+    loss(outputs, targets); an nn.Module loss moves to the device.
+    """
+
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    loss_fn: Callable | None = None
 
 
 @dataclass
@@ -71,11 +85,18 @@ def task_metrics(prepared: Prepared) -> TaskMetrics:
     return TaskMetrics(p.task, len(p.classes or []), mean, std)
 
 
-def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> dict:
-    """What `build_model` needs: the class, its input and output sizes, its keyword arguments."""
+def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,
+                  given: torch.nn.Module | None = None) -> dict:
+    """What `build_model` needs: the class, its input and output sizes, its keyword arguments.
+
+    `given`: the caller's model object; the logged model rebuilds its class with these sizes and model_kwargs.
+    """
     p = prepared.preprocessor
     in_shape = getattr(p, "in_shape", None)  # images and Datasets: one sample's shape; tables: n_features
     in_features = p.n_features or (in_shape[0] if in_shape is not None and len(in_shape) == 1 else None)
+    if given is not None:
+        return model_spec(class_path(type(given)), in_features, len(p.classes) if p.classes else 1,
+                          config.model_kwargs, in_shape)
     model = config.model
     if model == "auto":  # the MLP for feature vectors (tables, flat Dataset items), the CNN for images
         if in_features is not None:
@@ -120,7 +141,7 @@ def build_loaders(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
         return make_dataset_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda",
                                     **common)
     # Tables: on a GPU with room, the splits live on the GPU; otherwise pinned batches, copied asynchronously
-    splits = (prepared.train, prepared.val, prepared.test)
+    splits = [split for split in (prepared.train, prepared.val, prepared.test) if split is not None]
     resident = resident_device(sum(s.features.nbytes + s.targets.nbytes for s in splits), device)
     return make_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda" and resident is None,
                         device=resident, **common)
@@ -139,30 +160,38 @@ def check_monitor(config: TrainConfig, prepared: Prepared) -> None:
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
-                extra_callbacks: Sequence[Callback] = (), progress: bool = True, rank: Rank | None = None) -> Trained:
+                extra_callbacks: Sequence[Callback] = (), progress: bool = True, rank: Rank | None = None,
+                given: Given | None = None) -> Trained:
     """Compile (optimizer, loss, schedule) and fit with the default callbacks, then `extra_callbacks`.
 
     `progress=False` drops the per-epoch progress (a sweep trains several models at once).
     `rank`: this process is one rank of a DDP run (tasks/distributed.py starts them).
+    `given`: the caller's own model, optimizer or loss (the Python API), each instead of the config's.
     """
+    given = given or Given()
     check_monitor(config, prepared)
     writes = rank is None or rank.writes  # DDP: rank 0 alone prints, checkpoints and logs
     device = rank.device if rank is not None else resolve_device(config.launch.device)
     set_cpu_threads(config.launch.num_threads)
     seed_everything(config.seed)  # before the model exists: the seed fixes its initial weights
-    spec = spec_of_model(config, prepared)
-    # A Dataset's inputs may be token ids, tuples or dicts: check the model on a real batch, not on zeros
-    model = build_model(spec, sample=first_inputs(loaders.val) if isinstance(prepared, UserDatasets) else None)
+    spec = spec_of_model(config, prepared, given.model)
+    # A Dataset's inputs may be token ids, tuples or dicts, a caller's model may take anything its
+    # data holds: check the model on a real batch, not on zeros
+    sample = first_inputs(loaders.val) if isinstance(prepared, UserDatasets) or given.model is not None else None
+    model = build_model(spec, sample=sample) if given.model is None else given.model
     if config.pretrained:
         left = load_pretrained(model, config.pretrained)
         if writes:
             log.info("started from %s; %d tensor(s) left at their initial values%s", config.pretrained, len(left),
                      f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
     model.to(device)  # before the optimizer: it must hold the parameters that will be trained
+    if given.model is not None:  # on the device: the caller's model may already live there
+        check_outputs(model, to_device(sample, device), spec["out_features"], spec["model"])
     if config.torch_compile:
         model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
     trainee = rank.replicate(model) if rank is not None else model  # DDP: gradients averaged in backward
-    optimizer = make_optimizer(config.optimizer, trainee.parameters(), config.lr, config.weight_decay, config.momentum)
+    optimizer = given.optimizer if given.optimizer is not None else make_optimizer(
+        config.optimizer, trainee.parameters(), config.lr, config.weight_decay, config.momentum)
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
     best_path = run.checkpoint_dir / "best.pt" if run is not None and writes else None
     stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path)
@@ -191,7 +220,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         log.info("training %s on %s for up to %d epochs", spec["model"], device, config.epochs)
     history = fit(
         trainee, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
-        loss_fn=loss_of(config, prepared).to(device), metrics=task_metrics(prepared), device=device,
+        loss_fn=training_loss(config, prepared, given, device), metrics=task_metrics(prepared), device=device,
         callbacks=callbacks, precision=config.precision, grad_clip=config.grad_clip,
     )
     best = stateful["best_weights"]
@@ -199,10 +228,18 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
                    best_path if best_path is not None and best_path.exists() else None)
 
 
-def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained) -> dict[str, float]:
-    """Test-split metrics of the best weights."""
+def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained,
+                     given: Given | None = None) -> dict[str, float]:
+    """Test-split metrics of the best weights, with the loss they were trained with."""
     device = next(trained.model.parameters()).device
-    return evaluate(trained.model, loaders.test, loss_of(config, prepared).to(device), task_metrics(prepared), device, "test")
+    return evaluate(trained.model, loaders.test, training_loss(config, prepared, given, device), task_metrics(prepared),
+                    device, "test")
+
+
+def training_loss(config: TrainConfig, prepared: Prepared, given: Given | None, device: torch.device) -> Callable:
+    """The caller's loss when given, else the configured one; on `device` when it is a module."""
+    loss = given.loss_fn if given is not None and given.loss_fn is not None else loss_of(config, prepared)
+    return loss.to(device) if isinstance(loss, torch.nn.Module) else loss
 
 
 def loss_of(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> torch.nn.Module:

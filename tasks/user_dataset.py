@@ -64,7 +64,7 @@ class UserDatasets:
     factory: str
     train: Any  # a map-style Dataset or a DataLoader, as the factory returned it
     val: Any
-    test: Any  # the val split itself when the factory returned no test split
+    test: Any  # the val split itself when the factory returned no test split; None: no test split (Python API)
     collate_fn: Callable | None
     info: DatasetInfo
     facts: dict[str, int | str] = field(default_factory=dict)
@@ -89,31 +89,35 @@ def load_factory(path: str, kwargs: dict[str, Any] | None = None) -> UserDataset
         result = factory(**(kwargs or {}))
     except Exception as err:  # the user's code: any exception is the user's to fix
         raise _bad(source, f"raised {_describe(err)}") from None
-    return datasets_from(source, path, result)
+    parts = _parts(source, result)
+    if parts.get("test") is None:
+        parts["test"] = parts["val"]
+        log.info("%s returned no test split: the val split doubles as the test split", source)
+    return datasets_from(source, path, parts)
 
 
-def datasets_from(source: str, name: str, result: Any) -> UserDatasets:
-    """Check splits as a factory returns them (see the module's docstring) and look at their items.
+def datasets_from(source: str, name: str, parts: dict[str, Any]) -> UserDatasets:
+    """Check the splits (dict values as `_parts` reads a factory's result) and look at their items.
 
     `name` is what the run calls the data (the factory's import path); `source` starts every
-    error message ("data factory 'pkg.mod:make'", or the argument of the Python API).
+    error message ("data factory 'pkg.mod:make'", or the argument of the Python API). Without
+    a test split (the Python API tests on what is given to `evaluate`), `test` is None.
     """
-    parts = _parts(source, result)
     splits = {split: _checked_split(source, split, parts.get(split)) for split in ("train", "val", "test")}
-    if splits["test"] is None:
-        splits["test"] = splits["val"]
-        log.info("%s returned no test split: the val split doubles as the test split", source)
     collate_fn = parts.get("collate_fn")
     if collate_fn is not None and not callable(collate_fn):
         raise _bad(source, f"collate_fn is {_type_of(collate_fn)}, not a function")
     task, classes, in_shape = _inspect(source, splits, collate_fn, parts.get("task"), parts.get("classes"))
     info = DatasetInfo(task=task, classes=classes, in_shape=in_shape)
-    facts: dict[str, int | str] = {"task": task, **{f"rows_{split}": _rows(data) for split, data in splits.items()}}
-    facts["test_split"] = "val" if splits["test"] is splits["val"] else "given"
+    facts: dict[str, int | str] = {"task": task, **{f"rows_{split}": _rows(data) for split, data in splits.items()
+                                                    if data is not None}}
+    if splits["test"] is not None:
+        facts["test_split"] = "val" if splits["test"] is splits["val"] else "given"
     if classes is not None:
         facts["n_classes"] = len(classes)
-    log.info("%s: %s, %d train / %d val / %d test rows%s", source, task, facts["rows_train"],
-             facts["rows_val"], facts["rows_test"], " (test = val)" if facts["test_split"] == "val" else "")
+    log.info("%s: %s, %d train / %d val%s", source, task, facts["rows_train"], facts["rows_val"],
+             "" if splits["test"] is None else f" / {facts['rows_test']} test rows" + (
+                 " (test = val)" if facts["test_split"] == "val" else ""))
     return UserDatasets(name, splits["train"], splits["val"], splits["test"], collate_fn, info, facts)
 
 
@@ -137,7 +141,8 @@ def make_dataset_loaders(
     order, every item once, rank r taking items r, r + world_size, ..., in batches of the train
     batch's size (items may be large images: no bigger evaluation batch as for tables).
     """
-    splits = {"train": prepared.train, "val": prepared.val, "test": prepared.test}
+    splits = {name: split for name, split in
+              (("train", prepared.train), ("val", prepared.val), ("test", prepared.test)) if split is not None}
     if world_size > 1:
         given = [name for name, split in splits.items() if isinstance(split, DataLoader)]
         if given:
@@ -166,7 +171,7 @@ def make_dataset_loaders(
 
     val = loader(prepared.val, False)
     return Loaders(train=loader(prepared.train, True), val=val,
-                   test=val if prepared.test is prepared.val else loader(prepared.test, False))
+                   test=val if prepared.test is prepared.val else None if prepared.test is None else loader(prepared.test, False))
 
 
 class _EveryNth(torch.utils.data.Sampler[int]):
@@ -427,7 +432,7 @@ def _classes(source: str, splits: dict[str, Any], classes: Any) -> list[str]:
             raise _bad(source, f"classes has {len(classes)} name; classification needs at least 2 classes")
     labels = {}
     for name, split in splits.items():
-        if name == "test" and split is splits["val"]:
+        if split is None or (name == "test" and split is splits["val"]):
             continue
         cheap = None if isinstance(split, DataLoader) else _cheap_labels(split)
         if cheap is None and classes is not None:

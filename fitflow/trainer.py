@@ -1,0 +1,301 @@
+"""`fitflow.compile(model, ...)` -> Trainer: Keras' compile/fit/evaluate/predict over the flow's engine.
+
+One code path: `fit` prepares the data as the flow does (fitflow/inputs.py), starts the MLflow
+run with the flow's `start_run` (params, config.json, launch tags, the dataset), trains with the
+flow's training step (`train_model`: the same callbacks, epoch checkpoints and metrics journal)
+and ends the run FINISHED, or FAILED with the error. `evaluate` logs test metrics into that run
+and `log_model` the flow's pyfunc model, registered behind the flow's champion gate. With
+`flow=True` the same `fit` runs as a Prefect flow run (its steps as task runs), visible in the UI.
+
+The config (tasks/config.py TrainConfig) stays the single source of truth: every setting is one
+of its fields and is validated there; what a config cannot hold (the model object, an optimizer
+or loss object) goes to the engine as `Given` (tasks/trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import flow
+from pydantic import ValidationError
+
+from fitflow.callbacks import EarlyStopping
+from fitflow.inputs import LABELS, FitData, fit_data, kind_of, model_inputs, split_for, test_record
+from flows.registry import Decision, register_model
+from flows.resume import config_of_run
+from flows.steps import build_loaders_task, run_step
+from flows.train import log_test_metrics, log_trained_model, start_run, train_in_run
+from tasks import tracking
+from tasks.callbacks import Callback
+from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
+from tasks.errors import ConfigError
+from tasks.metrics import CLASSIFICATION, REGRESSION
+from tasks.models import build_model, class_path
+from tasks.trainer import Given, Run, Trained, build_loaders, task_metrics, training_loss
+from tasks.training import History, call_model, evaluate, predict_outputs, to_device
+
+# Set by the data given to fit, or by fit's own arguments: never compile's.
+_FIT_FIELDS = {"data", "data_kind", "data_kwargs", "target", "validation_data", "val_fraction", "epochs", "batch_size"}
+
+
+def compile(model: torch.nn.Module | str, optimizer: str | torch.optim.Optimizer = "adam",
+            loss: str | Callable = "auto", metrics: Sequence[str] | None = None, lr: float | None = None,
+            experiment: str = "fitflow", **fields: Any) -> Trainer:
+    """A Trainer for `model` (an nn.Module, trained in place; or a model name as the config takes it).
+
+    `optimizer`: adam, adamw, sgd, or an optimizer object over the model's parameters. `loss`:
+    auto, cross_entropy, mse, huber, l1, or any callable loss(outputs, targets). `metrics`: names
+    among accuracy, f1_macro, auroc (classification) and rmse, mae, r2 (regression); every one of
+    the task is computed and logged, these are checked against it. `fields`: any other TrainConfig
+    field (scheduler, weight_decay, seed, monitor, patience, register_model, device, ...).
+    """
+    given = Given()
+    settings: dict[str, Any] = {"experiment": experiment, **fields}
+    if isinstance(model, torch.nn.Module):
+        given.model = model
+        name = f"{type(model).__module__}:{type(model).__name__}"
+        settings["model"] = name if IMPORT_PATH.match(name) else "auto"  # the params name the class when they can
+    elif isinstance(model, str):
+        settings["model"] = model
+    else:
+        raise TypeError(f"model must be a torch nn.Module or a model name ('auto', 'mlp', 'pkg.mod:Class'); got {_type(model)}")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if given.model is None:
+            raise TypeError("optimizer: an optimizer object needs the model object it optimizes; pass the model, "
+                            "or the optimizer's name")
+        if lr is not None:
+            raise ValueError("lr: the optimizer object has its own learning rate; set it there")
+        theirs = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not theirs <= {id(p) for p in given.model.parameters()}:
+            raise ValueError("optimizer holds parameters that are not the model's; build it on model.parameters()")
+        given.optimizer = optimizer
+        settings["lr"] = optimizer.param_groups[0]["lr"]  # the params show the rate it trains with
+    elif isinstance(optimizer, str):
+        settings["optimizer"] = optimizer
+    else:
+        raise TypeError(f"optimizer must be a name (adam, adamw, sgd) or a torch.optim.Optimizer; got {_type(optimizer)}")
+    if isinstance(loss, str):
+        settings["loss"] = loss
+    elif callable(loss):
+        given.loss_fn = loss
+    else:
+        raise TypeError(f"loss must be a name (auto, cross_entropy, mse, huber, l1) or a callable; got {_type(loss)}")
+    if lr is not None:
+        settings["lr"] = lr
+    if metrics is not None:
+        if isinstance(metrics, str) or not all(isinstance(name, str) for name in metrics):
+            raise TypeError(f"metrics must be a list of metric names; got {_type(metrics)}")
+        unknown = [name for name in metrics if name not in CLASSIFICATION + REGRESSION]
+        if unknown:
+            raise ValueError(f"metrics: unknown metric {unknown[0]!r}; fitflow logs {', '.join(CLASSIFICATION)} "
+                             f"(classification) and {', '.join(REGRESSION)} (regression)")
+    taken = sorted(_FIT_FIELDS & fields.keys())
+    if taken:
+        raise ValueError(f"{taken[0]}: give the data, epochs and batch_size to fit, not to compile")
+    if fields.get("strategy", "single") != "single":
+        raise ValueError("strategy: the Python API trains in this process; for DDP run the flow, fitflow.train(config)")
+    config = _config(settings)
+    return Trainer(given, config, list(metrics or []))
+
+
+class Trainer:
+    """A compiled model: `fit`, `evaluate`, `predict`, `log_model`; `model` holds the trained weights."""
+
+    def __init__(self, given: Given, config: TrainConfig, metrics: list[str]) -> None:
+        self.model, self.metrics = given.model, metrics
+        self.config = self._compiled = config  # after fit: the run's config (its data, epochs, batch size)
+        self._given = given
+        self.history: History | None = None
+        self.run_id: str | None = None
+        self.registered: Decision | None = None
+        self._data: FitData | None = None
+        self._run: Run | None = None
+        self._trained: Trained | None = None
+        self._tested = False
+
+    def fit(self, x: Any, y: Any = None, *, target: str | None = None, validation_data: Any = None,
+            validation_split: float | None = None, epochs: int | None = None, batch_size: int | None = None,
+            callbacks: Sequence[Callback | EarlyStopping] = (), resume: str | None = None, flow: bool = False) -> History:
+        """Train on `x` (and `y`), validating each epoch; returns the History (also `self.history`).
+
+        `resume`: the id of a run of this trainer's settings that stopped early (an error, an
+        interrupt): it continues from its last epoch checkpoint, with the same data. `flow`: run
+        as a Prefect flow run (the Prefect API: PREFECT_API_URL, or a temporary local server).
+        """
+        fields = {"epochs": epochs, "batch_size": batch_size}
+        own: list[Callback] = []
+        if isinstance(callbacks, (Callback, EarlyStopping)) or not isinstance(callbacks, Sequence):
+            raise TypeError(f"callbacks must be a list of callbacks; got {_type(callbacks)}")
+        for callback in callbacks:
+            if isinstance(callback, EarlyStopping):
+                if "monitor" in fields:
+                    raise ValueError("callbacks: one EarlyStopping is enough")
+                fields.update(callback.config_fields())
+            elif isinstance(callback, Callback):
+                own.append(callback)
+            else:
+                raise TypeError(f"callbacks: {_type(callback)} is not a fitflow.callbacks.Callback")
+        if validation_split is not None and not isinstance(validation_split, (int, float)):
+            raise TypeError(f"validation_split must be a number; got {_type(validation_split)}")
+        if resume is not None:
+            if not isinstance(resume, str):
+                raise TypeError(f"resume must be an MLflow run id; got {_type(resume)}")
+            _as_value_error(check_run_id, resume)
+        kind = kind_of(x, y, target)
+        call = _FitCall(self, (x, y, target, validation_data, validation_split), fields, own, resume)
+        return call.as_flow({"data": LABELS[kind], **call.settings}) if flow else call.run()
+
+    def evaluate(self, x: Any, y: Any = None, *, target: str | None = None, batch_size: int | None = None) -> dict[str, float]:
+        """Loss and metrics on `x` (and `y`), as `test_<metric>`; logged to the fit's run (the registry compares them).
+
+        A dict, not Keras' list: the names travel with the values.
+        """
+        data, trained, run = self._fitted("evaluate")
+        prepared = _as_value_error(split_for, data, x, y, target, "x")
+        config = self.config if batch_size is None else _config({**self.config.flat(), "batch_size": batch_size})
+        loader = build_loaders(config, prepared).val
+        device = next(trained.model.parameters()).device
+        metrics = evaluate(trained.model, loader, training_loss(config, prepared, self._given, device),
+                           task_metrics(prepared), device, "test")
+        log_test_metrics(self.config, run, trained, metrics)
+        record = test_record(x, y, target)
+        digest = tracking.log_dataset(run.client, run.run_id, record.frame, record.source, record.target, record.source,
+                                      context="testing")
+        run.client.set_tag(run.run_id, "fitflow.test_digest", digest)
+        self._tested = True
+        return metrics
+
+    def predict(self, x: Any, *, batch_size: int = 4096) -> np.ndarray:
+        """Class probabilities (rows, classes) for classification; values (rows,) in the target's units for regression."""
+        data, trained, _ = self._fitted("predict")
+        inputs = _as_value_error(model_inputs, data, x)
+        if isinstance(inputs, torch.Tensor):
+            outputs = predict_outputs(trained.model, inputs, batch_size)
+        else:  # a Dataset or DataLoader of (x, y) items: the loader the model was validated with
+            loader = build_loaders(self.config, split_for(data, inputs, None, None, "x")).val
+            device = next(trained.model.parameters()).device
+            trained.model.eval()
+            with torch.inference_mode():
+                outputs = torch.cat([call_model(trained.model, to_device(batch, device)).float().cpu() for batch, _ in loader])
+        p = data.prepared.preprocessor
+        if p.task == "classification":
+            return outputs.softmax(dim=1).numpy()
+        mean, std = (p.target_mean, p.target_std) if p.target_mean is not None else (0.0, 1.0)
+        return outputs[:, 0].numpy() * std + mean
+
+    def log_model(self, name: str | None = None) -> str:
+        """Log the pyfunc model into the fit's run, as the flow does; returns its URI.
+
+        With `name` it becomes a version of that registered model, behind the champion gate
+        (flows/registry.py): the URI is then the version's (`models:/name/3`), `self.registered` says
+        which alias it got and why. The gate compares test metrics: `evaluate` first.
+        """
+        data, trained, run = self._fitted("log_model")
+        if name is not None:
+            _config({**self.config.flat(), "register_model": name})  # the config's rule for registry names
+            if not self._tested:
+                raise RuntimeError("log_model(name=...) registers behind the champion gate, which compares test "
+                                   "metrics: call evaluate(test_data) first")
+        if self._given.model is not None:
+            _check_rebuilds(trained)
+        model_uri = log_trained_model(self.config, data.prepared, data.record, run, trained)
+        if name is None:
+            return model_uri
+        self.registered = register_model(run.client, name, run.run_id, model_uri, self.config.monitor)
+        return self.registered.uri
+
+    def _fitted(self, method: str) -> tuple[FitData, Trained, Run]:
+        if self._trained is None:
+            raise RuntimeError(f"{method} needs a trained model: call fit first")
+        return self._data, self._trained, self._run
+
+
+class _FitCall:
+    """One `fit`: its config, data and callbacks. As a Prefect flow, it is the flow's bound `self`,
+    which Prefect never serialises; the flow run's parameters are the JSON settings."""
+
+    def __init__(self, trainer: Trainer, data: tuple, fields: dict[str, Any], callbacks: list[Callback],
+                 resume: str | None) -> None:
+        self.trainer, self.data, self.callbacks, self.resume = trainer, data, callbacks, resume
+        self.settings = {name: value for name, value in fields.items() if value is not None}
+
+    @flow(name="fit", description="fitflow.compile(...).fit(...): train Python objects, tracked in MLflow.",
+          validate_parameters=False)
+    def as_flow(self, settings: dict[str, Any]) -> History:
+        return self.run()
+
+    def run(self) -> History:
+        trainer = self.trainer
+        x, y, target, validation_data, validation_split = self.data
+        config = _config({**trainer._compiled.flat(), **self.settings})
+        data = fit_data(x, y, target, validation_data, validation_split, config)
+        config = _config({**config.flat(), "data": LABELS[data.kind], "target": target or config.target,
+                          "validation_data": LABELS[data.kind] if data.validation_given else None,
+                          **({"val_fraction": validation_split} if validation_split is not None else {})})
+        _check_metrics(trainer.metrics, data.prepared.preprocessor.task)
+        if self.resume:
+            _check_same_settings(self.resume, config)
+        loaders = run_step(build_loaders_task, config, data.prepared)
+        run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
+        given = trainer._given
+        objects = {name: _type(value) for name, value in vars(given).items() if value is not None}
+        with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
+            run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
+            trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, given)
+        trainer.model, trainer.config, trainer.history, trainer.run_id = trained.model, config, trained.history, run.run_id
+        trainer._data, trainer._run, trainer._trained, trainer._tested = data, run, trained, False
+        return trained.history
+
+
+def _check_metrics(metrics: list[str], task: str) -> None:
+    known = CLASSIFICATION if task == "classification" else REGRESSION
+    wrong = [name for name in metrics if name not in known]
+    if wrong:
+        raise ValueError(f"metrics: {wrong[0]!r} is not a {task} metric; a {task} run logs {', '.join(known)}")
+
+
+def _check_same_settings(run_id: str, config: TrainConfig) -> None:
+    """resume continues a run with its own settings: the trainer's must be the same."""
+    logged = _as_value_error(config_of_run, run_id, config.launch, from_python=True)
+    ours, theirs = config.model_dump(exclude={"launch"}), logged.model_dump(exclude={"launch"})
+    differ = [f"{name} ({ours[name]!r}, the run has {theirs[name]!r})" for name in ours if ours[name] != theirs[name]]
+    if differ:
+        raise ValueError(f"resume: run {run_id} was trained with other settings: {'; '.join(differ)}; "
+                         "compile and fit as it was, or start a new run")
+
+
+def _check_rebuilds(trained: Trained) -> None:
+    """The logged model rebuilds the model's class from its import path, sizes and model_kwargs: try it now."""
+    spec = trained.spec
+    try:
+        rebuilt = build_model(spec)
+        rebuilt.load_state_dict(trained.model.state_dict())
+    except (ConfigError, RuntimeError, TypeError) as err:
+        raise ValueError(f"log_model rebuilds the model as {spec['model']} with {', '.join(k for k in ('in_features', 'out_features', 'in_shape') if spec.get(k)) or 'no sizes'} "
+                         f"(those its constructor names) and model_kwargs {spec['kwargs']}; that failed: {err}. Define the model "
+                         "as an nn.Module subclass in an importable module and pass its other constructor arguments as "
+                         "compile(..., model_kwargs={...})") from None
+
+
+def _config(settings: dict[str, Any]) -> TrainConfig:
+    """TrainConfig(**settings); a bad value is a ValueError that names the argument."""
+    try:
+        return TrainConfig(**settings)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error(err).replace("config field", "argument")) from None
+
+
+def _as_value_error(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fitflow's own ConfigError (a bad run id, a run that cannot resume) as the ValueError Python callers expect."""
+    try:
+        return function(*args, **kwargs)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
+def _type(value: Any) -> str:
+    return type(value).__name__ if value is not None else "None"
