@@ -76,9 +76,9 @@ def fit_data(x: Any, y: Any, target: str | None, validation_data: Any, validatio
     if validation_data is not None and validation_split is not None:
         raise ValueError("give validation_data or validation_split, not both")
     if validation_data is not None:
-        val_x, val_y = (validation_data if kind == ARRAYS else (validation_data, None))
         if kind == ARRAYS and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
             raise TypeError(f"validation_data must be an (x, y) pair like the training data; got {_what(validation_data)}")
+        val_x, val_y = (validation_data if kind == ARRAYS else (validation_data, None))
         val_kind = kind_of(val_x, val_y, target, "validation_data")
         if val_kind != kind:
             raise TypeError(f"validation_data must be of the training data's kind ({LABELS[kind]}); got {_what(validation_data)}")

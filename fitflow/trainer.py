@@ -286,7 +286,8 @@ def _config(settings: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig(**settings)
     except ValidationError as err:
-        raise ValueError(describe_validation_error(err).replace("config field", "argument")) from None
+        message = describe_validation_error(err)
+        raise ValueError(message.replace("config field", "argument").replace("config value", "value")) from None
 
 
 def _as_value_error(function: Callable, *args: Any, **kwargs: Any) -> Any:
