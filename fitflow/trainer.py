@@ -34,7 +34,7 @@ from tasks.callbacks import Callback
 from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
 from tasks.errors import ConfigError
 from tasks.metrics import CLASSIFICATION, REGRESSION
-from tasks.models import build_model, class_path
+from tasks.models import build_model
 from tasks.trainer import Given, Run, Trained, build_loaders, task_metrics, training_loss
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
 

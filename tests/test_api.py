@@ -284,17 +284,17 @@ def test_fit_as_a_prefect_flow_run(mlflow_uri):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    x, y = _problem(rows=600, seed=9)
+    x, y = _problem(rows=1200, seed=9)
     trainer = fitflow.compile(Net(8, 3), lr=1e-2, experiment="api-flow")
-    history = trainer.fit(x, y, epochs=4, batch_size=64, flow=True)
-    assert len(history) == 4 and history.history["val_accuracy"][-1] > 0.85
+    history = trainer.fit(x, y, epochs=8, batch_size=64, flow=True)
+    assert len(history) == 8 and history.history["val_accuracy"][-1] > 0.85
     run = MlflowClient(mlflow_uri).get_run(trainer.run_id)
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state.is_completed() and f"mlflow_run_id:{trainer.run_id}" in flow_run.tags
-    assert flow_run.parameters["settings"] == {"data": "<arrays>", "epochs": 4, "batch_size": 64}
+    assert flow_run.parameters["settings"] == {"data": "<arrays>", "epochs": 8, "batch_size": 64}
     assert {"start_run", "build_loaders", "train_model"} <= {task.name.rsplit("-", 1)[0] for task in tasks}
 
 
