@@ -37,6 +37,9 @@ SUITE = {
     # issue #13: image loaders vs ImageFolder + DataLoader, the CNN epoch vs a hand loop (benchmarks/images.py)
     "images": (lambda t, p: importlib.import_module("benchmarks.images").suite(),
                lambda t, p: importlib.import_module("benchmarks.images").suite(smoke=True)),
+    # issue #14: the Python API's fit epoch vs the flow engine's (benchmarks/api.py)
+    "api": (lambda t, p: importlib.import_module("benchmarks.api").suite(),
+            lambda t, p: importlib.import_module("benchmarks.api").suite(smoke=True)),
 }
 
 

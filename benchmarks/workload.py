@@ -135,13 +135,13 @@ class FitflowRunner:
             run_id = client.create_run(experiment_id(client, "bench")).info.run_id
             self.run = Run(client, run_id, "0", Path(self.tmp.name) / "checkpoints")
 
-    def fit(self) -> float:
+    def fit(self, callbacks: list | tuple = ()) -> float:
         from dataclasses import replace
 
         from tasks.trainer import train_model
 
         self.calls += 1
         run = replace(self.run, checkpoint_dir=self.run.checkpoint_dir / str(self.calls)) if self.run else None
-        trained = train_model(self.config, self.prepared, self.loaders, run)
+        trained = train_model(self.config, self.prepared, self.loaders, run, extra_callbacks=callbacks)
         assert len(trained.history) == self.config.epochs
         return trained.history.epochs[-1]["val_accuracy"]
