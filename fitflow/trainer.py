@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -146,8 +147,13 @@ class Trainer:
                 raise TypeError(f"resume must be an MLflow run id; got {_type(resume)}")
             _as_value_error(check_run_id, resume)
         kind = kind_of(x, y, target)
-        call = _FitCall(self, (x, y, target, validation_data, validation_split), fields, own, resume)
-        return call.as_flow({"data": LABELS[kind], **call.settings}) if flow else call.run()
+        call = _FitCall(self._compiled, self._given, self.metrics, (x, y, target, validation_data, validation_split),
+                        fields, own, resume)
+        fitted = call.as_flow({"data": LABELS[kind], **call.settings}) if flow else call.run()
+        self.config, self._data, self._run, self._trained = fitted.config, fitted.data, fitted.run, fitted.trained
+        self.model, self.history, self.run_id = fitted.trained.model, fitted.trained.history, fitted.run.run_id
+        self._tested = False
+        return self.history
 
     def evaluate(self, x: Any, y: Any = None, *, target: str | None = None, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics on `x` (and `y`), as `test_<metric>`; logged to the fit's run (the registry compares them).
@@ -214,41 +220,46 @@ class Trainer:
         return self._data, self._trained, self._run
 
 
+@dataclass
+class _Fitted:
+    config: TrainConfig  # the run's: compile's settings with fit's data, epochs and batch size
+    data: FitData
+    run: Run
+    trained: Trained
+
+
 class _FitCall:
     """One `fit`: its config, data and callbacks. As a Prefect flow, it is the flow's bound `self`,
     which Prefect never serialises; the flow run's parameters are the JSON settings."""
 
-    def __init__(self, trainer: Trainer, data: tuple, fields: dict[str, Any], callbacks: list[Callback],
-                 resume: str | None) -> None:
-        self.trainer, self.data, self.callbacks, self.resume = trainer, data, callbacks, resume
+    def __init__(self, compiled: TrainConfig, given: Given, metrics: list[str], data: tuple, fields: dict[str, Any],
+                 callbacks: list[Callback], resume: str | None) -> None:
+        self.compiled, self.given, self.metrics = compiled, given, metrics
+        self.data, self.callbacks, self.resume = data, callbacks, resume
         self.settings = {name: value for name, value in fields.items() if value is not None}
 
     @flow(name="fit", description="fitflow.compile(...).fit(...): train Python objects, tracked in MLflow.",
           validate_parameters=False)
-    def as_flow(self, settings: dict[str, Any]) -> History:
+    def as_flow(self, settings: dict[str, Any]) -> _Fitted:
         return self.run()
 
-    def run(self) -> History:
-        trainer = self.trainer
+    def run(self) -> _Fitted:
         x, y, target, validation_data, validation_split = self.data
-        config = _config({**trainer._compiled.flat(), **self.settings})
+        config = _config({**self.compiled.flat(), **self.settings})
         data = fit_data(x, y, target, validation_data, validation_split, config)
         config = _config({**config.flat(), "data": LABELS[data.kind], "target": target or config.target,
                           "validation_data": LABELS[data.kind] if data.validation_given else None,
                           **({"val_fraction": validation_split} if validation_split is not None else {})})
-        _check_metrics(trainer.metrics, data.prepared.preprocessor.task)
+        _check_metrics(self.metrics, data.prepared.preprocessor.task)
         if self.resume:
             _check_same_settings(self.resume, config)
         loaders = run_step(build_loaders_task, config, data.prepared)
         run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
-        given = trainer._given
-        objects = {name: _type(value) for name, value in vars(given).items() if value is not None}
+        objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None}
         with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
             run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
-            trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, given)
-        trainer.model, trainer.config, trainer.history, trainer.run_id = trained.model, config, trained.history, run.run_id
-        trainer._data, trainer._run, trainer._trained, trainer._tested = data, run, trained, False
-        return trained.history
+            trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, self.given)
+        return _Fitted(config, data, run, trained)
 
 
 def _check_metrics(metrics: list[str], task: str) -> None:
@@ -275,9 +286,10 @@ def _check_rebuilds(trained: Trained) -> None:
         rebuilt = build_model(spec)
         rebuilt.load_state_dict(trained.model.state_dict())
     except (ConfigError, RuntimeError, TypeError) as err:
-        raise ValueError(f"log_model rebuilds the model as {spec['model']} with {', '.join(k for k in ('in_features', 'out_features', 'in_shape') if spec.get(k)) or 'no sizes'} "
-                         f"(those its constructor names) and model_kwargs {spec['kwargs']}; that failed: {err}. Define the model "
-                         "as an nn.Module subclass in an importable module and pass its other constructor arguments as "
+        sizes = ", ".join(name for name in ("in_features", "out_features", "in_shape") if spec.get(name)) or "no sizes"
+        raise ValueError(f"log_model rebuilds the model as {spec['model']} with {sizes} (those its constructor names) "
+                         f"and model_kwargs {spec['kwargs']}; that failed: {err}. Define the model as an nn.Module "
+                         "subclass in an importable module and pass its other constructor arguments as "
                          "compile(..., model_kwargs={...})") from None
 
 
