@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from flows.steps import DataRecord, prepare_task, run_step
 from tasks.arrays import array_targets, prepare_arrays
 from tasks.config import TrainConfig
-from tasks.data import Prepared, PrepSpec, Split, split_rows
+from tasks.data import Prepared, PrepSpec, Split, encode_split, split_rows
 from tasks.user_dataset import UserDatasets, datasets_from
 
 TABLE, ARRAYS, DATASET = "table", "arrays", "dataset"
@@ -121,7 +121,7 @@ def split_for(fitted: FitData, x: Any, y: Any, target: str | None, argument: str
     if fitted.kind == TABLE:
         if target != p.target:
             raise ValueError(f"target='{target}': the model was trained on '{p.target}'")
-        return replace(fitted.prepared, val=Split(p.transform(x, None), p.encode_target(x[target])), test=None)
+        return replace(fitted.prepared, val=encode_split(p, x, None), test=None)
     if fitted.kind == ARRAYS:
         features, labels = _arrays(*x if y is None else (x, y), argument)
         _check_labels(p.task, labels, f"{argument}'s y", len(p.classes or []))

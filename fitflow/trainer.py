@@ -34,7 +34,7 @@ from tasks import tracking
 from tasks.callbacks import Callback
 from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
 from tasks.errors import ConfigError
-from tasks.metrics import CLASSIFICATION, REGRESSION
+from tasks.metrics import METRICS
 from tasks.models import build_model
 from tasks.trainer import Given, Run, Trained, build_loaders, task_metrics, training_loss
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
@@ -48,10 +48,10 @@ def compile(model: torch.nn.Module | str, optimizer: str | torch.optim.Optimizer
             experiment: str = "fitflow", **fields: Any) -> Trainer:
     """A Trainer for `model` (an nn.Module, trained in place; or a model name as the config takes it).
 
-    `optimizer`: adam, adamw, sgd, or an optimizer object over the model's parameters. `loss`:
-    auto, cross_entropy, mse, huber, l1, or any callable loss(outputs, targets). `metrics`: names
-    among accuracy, f1_macro, auroc (classification) and rmse, mae, r2 (regression); every one of
-    the task is computed and logged, these are checked against it. `fields`: any other TrainConfig
+    `optimizer`: adam, adamw, sgd, or an optimizer object over the model's parameters. `loss`: a
+    name as the config takes it (auto, cross_entropy, mse, ...) or any callable loss(outputs,
+    targets). `metrics`: names among the task's (tasks/metrics.py METRICS); every metric of the
+    task is computed and logged, these are checked against it. `fields`: any other TrainConfig
     field (scheduler, weight_decay, seed, monitor, patience, register_model, device, ...).
     """
     given = Given()
@@ -90,10 +90,10 @@ def compile(model: torch.nn.Module | str, optimizer: str | torch.optim.Optimizer
     if metrics is not None:
         if isinstance(metrics, str) or not all(isinstance(name, str) for name in metrics):
             raise TypeError(f"metrics must be a list of metric names; got {_type(metrics)}")
-        unknown = [name for name in metrics if name not in CLASSIFICATION + REGRESSION]
+        unknown = [name for name in metrics if not any(name in names for names in METRICS.values())]
         if unknown:
-            raise ValueError(f"metrics: unknown metric {unknown[0]!r}; fitflow logs {', '.join(CLASSIFICATION)} "
-                             f"(classification) and {', '.join(REGRESSION)} (regression)")
+            raise ValueError(f"metrics: unknown metric {unknown[0]!r}; fitflow logs "
+                             + "; ".join(f"{', '.join(names)} ({task})" for task, names in METRICS.items()))
     taken = sorted(_FIT_FIELDS & fields.keys())
     if taken:
         raise ValueError(f"{taken[0]}: give the data, epochs and batch_size to fit, not to compile")
@@ -176,7 +176,8 @@ class Trainer:
         return metrics
 
     def predict(self, x: Any, *, batch_size: int = 4096) -> np.ndarray:
-        """Class probabilities (rows, classes) for classification; values (rows,) in the target's units for regression."""
+        """Class probabilities (rows, classes) for classification (multi-label: each class's own probability);
+        values (rows,) in the target's units for regression."""
         data, trained, _ = self._fitted("predict")
         inputs = _as_value_error(model_inputs, data, x)
         if isinstance(inputs, torch.Tensor):
@@ -190,6 +191,8 @@ class Trainer:
         p = data.prepared.preprocessor
         if p.task == "classification":
             return outputs.softmax(dim=1).numpy()
+        if p.task == "multilabel":  # one independent probability per class
+            return outputs.sigmoid().numpy()
         mean, std = (p.target_mean, p.target_std) if p.target_mean is not None else (0.0, 1.0)
         return outputs[:, 0].numpy() * std + mean
 
@@ -263,7 +266,7 @@ class _FitCall:
 
 
 def _check_metrics(metrics: list[str], task: str) -> None:
-    known = CLASSIFICATION if task == "classification" else REGRESSION
+    known = METRICS[task]
     wrong = [name for name in metrics if name not in known]
     if wrong:
         raise ValueError(f"metrics: {wrong[0]!r} is not a {task} metric; a {task} run logs {', '.join(known)}")

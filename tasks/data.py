@@ -197,9 +197,9 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
         no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
         train_rows, _, test_rows = split_rows(labels, task, no_val)
     preprocessor = Preprocessor.fit(table, spec.target, task, spec.max_categories, rows=train_rows)
-    train = _encode(preprocessor, table, train_rows)
-    test = _encode(preprocessor, table, test_rows) if spec.test_fraction > 0 else None
-    val = _encode(preprocessor, table, val_rows) if validation is None else _encode(preprocessor, validation, None)
+    train = encode_split(preprocessor, table, train_rows)
+    test = encode_split(preprocessor, table, test_rows) if spec.test_fraction > 0 else None
+    val = encode_split(preprocessor, table, val_rows) if validation is None else encode_split(preprocessor, validation, None)
     if task == "multilabel":
         check_every_label_varies(train.targets, preprocessor.classes, f"the training split of '{spec.target}'")
     log.info("prepared %s: %d train / %d val / %d test rows, %d features",
@@ -207,7 +207,9 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
     return Prepared(train=train, val=val, test=test, preprocessor=preprocessor)
 
 
-def _encode(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:
+def encode_split(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:
+    """Features and targets of `frame` (its `rows`, or all) with a fitted preprocessing; the Python API
+    encodes evaluate's DataFrame with it too."""
     labels = frame[preprocessor.target_columns]
     return Split(preprocessor.transform(frame, rows), preprocessor.encode_target(labels if rows is None else labels.iloc[rows]))
 
