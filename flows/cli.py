@@ -39,10 +39,26 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _list_items(item_type: type) -> type[argparse.Action]:
+    """A list field's flag: items separated by spaces or commas, and the flag may be repeated
+    (`--metrics a:F,b:G --metrics c:H`); `--callbacks ''` gives an empty list (over a YAML file's)."""
+
+    class ListItems(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+            try:
+                converted = [item_type(item) for item in items]
+            except ValueError:
+                parser.error(f"argument {option_string}: expected {item_type.__name__} values, got {' '.join(values)!r}")
+            setattr(namespace, self.dest, getattr(namespace, self.dest, []) + converted)  # repeated: added up
+
+    return ListItems
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldInfo]) -> None:
     for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (default: {json.dumps(field.default)})"
+        help_text = f"{field.description} (default: {json.dumps(field.default)})".replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         annotation = field.annotation
         origin = typing.get_origin(annotation)
@@ -51,7 +67,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldIn
         elif origin is typing.Literal:
             kwargs["choices"] = typing.get_args(annotation)
         elif origin is list:
-            kwargs.update(nargs="+", type=int, metavar="N")
+            item_type = typing.get_args(annotation)[0]
+            kwargs.update(nargs="+", action=_list_items(item_type), metavar="N" if item_type is int else "ITEM")
         elif origin is dict:
             kwargs.update(type=_json_object, metavar="JSON")
         else:
@@ -202,7 +219,7 @@ def _upload_metrics(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks.metrics_journal import Journal, steps_text, upload
+    from tasks.metrics_journal import Journal, entries_text, upload
     from tasks.tracking import check_server
 
     if not args.run_id.isalnum():
@@ -223,8 +240,8 @@ def _upload_metrics(args: argparse.Namespace) -> int:
         raise TrackingError(f"run {args.run_id} is not on {redact_uri(uri)}; set MLFLOW_TRACKING_URI to the server "
                             "it was tracked on") from None
     done = upload(journal, client, args.run_id)
-    print(f"sent epochs {steps_text(done.sent) or '-'} of run {args.run_id} to {redact_uri(uri)}"
-          + (f" (already there: {steps_text(done.present)})" if done.present else ""))
+    print(f"sent {entries_text(done.sent)} of run {args.run_id} to {redact_uri(uri)}"
+          + (f" (already there: {entries_text(done.present)})" if done.present else ""))
     if done.ended:
         print(f"run {args.run_id} ended {done.ended} (its end was kept locally while the server was unreachable)")
     return 0

@@ -1,8 +1,10 @@
 """Callbacks: everything around the training loop that is not the loop itself.
 
-A callback sees the `FitState` after each epoch (the epoch's logs, the model, the optimizer)
-and may set `state.stop`. Order matters only where noted in `fit`'s caller. A callback with
-state that a resumed run needs (best score, patience left, the LR schedule) saves it through
+`fit` calls the hooks in this order: `on_fit_start`; per epoch `on_epoch_start`, then
+`on_train_batch_end` after each training batch, then `on_epoch_end` after validation (the
+epoch's logs are complete); `on_fit_end` always, also after an error. A callback may set
+`state.stop`. Order matters only where noted in `fit`'s caller. A callback with state that a
+resumed run needs (best score, patience left, the LR schedule) saves it through
 `state_dict`/`load_state_dict`; `Checkpoints` (tasks/checkpoints.py) writes it every epoch.
 """
 
@@ -26,10 +28,16 @@ log = logging.getLogger("fitflow")
 
 @dataclass
 class FitState:
+    """What the hooks see; `fit` keeps it current."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     epochs: int
-    epoch: int = 0  # the last completed epoch: 0 at the start, k after resuming from epoch k
+    # The epoch running, from on_epoch_start to on_epoch_end (then completed); before the first,
+    # 0 at the start and k after resuming from epoch k's checkpoint.
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken over all epochs: the global step (one per accumulate_grad_batches batches)
+    batches: int = 0  # training batches per epoch
     logs: dict[str, float] = field(default_factory=dict)
     stop: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # every completed epoch's logs
@@ -38,6 +46,17 @@ class FitState:
 
 class Callback:
     def on_fit_start(self, state: FitState) -> None: ...
+
+    def on_epoch_start(self, state: FitState) -> None: ...
+
+    def on_train_batch_end(self, state: FitState, batch: int, loss: torch.Tensor) -> None:
+        """After training batch `batch` (0-based within the epoch): its backward has run and, when it
+        ended a group of `accumulate_grad_batches` batches, the optimizer step too (`state.step`
+        counts them). `loss` is the batch's mean loss, detached, still on the device: `float(loss)`
+        waits for the device (a sync per call), so read it only when it is needed.
+
+        Costs nothing unless overridden: `fit` calls it only on the callbacks whose class overrides it.
+        """
 
     def on_epoch_end(self, state: FitState) -> None: ...
 
@@ -49,12 +68,22 @@ class Callback:
     def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
 
-class Monitor:
-    """Is this value of the monitored metric an improvement? Losses and errors go down."""
+def uses_hook(callback: Callback, hook: str) -> bool:
+    """Whether the callback's class overrides `hook` (the base class's hooks do nothing)."""
+    return getattr(type(callback), hook) is not getattr(Callback, hook)
 
-    def __init__(self, metric: str, min_delta: float = 0.0) -> None:
+
+class Monitor:
+    """Is this value of the monitored metric an improvement? Losses and errors go down.
+
+    `lower_is_better` None: from the name (loss, rmse, mae, error: lower); a metric of your own
+    says it (a torchmetrics Metric's `higher_is_better`, tasks/user_code.py).
+    """
+
+    def __init__(self, metric: str, min_delta: float = 0.0, lower_is_better: bool | None = None) -> None:
         self.metric, self.min_delta = metric, min_delta
-        self.lower_is_better = metric.endswith(("loss", "rmse", "mae"))
+        named_lower = metric.endswith(("loss", "rmse", "mae", "error"))
+        self.lower_is_better = named_lower if lower_is_better is None else lower_is_better
         self.best = math.inf if self.lower_is_better else -math.inf
         self.best_epoch = 0
 
@@ -81,7 +110,7 @@ class BestWeights(Callback):
     """Keeps the best weights; at the end restores them and writes the best checkpoint."""
 
     def __init__(self, monitor: Monitor, checkpoint_path: str | Path | None = None) -> None:
-        self.monitor = Monitor(monitor.metric)  # improvement without min_delta: any better epoch is kept
+        self.monitor = Monitor(monitor.metric, lower_is_better=monitor.lower_is_better)  # any better epoch is kept
         self.path = Path(checkpoint_path) if checkpoint_path else None
         self.best_state: dict[str, Any] | None = None
 
@@ -154,44 +183,81 @@ class LRSchedule(Callback):
         self.scheduler.load_state_dict(saved["scheduler"])
 
 
-def deciding_callbacks(monitor: str, min_delta: float, patience: int, scheduler: Any,
-                       best_path: Path | None) -> dict[str, Callback]:
-    """Best weights, early stopping (patience > 0) and the LR schedule (a scheduler), by the names
-    an epoch checkpoint stores their state under: single-process and DDP training both build them
-    here, so either resumes the other's checkpoints. The three share one Monitor."""
-    shared = Monitor(monitor, min_delta)
+class StepLRSchedule(LRSchedule):
+    """Steps a per-step scheduler (warmup_cosine, onecycle) after each optimizer step, as
+    `scheduler.step()` right after `optimizer.step()` in a hand-written loop. Its step count is its
+    state: a resumed run continues the schedule where the checkpointed epoch left it."""
+
+    def on_train_batch_end(self, state: FitState, batch: int, loss: torch.Tensor) -> None:
+        if state.step > self.scheduler.last_epoch:  # this batch ended a group: the optimizer stepped
+            self.scheduler.step()
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """Nothing at the epoch's end: the schedule moved with every step."""
+
+
+def deciding_callbacks(monitor: str, min_delta: float, patience: int, scheduler: Any, best_path: Path | None,
+                       per_step: bool = False, lower_is_better: bool | None = None) -> dict[str, Callback]:
+    """Best weights, early stopping (patience > 0) and the LR schedule (a scheduler; `per_step`: it
+    steps with the optimizer, not per epoch), by the names an epoch checkpoint stores their state
+    under: single-process and DDP training both build them here, so either resumes the other's
+    checkpoints. The three share one Monitor."""
+    shared = Monitor(monitor, min_delta, lower_is_better)
     deciding: dict[str, Callback] = {"best_weights": BestWeights(shared, best_path)}
     if patience > 0:
         deciding["early_stopping"] = EarlyStopping(shared, patience)
     if scheduler is not None:
-        deciding["lr_schedule"] = LRSchedule(scheduler, shared)
+        deciding["lr_schedule"] = (StepLRSchedule if per_step else LRSchedule)(scheduler, shared)
     return deciding
 
 
-class Progress(Callback):
-    """A progress bar on a terminal; one plain log line per epoch otherwise (CI, Prefect)."""
+def progress_callback(mode: str) -> Callback | None:
+    """The progress display of `progress`: auto is the bar on a terminal (stderr), lines elsewhere."""
+    if mode == "off":
+        return None
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return ProgressBar()
+    return Progress()
 
-    def __init__(self, interactive: bool | None = None) -> None:
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+
+class Progress(Callback):
+    """One plain log line per epoch: what CI, Prefect's logs and files get."""
+
+    def on_epoch_end(self, state: FitState) -> None:
+        log.info("epoch %d/%d  %s", state.epoch, state.epochs, _logs_text(state.logs))
+
+
+class ProgressBar(Callback):
+    """A bar that moves with each training batch of the epoch, on a terminal; each finished epoch
+    leaves its line of metrics above it. Each batch only advances a counter; rich redraws from
+    its own thread, ten times a second."""
+
+    def __init__(self, console: Any = None) -> None:
+        self.console = console  # rich's Console; None: stderr
         self.bar: Any = None
 
     def on_fit_start(self, state: FitState) -> None:
-        if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as Bar
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                           TextColumn("{task.description}"), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=state.epochs)
+        self.bar = Bar(TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                       MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("", total=state.batches, epoch=state.epoch + 1, epochs=state.epochs)
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self.bar.reset(self.task, total=state.batches, epoch=state.epoch, epochs=state.epochs)  # reset replaces the fields
+
+    def on_train_batch_end(self, state: FitState, batch: int, loss: torch.Tensor) -> None:
+        self.bar.advance(self.task)
 
     def on_epoch_end(self, state: FitState) -> None:
-        text = "  ".join(f"{k}={v:.4f}" for k, v in state.logs.items())
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=text)
-        else:
-            log.info("epoch %d/%d  %s", state.epoch, state.epochs, text)
+        self.bar.console.print(f"epoch {state.epoch}/{state.epochs}  {_logs_text(state.logs)}", highlight=False)
 
     def on_fit_end(self, state: FitState) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _logs_text(logs: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in logs.items())

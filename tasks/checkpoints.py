@@ -10,7 +10,8 @@ on, so a resumed run ends with the same weights, bit for bit on CPU, as one neve
   from torch's);
 - the data order: the shuffle is a function of (seed, epoch) (tasks/loaders.py), so the
   completed epoch is the position; there is no generator state to save;
-- the epoch, its logs and the whole history, and the MLflow run id it belongs to.
+- the epoch, the global optimizer step, the epoch's logs and the whole history, and the MLflow
+  run id it belongs to.
 
 Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain containers only,
 never arbitrary pickled objects, so a tampered file cannot run code. A truncated or tampered
@@ -34,7 +35,7 @@ from tasks.callbacks import Callback, FitState, save_checkpoint
 from tasks.errors import TrainingError
 
 log = logging.getLogger("fitflow")
-FORMAT = 1
+FORMAT = 2  # 2: the global optimizer step
 _NAME = re.compile(r"^epoch-(\d+)\.pt$")
 
 
@@ -64,6 +65,7 @@ class Checkpoints(Callback):
             "format": FORMAT,
             "run_id": self.run_id,
             "epoch": state.epoch,
+            "step": state.step,
             "stop": state.stop,
             "logs": dict(state.logs),
             "history": [dict(logs) for logs in state.history],
@@ -89,7 +91,7 @@ def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback
             raise TrainingError(f"the checkpoint has no state for '{name}': it was written with another config; "
                                 "resume with the run's own config (fitflow resume <run id>)")
         callback.load_state_dict(saved["callbacks"][name])
-    state.epoch, state.stop, state.logs = saved["epoch"], saved["stop"], dict(saved["logs"])
+    state.epoch, state.step, state.stop, state.logs = saved["epoch"], saved["step"], saved["stop"], dict(saved["logs"])
     state.history[:] = [dict(logs) for logs in saved["history"]]
     set_rng_state(saved["rng"])
 
@@ -118,6 +120,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise TrainingError(f"checkpoint {path} is damaged ({reason}); delete it to resume from the previous "
                             "epoch, or start a new run") from None
+    if isinstance(saved, dict) and isinstance(saved.get("format"), int) and saved["format"] < FORMAT:
+        raise TrainingError(f"checkpoint {path} was written by an earlier fitflow (format {saved['format']}; this one "
+                            f"reads {FORMAT}); finish that run with the fitflow that started it, or start a new run")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise TrainingError(f"checkpoint {path} is not a fitflow epoch checkpoint (format {FORMAT}); "
                             "delete it to resume from the previous epoch, or start a new run")

@@ -79,6 +79,10 @@ class Launch(BaseModel):
     keep_checkpoints: int = Field(
         2, ge=1, le=10_000, description="Epoch checkpoints kept per run (the newest); a killed run resumes from the newest."
     )
+    progress: Literal["auto", "bar", "epoch", "off"] = Field(
+        "auto", description="Training progress: bar (moves with each batch; on a terminal), epoch (one log line per "
+        "epoch), off; auto: bar when stderr is a terminal, else epoch.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -150,13 +154,25 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
-    scheduler: Literal["none", "cosine", "step", "plateau"] = Field(
-        "none", description="Learning-rate schedule: cosine over all epochs, step decay, or reduce on plateau."
+    scheduler: Literal["none", "cosine", "step", "plateau", "warmup_cosine", "onecycle"] = Field(
+        "none", description="Learning-rate schedule. Per epoch: cosine over all epochs, step decay, reduce on plateau. "
+        "Per optimizer step: warmup_cosine (linear warmup over warmup_steps, then cosine to 0), onecycle (OneCycleLR "
+        "peaking at lr).",
     )
     scheduler_step_size: int = Field(10, ge=1, description="Epochs between decays (step).")
     scheduler_gamma: float = Field(0.1, gt=0, le=1, description="Decay factor (step, plateau).")
-    loss: Literal["auto", "cross_entropy", "bce", "mse", "huber", "l1"] = Field(
-        "auto", description="auto: cross_entropy for classification, bce (a sigmoid per class) for multilabel, mse for regression."
+    warmup_steps: int = Field(
+        0, ge=0, le=100_000_000, description="Optimizer steps of linear warmup (warmup_cosine), or before the peak "
+        "(onecycle; 0: 30% of the run's steps).",
+    )
+    accumulate_grad_batches: int = Field(
+        1, ge=1, le=65_536, description="Batches whose gradients are averaged into one optimizer step (gradient "
+        "accumulation: the step of a batch this many times larger).",
+    )
+    loss: str = Field(
+        "auto", description="auto (cross_entropy for classification, bce (a sigmoid per class) for multilabel, mse "
+        "for regression), cross_entropy, bce, mse, huber, l1, or yours as 'package.module:name' (an nn.Module class, "
+        "created with no arguments, or a function loss(outputs, targets)).",
     )
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weigh each class in the loss by how rare it is in the training split "
@@ -196,10 +212,22 @@ class TrainConfig(BaseModel):
     monitor: str = Field("val_loss", description="Metric for early stopping and the best checkpoint, e.g. val_accuracy.")
     patience: int = Field(5, ge=0, description="Epochs without improvement before stopping (0: never stop early).")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the monitored metric that counts as improvement.")
+    callbacks: list[str] = Field(
+        [], description="Your callbacks as 'package.module:Class' (tasks.callbacks.Callback subclasses, created with no "
+        "arguments), called after fitflow's own, in this order.",
+    )
+    metrics: list[str] = Field(
+        [], description="Extra validation and test metrics as 'package.module:name': a torchmetrics Metric class or a "
+        "function metric(preds, targets) -> number; logged as val_<name> in snake_case, and usable as monitor.",
+    )
 
     # --- tracking -------------------------------------------------------------------------
     experiment: str = Field("fitflow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name (default: MLflow's generated name).")
+    log_every_n_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Log the training loss to MLflow as train_loss_step every this many optimizer "
+        "steps, step = the global step (0: off; the epoch metrics are always logged).",
+    )
     register_model: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]+$",  # the name goes into models:/<name>@<alias> URIs
@@ -256,6 +284,21 @@ class TrainConfig(BaseModel):
             raise ValueError("use auto, mlp, cnn, 'torchvision:<architecture>' or an import path like 'mypackage.nets:Net'")
         return model
 
+    @field_validator("loss")
+    @classmethod
+    def _loss_name(cls, loss: str) -> str:
+        if loss not in ("auto", "cross_entropy", "bce", "mse", "huber", "l1") and not IMPORT_PATH.match(loss):
+            raise ValueError("use auto, cross_entropy, bce, mse, huber, l1 or an import path like 'mypackage.losses:Focal'")
+        return loss
+
+    @field_validator("callbacks", "metrics")
+    @classmethod
+    def _import_paths(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not IMPORT_PATH.match(path):
+                raise ValueError(f"'{_one_line(path)}' is not an import path like 'mypackage.module:Name'")
+        return paths
+
     @field_validator("monitor")
     @classmethod
     def _monitor_name(cls, monitor: str) -> str:
@@ -277,6 +320,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"several target columns are one multi-label target; task {task} predicts one "
                              "column: use task auto or multilabel, or name one target column")
         return task
+
+    @model_validator(mode="after")
+    def _warmup_has_a_schedule(self) -> TrainConfig:
+        if self.warmup_steps and self.scheduler not in ("warmup_cosine", "onecycle"):
+            raise ValueError(f"warmup_steps applies to scheduler warmup_cosine or onecycle, not {self.scheduler}; "
+                             "set one of them, or drop warmup_steps")
+        return self
 
     def params(self) -> dict[str, str]:
         """The hyperparameters as MLflow params (strings; lists and dicts as JSON), for display and comparison."""

@@ -2,7 +2,8 @@
 
 Write-ahead: each epoch's metrics are first appended to a journal in the run's checkpoint folder
 (flushed and fsync'd, about a millisecond per epoch), then a background thread sends whatever is
-pending to MLflow with one `log_batch` and advances a cursor. Training never waits for MLflow and
+pending to MLflow with one `log_batch` and advances a cursor. Per-step values
+(`log_every_n_steps`) go the same way, many steps to a write. Training never waits for MLflow and
 never fails because of it.
 
 While the server is unreachable the sender retries with backoff (0.5 s doubling to 5 s). Each
@@ -19,7 +20,8 @@ timestamp, and MLflow's SQL stores drop a metric identical in key, step, timesta
 
 Files in `<FITFLOW_HOME>/checkpoints/<run id>/`:
 
-    metrics.jsonl      one line per epoch: {"step": 3, "timestamp": <ms>, "metrics": {"val_loss": 0.41, ...}}
+    metrics.jsonl      one line per epoch: {"step": 3, "timestamp": <ms>, "metrics": {"val_loss": 0.41, ...}},
+                       and per logged optimizer step: {"step": 1200, ..., "metrics": {"train_loss_step": 0.3}, "per": "step"}
     metrics.delivered  how many lines of metrics.jsonl MLflow has (replaced atomically)
     tracking.json      the run id and the tracking URI it lives on (where an upload goes)
     run_end.json       only while a run ended with metrics undelivered: its status and tags
@@ -51,9 +53,10 @@ class MetricsKeptLocally(TrackingError):
 
 @dataclass(frozen=True)
 class Entry:
-    step: int
-    timestamp: int  # ms since the epoch, when the epoch ended
+    step: int  # the epoch; for per-step values, the global optimizer step
+    timestamp: int  # ms since the epoch, when the epoch (or the step) ended
     metrics: dict[str, float]
+    per: str = "epoch"  # or "step"
 
     def as_metrics(self) -> list[Metric]:
         return [Metric(key, float(value), self.timestamp, self.step) for key, value in self.metrics.items()]
@@ -69,11 +72,12 @@ class Journal:
         self.origin_path = self.folder / "tracking.json"
         self.end_path = self.folder / "run_end.json"
 
-    def append(self, entry: Entry) -> None:
+    def append(self, *entries: Entry) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"step": entry.step, "timestamp": entry.timestamp, "metrics": entry.metrics}) + "\n"
+        lines = "".join(json.dumps({"step": e.step, "timestamp": e.timestamp, "metrics": e.metrics, "per": e.per}) + "\n"
+                        for e in entries)
         with open(self.path, "a", encoding="utf-8") as file:
-            file.write(line)
+            file.write(lines)
             file.flush()
             os.fsync(file.fileno())  # on disk before anything is sent: a crash loses no epoch
 
@@ -120,9 +124,9 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def first_batch(entries: list[Entry]) -> list[Entry]:
-    """The longest prefix of whole epochs within MLflow's batch limit (at least one epoch).
+    """The longest prefix of whole entries within MLflow's batch limit (at least one entry).
 
-    Whole epochs only: a batch is delivered entirely or not at all, so the cursor stays exact.
+    Whole entries only: a batch is delivered entirely or not at all, so the cursor stays exact.
     """
     batch, size = [], 0
     for entry in entries:
@@ -208,18 +212,28 @@ def steps_text(steps: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+def entries_text(entries: list[Entry]) -> str:
+    """'epochs 3-10' and/or 'the per-step values of steps 200-940' (both, joined by 'and')."""
+    epochs = [e.step for e in entries if e.per == "epoch"]
+    steps = [e.step for e in entries if e.per == "step"]
+    parts = [f"epochs {steps_text(epochs)}"] if epochs else []
+    if steps:
+        parts.append(f"the per-step values of steps {min(steps)}-{max(steps)}")
+    return " and ".join(parts) or "epochs -"
+
+
 def kept_locally_message(journal: Journal, run_id: str, tracking_uri: str, pending: list[Entry],
                          cause: str | None) -> str:
     because = f" ({cause})" if cause else ""
-    return (f"MLflow tracking server {tracking_uri} is unreachable{because}: the metrics of epochs "
-            f"{steps_text(e.step for e in pending)} of run {run_id} are kept locally in {journal.path}; "
+    return (f"MLflow tracking server {tracking_uri} is unreachable{because}: the metrics of {entries_text(pending)} "
+            f"of run {run_id} are kept locally in {journal.path}; "
             f"once the server is back, upload them with: fitflow upload-metrics {run_id}")
 
 
 @dataclass
 class Uploaded:
-    sent: list[int]  # steps sent (all their metrics, or those the server lacked)
-    present: list[int]  # steps the server already had in full
+    sent: list[Entry]  # entries sent (all their metrics, or those the server lacked)
+    present: list[Entry]  # entries the server already had in full
     ended: str | None  # the status recorded for the run, if its end was kept locally
 
 
@@ -233,7 +247,7 @@ def upload(journal: Journal, client: MlflowClient, run_id: str) -> Uploaded:
         sent, present, metrics = [], [], []
         for entry in pending:
             missing = [m for m in entry.as_metrics() if m.step not in on_server[m.key]]
-            (sent if missing else present).append(entry.step)
+            (sent if missing else present).append(entry)
             metrics.extend(missing)
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])

@@ -202,8 +202,8 @@ class MlflowMetrics(Callback):
     def on_fit_start(self, state: FitState) -> None:
         self.journal.record_origin(self.run_id, redact_uri(self.client.tracking_uri))  # never a password on disk
         self.journal.end_path.unlink(missing_ok=True)  # a resumed run is going again: its kept end is void
-        entries = self.journal.entries()
-        if state.epoch > (entries[-1].step if entries else 0):  # resumed from a checkpoint written just before a crash
+        epochs = [entry.step for entry in self.journal.entries() if entry.per == "epoch"]
+        if state.epoch > max(epochs, default=0):  # resumed from a checkpoint written just before a crash
             self._append(state)
         self.delivery = metrics_journal.Delivery(self.journal, metrics_journal.sender(self.client, self.run_id))
         self.delivery.notify()  # epochs a previous attempt left undelivered
@@ -223,6 +223,71 @@ class MlflowMetrics(Callback):
         if pending:
             log.warning(metrics_journal.kept_locally_message(self.journal, self.run_id, redact_uri(self.client.tracking_uri),
                                                              pending, self.delivery.last_error))
+
+
+class MlflowStepLoss(Callback):
+    """`train_loss_step` every `every` optimizer steps, with step = the global step: the mean loss of
+    the batches since the last logged step or the epoch's start (under DDP, rank 0's share of them).
+
+    Costs per batch a list append and no device sync: the losses stay on the device until a flush,
+    at most once per `flush_s` and at each epoch's end, which reads them in one sync and journals
+    them in one fsync'd write, delivered with the epoch metrics (`MlflowMetrics`' journal and
+    thread). Before `MlflowMetrics` in the callbacks, so that its last flush precedes the end of
+    delivery. A resumed run journals only the steps after those the journal holds: a crashed
+    attempt may have got past its last checkpoint, and no step reaches MLflow twice.
+    """
+
+    KEY = "train_loss_step"
+
+    def __init__(self, epoch_metrics: MlflowMetrics, every: int, flush_s: float = 1.0) -> None:
+        self.epoch_metrics, self.every, self.flush_s = epoch_metrics, every, flush_s
+        self.journaled = 0  # the last step in the journal
+        self.last_step = 0  # the global step at the previous batch: a batch that moved it ended a step
+        self.losses: list[torch.Tensor] = []  # the batches' losses since the last logged step
+        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (step, time in ms, mean loss) to journal
+        self.next_flush = 0.0
+
+    def on_fit_start(self, state: FitState) -> None:
+        steps = [e.step for e in self.epoch_metrics.journal.entries() if e.per == "step"]
+        self.journaled, self.last_step = max(steps, default=0), state.step
+        self.next_flush = time.monotonic() + self.flush_s
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self.losses = []  # each epoch starts afresh, as a run resumed at its start does
+
+    def on_train_batch_end(self, state: FitState, batch: int, loss: torch.Tensor) -> None:
+        self.losses.append(loss)
+        if state.step == self.last_step:  # within an accumulation group: no step yet
+            return
+        self.last_step = state.step
+        if state.step % self.every:
+            return
+        if state.step > self.journaled:
+            mean = self.losses[0] if len(self.losses) == 1 else torch.stack(self.losses).mean()
+            self.pending.append((state.step, int(time.time() * 1000), mean))
+        self.losses = []
+        if time.monotonic() >= self.next_flush:
+            self._flush()
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self._flush()
+
+    def on_fit_end(self, state: FitState) -> None:
+        try:
+            self._flush()
+        except Exception as err:  # noqa: BLE001 - training failed (a lost device?): its own error must surface
+            log.warning("the per-step losses after step %d were not journaled: %s", self.journaled, err)
+
+    def _flush(self) -> None:
+        self.next_flush = time.monotonic() + self.flush_s
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, _, loss in self.pending]).tolist()  # one device sync
+        self.epoch_metrics.journal.append(*(metrics_journal.Entry(step, at, {self.KEY: value}, per="step")
+                                            for (step, at, _), value in zip(self.pending, values, strict=True)))
+        self.journaled, self.pending = self.pending[-1][0], []
+        if self.epoch_metrics.delivery is not None:
+            self.epoch_metrics.delivery.notify()
 
 
 def _seconds(variable: str, default: float) -> float:

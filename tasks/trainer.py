@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
-from tasks.callbacks import Callback, Progress, deciding_callbacks
+from tasks.callbacks import Callback, deciding_callbacks, progress_callback
 from tasks.checkpoints import Checkpoints
-from tasks.compile import balanced_class_weights, make_loss, make_optimizer, make_scheduler
+from tasks.compile import PER_STEP_SCHEDULERS, balanced_class_weights, make_loss, make_optimizer, make_scheduler
 from tasks.config import TrainConfig
 from tasks.data import Prepared, PrepSpec
 from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
@@ -28,9 +28,10 @@ from tasks.images_loaders import make_image_loaders
 from tasks.images_prepare import ImagesPrepared
 from tasks.labels import balanced_pos_weight
 from tasks.loaders import Loaders, make_loaders
-from tasks.metrics import TaskMetrics, metric_names
+from tasks.metrics import METRICS, TaskMetrics, metric_names
 from tasks.models import build_model, check_outputs, class_path, load_pretrained, model_spec
-from tasks.training import History, evaluate, fit, seed_everything, to_device
+from tasks.training import History, evaluate, fit, optimizer_steps, seed_everything, to_device
+from tasks.user_code import UserMetric, user_callbacks, user_metrics
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
 
 log = logging.getLogger("fitflow")
@@ -79,10 +80,16 @@ def prep_spec(config: TrainConfig) -> PrepSpec:
     )
 
 
-def task_metrics(prepared: Prepared) -> TaskMetrics:
+def task_metrics(prepared: Prepared, extra: Sequence[str | object] = ()) -> TaskMetrics:
+    """The task's metrics, then `extra`: yours, as import paths or objects (tasks/user_code.py)."""
     p = prepared.preprocessor
     mean, std = (p.target_mean, p.target_std) if p.target_mean is not None else (0.0, 1.0)  # unscaled targets
-    return TaskMetrics(p.task, len(p.classes or []), mean, std)
+    return TaskMetrics(p.task, len(p.classes or []), mean, std, extra=metrics_of(extra, prepared))
+
+
+def metrics_of(extra: Sequence[str | object], prepared: Prepared) -> list[UserMetric]:
+    p = prepared.preprocessor
+    return user_metrics(extra, p.task, len(p.classes or []), taken=("loss", *METRICS[p.task]))
 
 
 def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,
@@ -152,9 +159,9 @@ def first_inputs(loader) -> object:
     return next(iter(loader))[0]
 
 
-def check_monitor(config: TrainConfig, prepared: Prepared) -> None:
+def check_monitor(config: TrainConfig, prepared: Prepared, extra: Sequence[UserMetric] = ()) -> None:
     task_name = prepared.preprocessor.task
-    known = metric_names(task_name, "train") + metric_names(task_name, "val")
+    known = metric_names(task_name, "train") + metric_names(task_name, "val") + [f"val_{m.name}" for m in extra]
     if config.monitor not in known:
         raise ConfigError(f"monitor '{config.monitor}' is not logged for {task_name}; use one of {', '.join(known)}")
 
@@ -164,12 +171,13 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
                 given: Given | None = None) -> Trained:
     """Compile (optimizer, loss, schedule) and fit with the default callbacks, then `extra_callbacks`.
 
-    `progress=False` drops the per-epoch progress (a sweep trains several models at once).
+    `progress=False` drops the progress display (a sweep trains several models at once).
     `rank`: this process is one rank of a DDP run (tasks/distributed.py starts them).
     `given`: the caller's own model, optimizer or loss (the Python API), each instead of the config's.
     """
     given = given or Given()
-    check_monitor(config, prepared)
+    metrics = task_metrics(prepared, config.metrics)
+    check_monitor(config, prepared, metrics.extra)
     writes = rank is None or rank.writes  # DDP: rank 0 alone prints, checkpoints and logs
     device = rank.device if rank is not None else resolve_device(config.launch.device)
     set_cpu_threads(config.launch.num_threads)
@@ -192,18 +200,25 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     trainee = rank.replicate(model) if rank is not None else model  # DDP: gradients averaged in backward
     optimizer = given.optimizer if given.optimizer is not None else make_optimizer(
         config.optimizer, trainee.parameters(), config.lr, config.weight_decay, config.momentum)
-    scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma)
+    scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma,
+                               optimizer_steps(len(loaders.train), config.accumulate_grad_batches), config.warmup_steps)
     best_path = run.checkpoint_dir / "best.pt" if run is not None and writes else None
-    stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path)
+    monitored = [m.lower_is_better for m in metrics.extra if f"val_{m.name}" == config.monitor]
+    stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path,
+                                  per_step=config.scheduler in PER_STEP_SCHEDULERS,
+                                  lower_is_better=monitored[0] if monitored else None)
+    yours = user_callbacks(config.callbacks) if writes else []  # DDP: on rank 0, as the caller's callbacks
     # Order: the epoch's logs are complete (DDP: the global train loss) before anything reads them;
     # progress prints the epoch first; the best weights are kept before anything may stop the run;
     # the checkpoint holds the epoch after every callback with state has seen it; the caller's
-    # callbacks see an epoch that is already logged and checkpointed.
+    # callbacks see an epoch that is already logged and checkpointed. Per batch, the schedule
+    # steps before anything reads the learning rate.
     callbacks: list[Callback] = []
     if rank is not None:
         callbacks.append(GlobalTrainLoss(loaders.train.sampler.rows_per_epoch()))  # DDP
-    if progress and writes:
-        callbacks.append(Progress())
+    display = progress_callback(config.launch.progress) if progress and writes else None
+    if display is not None:
+        callbacks.append(display)
     callbacks.extend(stateful.values())
     if run is not None:  # resumes from the newest epoch checkpoint when there is one (a retry, `fitflow resume`)
         checkpoints = Checkpoints(run.checkpoint_dir, stateful, config.launch.keep_checkpoints, run.run_id)
@@ -211,7 +226,11 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     if rank is not None:
         callbacks.append(RankSeed(config.seed, rank.rank))  # DDP: after the checkpoint restored the generators
     if run is not None and run.client is not None and writes:
-        callbacks.append(tracking.MlflowMetrics(run.client, run.run_id, run.checkpoint_dir))
+        epoch_metrics = tracking.MlflowMetrics(run.client, run.run_id, run.checkpoint_dir)
+        if config.log_every_n_steps:  # before the epoch metrics: its last values are journaled before delivery closes
+            callbacks.append(tracking.MlflowStepLoss(epoch_metrics, config.log_every_n_steps))
+        callbacks.append(epoch_metrics)
+    callbacks.extend(yours)
     if writes:
         callbacks.extend(extra_callbacks)
     if rank is not None:
@@ -220,8 +239,8 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         log.info("training %s on %s for up to %d epochs", spec["model"], device, config.epochs)
     history = fit(
         trainee, loaders.train, loaders.val, epochs=config.epochs, optimizer=optimizer,
-        loss_fn=training_loss(config, prepared, given, device), metrics=task_metrics(prepared), device=device,
-        callbacks=callbacks, precision=config.precision, grad_clip=config.grad_clip,
+        loss_fn=training_loss(config, prepared, given, device), metrics=metrics, device=device, callbacks=callbacks,
+        precision=config.precision, grad_clip=config.grad_clip, accumulate_grad_batches=config.accumulate_grad_batches,
     )
     best = stateful["best_weights"]
     return Trained(model, spec, history, best.monitor.best_epoch,
@@ -232,8 +251,8 @@ def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, 
                      given: Given | None = None) -> dict[str, float]:
     """Test-split metrics of the best weights, with the loss they were trained with."""
     device = next(trained.model.parameters()).device
-    return evaluate(trained.model, loaders.test, training_loss(config, prepared, given, device), task_metrics(prepared),
-                    device, "test")
+    return evaluate(trained.model, loaders.test, training_loss(config, prepared, given, device),
+                    task_metrics(prepared, config.metrics), device, "test")
 
 
 def training_loss(config: TrainConfig, prepared: Prepared, given: Given | None, device: torch.device) -> Callable:

@@ -1,8 +1,9 @@
 """The training loop: the one every PyTorch user knows, plus callbacks around it.
 
-Each epoch is one training pass (train mode: forward, loss, zero_grad, backward, step) and one
-validation pass (eval mode under inference_mode). Early stopping, best weights, checkpoints,
-the LR schedule, progress and MLflow are callbacks (tasks/callbacks.py, tasks/tracking.py).
+Each epoch is one training pass (train mode: zero_grad, forward, loss, backward, step; with
+gradient accumulation one step per group of batches) and one validation pass (eval mode under
+inference_mode). Early stopping, best weights, checkpoints, the LR schedule, progress, MLflow
+and your own callbacks hang off the hooks (tasks/callbacks.py, tasks/tracking.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from tasks.callbacks import Callback, FitState
+from tasks.callbacks import Callback, FitState, uses_hook
 from tasks.device import autocast_dtype
 from tasks.errors import TrainingError
 
@@ -59,11 +61,15 @@ def fit(
     callbacks: Sequence[Callback] = (),
     precision: str = "32",
     grad_clip: float | None = None,
+    accumulate_grad_batches: int = 1,
 ) -> History:
     """Train for up to `epochs` epochs, validating after each; returns the History.
 
     A callback's `on_fit_start` may restore a checkpoint (tasks/checkpoints.py): the loop then
     continues after `state.epoch`, with the history of the epochs before it.
+    With `accumulate_grad_batches` k, the optimizer steps once per k batches on their mean
+    gradient (the last group of an epoch may be shorter): with equal batches, the step of one
+    batch k times larger.
     """
     history = History()
     model.to(device)
@@ -71,7 +77,10 @@ def fit(
         metrics.to(device)
     amp_dtype = autocast_dtype(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = FitState(model=model, optimizer=optimizer, epochs=epochs, history=history.epochs, scaler=scaler)
+    state = FitState(model=model, optimizer=optimizer, epochs=epochs, batches=len(train_loader),
+                     history=history.epochs, scaler=scaler)
+    k = accumulate_grad_batches
+    per_batch = [c for c in callbacks if uses_hook(c, "on_train_batch_end")]  # usually none: no call per batch
     for callback in callbacks:
         callback.on_fit_start(state)
     try:
@@ -79,24 +88,34 @@ def fit(
             if state.stop:  # set by a callback: early stopping (also in a resumed run that had stopped)
                 break
             _set_epoch(train_loader, epoch)  # the shuffle is a function of (seed, epoch): resumable
+            state.epoch = epoch
+            for callback in callbacks:
+                callback.on_epoch_start(state)
             model.train()
-            batch_losses = torch.zeros(len(train_loader), device=device)  # summed on device: no sync per step
+            batch_losses = torch.zeros(state.batches, device=device)  # summed on device: no sync per step
             seen = 0
             for batch, (x, y) in enumerate(train_loader):
                 x, y = to_device(x, device), y.to(device, non_blocking=True)
-                with _autocast(device, amp_dtype):
+                first = batch - batch % k  # the first batch of this one's accumulation group
+                group = min(k, state.batches - first)  # batches in the group: the last one may be shorter
+                steps = batch == first + group - 1  # the group's last batch steps the optimizer
+                if batch == first:
+                    optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, amp_dtype), _gradient_sync(model, steps):
                     loss = loss_fn(call_model(model, x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if grad_clip:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                scaler.scale(loss / group if group > 1 else loss).backward()  # the group's mean gradient
+                if steps:
+                    if grad_clip:
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    state.step += 1
                 batch_losses[batch] = loss.detach() * len(y)
                 seen += len(y)
+                for callback in per_batch:
+                    callback.on_train_batch_end(state, batch, loss.detach())
             _check_finite(batch_losses, epoch)
-            state.epoch = epoch
             state.logs = {"train_loss": float(batch_losses.sum()) / seen}
             state.logs.update(evaluate(model, val_loader, loss_fn, metrics, device, "val", amp_dtype))
             state.history.append(dict(state.logs))
@@ -165,6 +184,17 @@ def _sum_over_ranks(total: torch.Tensor, seen: int) -> tuple[torch.Tensor, int]:
     both = torch.stack([total.double(), torch.tensor(seen, dtype=torch.float64, device=total.device)])
     torch.distributed.all_reduce(both)  # float64: the partial sums add up without losing digits
     return both[0], int(both[1])
+
+
+def optimizer_steps(batches: int, accumulate_grad_batches: int) -> int:
+    """Optimizer steps per epoch: one per group of `accumulate_grad_batches` batches, a shorter last group included."""
+    return -(-batches // accumulate_grad_batches)
+
+
+def _gradient_sync(model: nn.Module, sync: bool):
+    """DDP all-reduces the gradients in every backward; within an accumulation group only the
+    last one needs it. DDP decides in the forward, so the forward runs inside `no_sync`."""
+    return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
 
 
 def _set_epoch(loader, epoch: int) -> None:

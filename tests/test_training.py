@@ -202,19 +202,6 @@ def test_named_device_must_exist():
             resolve_device("cuda")
 
 
-def test_progress_bar_on_a_terminal(breast_cancer):
-    from tasks.callbacks import FitState, Progress
-
-    progress = Progress(interactive=True)
-    state = FitState(model=torch.nn.Linear(1, 1), optimizer=None, epochs=2)
-    progress.on_fit_start(state)
-    for epoch in (1, 2):
-        state.epoch, state.logs = epoch, {"train_loss": 0.5, "val_loss": 0.4}
-        progress.on_epoch_end(state)
-    progress.on_fit_end(state)
-    assert progress.bar.tasks[0].completed == 2 and "val_loss=0.4000" in progress.bar.tasks[0].description
-
-
 def test_device_resident_loader_yields_the_same_batches():
     x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
     y = np.arange(40)
