@@ -27,11 +27,12 @@ from tasks.training import evaluate
 
 pytestmark = pytest.mark.slow  # starts real processes: minutes on 2 cores
 
-# 400 rows -> 280 train / 60 val / 60 test. Global batch 40: 7 full steps, each split 20 + 20, so
+# 400 rows -> 280 train / 60 val / 60 test. Global batch 40: 7 full batches, each split 20 + 20, so
 # a DDP step averages the same rows as the single-process step (no uneven tail); no dropout,
-# whose masks differ between one process and two.
+# whose masks differ between one process and two. Accumulating 2 batches: 4 optimizer steps per
+# epoch, the all-reduce only on each group's last batch (no_sync on the others).
 SETTINGS = {"target": "label", "epochs": 4, "batch_size": 40, "lr": 0.02, "dropout": 0.0, "patience": 0, "device": "cpu",
-            "hidden_sizes": [16]}
+            "hidden_sizes": [16], "accumulate_grad_batches": 2}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_ddp_settings_are_checked_with_one_line():
 def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlflow_uri):
     from flows.train import train
 
-    ddp = TrainConfig(data=csv, strategy="ddp", devices=2, **SETTINGS)
+    ddp = TrainConfig(data=csv, strategy="ddp", devices=2, log_every_n_steps=2, **SETTINGS)
     result = train(ddp)
 
     # (a) the same global batch in one process reaches the same validation metrics
@@ -108,6 +109,8 @@ def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlfl
     assert "strategy" not in runs[0].data.params
     for name in ("train_loss", "val_loss", "val_auroc", "lr"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1, 2, 3, 4], name
+    # per-step losses from rank 0 alone, at the global optimizer step
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "train_loss_step")) == list(range(2, 17, 2))
 
 
 def _spawned_children() -> list[psutil.Process]:
