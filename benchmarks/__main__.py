@@ -34,6 +34,13 @@ SUITE = {
     "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),
                               p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],
                 lambda t, p: [t.scaling(rounds=1, sizes=(2_000, 4_000)), p.prepare_scaling(rounds=1, sizes=(2_000, 4_000))]),
+    # issue #14: batch hooks with nothing registered, per-step logging (benchmarks/hooks.py)
+    "hooks": (lambda t, p: importlib.import_module("benchmarks.hooks").hook_overhead(100_000, 20_000, rounds=10, epochs=3),
+              lambda t, p: importlib.import_module("benchmarks.hooks").hook_overhead(5_000, 1_000, rounds=1, epochs=2)),
+    "step-logging": (lambda t, p: importlib.import_module("benchmarks.hooks").step_logging_overhead(
+                         100_000, 20_000, rounds=10, epochs=3),
+                     lambda t, p: importlib.import_module("benchmarks.hooks").step_logging_overhead(
+                         5_000, 1_000, rounds=1, epochs=2)),
     # issue #13: image loaders vs ImageFolder + DataLoader, the CNN epoch vs a hand loop (benchmarks/images.py)
     "images": (lambda t, p: importlib.import_module("benchmarks.images").suite(),
                lambda t, p: importlib.import_module("benchmarks.images").suite(smoke=True)),

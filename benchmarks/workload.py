@@ -102,7 +102,7 @@ class FitflowRunner:
     call runs all of them."""
 
     def __init__(self, data: Data, tracking: bool = True, batch: int = BATCH, checkpoints_only: bool = False,
-                 epochs: int = 1) -> None:
+                 epochs: int = 1, **settings) -> None:
         from mlflow.tracking import MlflowClient
 
         from tasks.config import TrainConfig
@@ -120,7 +120,7 @@ class FitflowRunner:
             test=Split(data.x_val.numpy(), data.y_val.numpy()), preprocessor=preprocessor,
         )
         self.config = TrainConfig(epochs=epochs, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0,
-                                  patience=epochs + 5)
+                                  patience=epochs + 5, **settings)  # settings: other TrainConfig fields
         self.loaders = build_loaders(self.config, self.prepared)
         self.run = None
         self.calls = 0

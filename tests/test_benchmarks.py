@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmarks_smoke_mode_runs_every_benchmark():
     before = set((REPO / "benchmarks" / "results").glob("*.json"))
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "loaders", "epoch", "tracking",
-                          "threads", "prepare", "scaling", "images", "api"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                          "threads", "prepare", "scaling", "images", "api", "hooks", "step-logging"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (written,) = set((REPO / "benchmarks" / "results").glob("*.json")) - before
     report = json.loads(written.read_text())
@@ -27,7 +28,9 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
     for expected in ("loader N=10,000 batch=256", "epoch vs tutorial loop", "epoch vs best hand loop",
                      "epoch with MLflow logging vs without", "model logging", "threads", "prepare 20,000 rows",
                      "epoch time", "prepare 4k vs 2k rows", "image loader",
-                     "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit"):
+                     "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit",
+                     "batch hooks, nothing registered", "A/A control: fit", "one registered no-op batch callback",
+                     "per-step logging"):
         assert any(name.startswith(expected) for name in names), expected
     for r in report["results"]:
         value = r["median"] if "ratios" in r else r["value"]

@@ -1,0 +1,110 @@
+"""What the loop's hooks and per-step logging cost (issue #14): ratios of 3-epoch `train_model` runs.
+
+- Batch hooks with nothing registered: `fit` as it is against `fit` with its per-batch hook
+  statement (`for callback in per_batch: callback.on_train_batch_end(...)`) deleted from its
+  source (the AST, compiled in the module's own namespace): the only difference is that line.
+  Beside it the same statement alone, timed per batch, as a share of the epoch; one registered
+  no-op batch callback against none; and the A/A control, the same run twice.
+- Per-step logging: `log_every_n_steps` 1 (every optimizer step to MLflow, through the journal
+  and its delivery thread) against 0, both tracked to a real sqlite store.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import statistics
+import textwrap
+import timeit
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from benchmarks.harness import Comparison, Measurement, compare
+from benchmarks.workload import FitflowRunner, make_data
+
+
+def fit_without_batch_hooks():
+    """tasks.training.fit with its per-batch hook statement removed, everything else as written."""
+    from tasks import training
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(training.fit)))
+    removed = 0
+    for node in ast.walk(tree):
+        for name in ("body", "orelse"):
+            statements = getattr(node, name, None)
+            if not isinstance(statements, list):
+                continue
+            kept = [s for s in statements if not (isinstance(s, ast.For) and ast.unparse(s.iter) == "per_batch")]
+            removed += len(statements) - len(kept)
+            setattr(node, name, kept)
+    assert removed == 1, f"expected one per-batch hook statement in fit, found {removed}"
+    namespace = dict(vars(training))
+    exec(compile(tree, inspect.getsourcefile(training.fit), "exec"), namespace)  # noqa: S102 - fitflow's own source
+    return namespace["fit"]
+
+
+@contextmanager
+def _fit_replaced(fit) -> Iterator[None]:
+    """train_model calls this `fit` while inside (tasks.trainer imported fit by name)."""
+    from tasks import trainer
+
+    original = trainer.fit
+    trainer.fit = fit
+    try:
+        yield
+    finally:
+        trainer.fit = original
+
+
+def hook_overhead(n_train: int, n_val: int, rounds: int, epochs: int) -> list:
+    from tasks.callbacks import Callback
+
+    class NoOp(Callback):
+        def on_train_batch_end(self, state, batch, loss) -> None:
+            pass
+
+    data = make_data(n_train, n_val)
+    runner = FitflowRunner(data, tracking=True, epochs=epochs)
+    control = FitflowRunner(data, tracking=True, epochs=epochs)
+    with_noop = FitflowRunner(data, tracking=True, epochs=epochs)
+    stripped = fit_without_batch_hooks()
+
+    def without_hooks() -> None:
+        with _fit_replaced(stripped):
+            runner.fit()
+
+    size = f"{n_train // 1000}k + {n_val // 1000}k, {epochs}-epoch runs"
+    nothing = compare(f"batch hooks, nothing registered: fit without the hook line -> fit ({size})",
+                      ("fit without the per-batch hook line", without_hooks), ("fit", runner.fit), rounds,
+                      target="<= 1.01", note="the same tracked train_model; only fit's per-batch hook statement differs")
+    batches = len(runner.loaders.train) * epochs
+    per_batch_s = _empty_hook_statement_s()
+    run_s = statistics.median(nothing.candidate_s)
+    return [
+        nothing,
+        Measurement("batch hooks, nothing registered: the hook statement's time / run time", per_batch_s * batches / run_s,
+                    "x", target="<= 0.01", note=f"{per_batch_s * 1e9:.0f} ns per batch x {batches} batches of a "
+                                               f"{run_s:.2f} s run"),
+        compare(f"A/A control: fit -> fit ({size})", ("fit", runner.fit), ("fit, 2nd runner", control.fit), rounds,
+                target="1 (noise floor)", note="identical runs: how far a median of this many rounds strays from 1"),
+        compare(f"one registered no-op batch callback ({size})", ("no batch callback", runner.fit),
+                ("a no-op on_train_batch_end", lambda: with_noop.fit([NoOp()])), rounds, target="reported",
+                note="what a registered batch hook costs: one Python call per batch"),
+    ]
+
+
+def _empty_hook_statement_s() -> float:
+    """Seconds per execution of fit's hook statement over an empty list (best of 5 x 1M)."""
+    setup = "import torch; per_batch = []; state = batch = None; loss = torch.zeros(())"
+    statement = "for callback in per_batch:\n    callback.on_train_batch_end(state, batch, loss.detach())"
+    return min(timeit.repeat(statement, setup, number=1_000_000, repeat=5)) / 1_000_000
+
+
+def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) -> list[Comparison]:
+    data = make_data(n_train, n_val)
+    off = FitflowRunner(data, tracking=True, epochs=epochs)
+    every_step = FitflowRunner(data, tracking=True, epochs=epochs, log_every_n_steps=1)
+    steps = len(off.loaders.train) * epochs
+    return [compare(f"per-step logging: log_every_n_steps 0 -> 1 ({n_train // 1000}k + {n_val // 1000}k, {epochs}-epoch runs)",
+                    ("log_every_n_steps 0", off.fit), ("log_every_n_steps 1", every_step.fit), rounds, target="<= 1.03",
+                    note=f"{steps} train_loss_step values per run to a sqlite MLflow store, off the training thread")]
