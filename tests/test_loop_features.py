@@ -235,7 +235,7 @@ def test_config_refuses_values_that_cannot_work():
     for values, message in [
         ({"accumulate_grad_batches": 0}, "'accumulate_grad_batches': Input should be greater than or equal to 1"),
         ({"warmup_steps": 10}, "warmup_steps applies to scheduler warmup_cosine or onecycle, not none"),
-        ({"loss": "focal"}, "'loss': use auto, cross_entropy, mse, huber, l1 or an import path"),
+        ({"loss": "focal"}, "'loss': use auto, cross_entropy, bce, mse, huber, l1 or an import path"),
         ({"callbacks": ["mypkg.cb"]}, "'mypkg.cb' is not an import path like 'mypackage.module:Name'"),
         ({"log_every_n_steps": -1}, "'log_every_n_steps': Input should be greater than or equal to 0"),
         ({"progress": "fancy"}, "'progress': Input should be 'auto', 'bar', 'epoch' or 'off'"),
