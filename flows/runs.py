@@ -10,6 +10,7 @@ as in a sweep's own ranking.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -19,6 +20,9 @@ from tasks.errors import ConfigError
 from tasks.redaction import redact_uri
 
 MAX_PARAM_COLUMNS = 6
+# What MLflow accepts as a metric key, and so inside the backquotes of an order_by clause
+METRIC_NAME = re.compile(r"[\w\-./: ]+")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 SHOWN_METRICS = ("test_accuracy", "test_f1_micro", "test_f1_macro", "test_auroc", "test_rmse", "test_mae", "test_r2", "test_loss")
 
 
@@ -27,6 +31,11 @@ def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20
     """The top runs of `experiment` by `sort` (losses and errors ascending), as plain rows."""
     if top < 1:
         raise ConfigError(f"--top must be at least 1 (got {top})")
+    if not METRIC_NAME.fullmatch(sort):
+        raise ConfigError(f"--sort {sort!r} is not a metric name (letters, digits, and _ - . / : or spaces), e.g. val_loss")
+    if parent_run_id is not None and not RUN_ID.fullmatch(parent_run_id):
+        raise ConfigError(f"--sweep {parent_run_id!r} is not a run id; give the sweep's parent run id "
+                          "(32 hex characters, printed by fitflow sweep)")
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -7,7 +7,6 @@ Every problem a user can fix raises DataError with one line that says what and h
 
 from __future__ import annotations
 
-import csv
 import difflib
 import hashlib
 import logging
@@ -18,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks import table_input
 from tasks.config import target_columns
 from tasks.errors import DataError
-from tasks.labels import binary_columns, check_every_label_varies
-from tasks.preprocessing import Preprocessor, check_features, infer_task
+from tasks.labels import binary_columns, check_every_label_varies, is_label_set_column
+from tasks.preprocessing import MAX_AUTO_CLASSES, Preprocessor, check_features, infer_task
 
 log = logging.getLogger("fitflow")
 
@@ -65,7 +65,7 @@ def load_table(source: str) -> pd.DataFrame:
     frame = _read_parquet(path) if kind == "parquet" else _read_csv(path)
     if frame.empty:
         raise DataError(f"data file {path} has a header but no data rows; it needs at least a few rows")
-    return frame.reset_index(drop=True)
+    return table_input.numbers_with_symbols(frame, f"data file {path}").reset_index(drop=True)
 
 
 def _sniff_format(path: Path, head: bytes) -> str:
@@ -90,11 +90,16 @@ def _is_text(head: bytes) -> bool:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        header = next(csv.reader(handle), [])
-    _reject_duplicate_columns(f"data file {path}", header)
+    dialect = table_input.csv_dialect(path)
+    _reject_duplicate_columns(f"data file {path}", dialect.header)
+    frame = table_input.fit_rows_to_header(_parse_csv(path, dialect.delimiter), path, dialect,
+                                           lambda **options: _parse_csv(path, dialect.delimiter, **options))
+    return table_input.without_written_index(frame, path, dialect.header)
+
+
+def _parse_csv(path: Path, delimiter: str, **options) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, encoding="utf-8-sig", low_memory=False)
+        return pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", low_memory=False, **options)
     except pd.errors.EmptyDataError:
         raise DataError(f"data file {path} has no header row; the first line must name the columns") from None
     except pd.errors.ParserError as err:
@@ -177,11 +182,17 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
     if len(targets) > 1 and spec.task in ("classification", "regression"):  # TrainConfig refuses it too; PrepSpec is plain
         raise DataError(f"target '{spec.target}' names several columns, a multi-label target; task {spec.task} "
                         "predicts one column: use task auto or multilabel")
+    if len(targets) == 1 and not is_label_set_column(table[spec.target]):
+        table = table_input.same_labels(table, spec.target)
+        validation = None if validation is None else table_input.same_labels(validation, spec.target)
     task = "multilabel" if len(targets) > 1 else infer_task(table[spec.target].dropna(), spec.task)
+    if len(targets) == 1:
+        table_input.warn_integer_codes(table[spec.target], spec.task, task, MAX_AUTO_CLASSES)
     label_sets = task == "multilabel" and len(targets) == 1  # one column of "a|b": an empty cell is no labels
     if len(targets) > 1:  # before rows are dropped, so that the error's row is the file's
         binary_columns(table, targets, "the data")
     table = _without_missing_targets(table, targets, label_sets)
+    table_input.refuse_unencodable(table, "the data")
     check_features(table, spec.target)
     # Splits are row positions into `table`, never copies of it: fitting and encoding read one
     # column of one split at a time, so the peak stays near the table plus the float32 features.
@@ -193,6 +204,7 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
         if len(targets) > 1:
             binary_columns(validation, targets, "the validation data")
         validation = _without_missing_targets(validation, targets, label_sets)
+        table_input.refuse_unencodable(validation, "the validation data")
         check_features(validation, spec.target)
         no_val = PrepSpec(**{**asdict(spec), "val_fraction": 0.0})
         train_rows, _, test_rows = split_rows(labels, task, no_val)

@@ -33,7 +33,7 @@ from tasks.labels import (
 
 OTHER = "__other__"
 _NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with typos, not a category
-_MAX_AUTO_CLASSES = 20  # integer targets with at most this many values are classes
+MAX_AUTO_CLASSES = 20  # integer targets with at most this many values are classes
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # features and targets are trained in float32
 # A value further than this from the training mean (in training standard deviations) is clipped
 # there: in float32 it could become inf and turn the network's output into NaN. Training rows
@@ -142,12 +142,12 @@ class Preprocessor:
         offset = len(self.numeric)
         for col in self.categorical:
             column = _rows(frame[col.name], rows)
-            text = column.astype(str).where(column.notna(), col.fill)
+            text = category_text(column).where(column.notna(), col.fill)
             codes = pd.Categorical(text, categories=col.categories).codes.astype(np.int64)
             if col.other:
                 codes[codes < 0] = len(col.categories)
-            rows = np.flatnonzero(codes >= 0)  # an unseen value with no __other__ column stays all zero
-            out[rows, offset + codes[rows]] = 1.0
+            known = np.flatnonzero(codes >= 0)  # an unseen value with no __other__ column stays all zero
+            out[known, offset + codes[known]] = 1.0
             offset += col.width
         return out
 
@@ -271,11 +271,20 @@ def infer_task(labels: pd.Series, requested: str) -> str:
         raise DataError(f"target '{labels.name}' holds text, so it cannot be a regression target; use --task classification")
     if requested == "auto":
         integral = numeric and np.all(np.mod(_as_float(labels), 1) == 0)
-        few = labels.nunique() <= _MAX_AUTO_CLASSES
+        few = labels.nunique() <= MAX_AUTO_CLASSES
         requested = "classification" if (not numeric or types.is_bool_dtype(labels) or (integral and few)) else "regression"
     if requested == "classification" and labels.nunique() < 2:
         raise DataError(f"target '{labels.name}' has a single class ({labels.iloc[0]!r}); classification needs at least two classes")
     return requested
+
+
+def category_text(column: pd.Series) -> pd.Series:
+    """A categorical column's values as the text training compared: numbers that arrive for a
+    column that was text in training (a code column read as numbers, or with missing values as
+    floats) are written as the text they came from, 7.0 as '7'."""
+    if types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
+        return column.map(lambda v: str(int(v)) if np.isfinite(v) and float(v).is_integer() else str(v))
+    return column.astype(str)
 
 
 def _is_numeric(column: pd.Series) -> bool:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from tasks.errors import DataError
 from tasks.labels import THRESHOLD, binary_columns, parse_label_sets
-from tasks.preprocessing import Preprocessor, _as_float
+from tasks.preprocessing import Preprocessor, _as_float, category_text
 
 
 def check_rows(frame: pd.DataFrame, prep: Preprocessor, unseen: str = "encode") -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -38,8 +38,13 @@ def check_rows(frame: pd.DataFrame, prep: Preprocessor, unseen: str = "encode") 
     for col in prep.categorical:
         values = frame[col.name]
         present = values.notna()
-        text = values.astype(str).where(present, None)
+        text = category_text(values).where(present, None)
         new = present & ~text.isin(col.categories)
+        arrived_as_numbers = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if arrived_as_numbers and new.any() and new.sum() == present.sum():
+            raise DataError(f"column '{col.name}' was text in training (e.g. {', '.join(map(repr, col.categories[:3]))}) but "
+                            f"holds numbers here that match none of it (e.g. {values[present].iloc[0]}); "
+                            "read the column as text, as in training (leading zeros kept)")
         if new.any() and unseen == "error":
             row = int(np.flatnonzero(new.to_numpy())[0])
             raise DataError(f"column '{col.name}' row {row + 1}: {values.iloc[row]!r} never occurred in training "
