@@ -5,9 +5,11 @@
 checkpoint (tasks/callbacks.py) use them, a resumed run restores them, and MLflow records them
 as params. fitflow always restores the best weights at the end (Keras' restore_best_weights=True).
 
-Your own callbacks subclass `Callback` and get the `FitState` (epoch, logs, model, optimizer;
-set `state.stop = True` to stop) in `on_fit_start`, `on_epoch_end` and `on_fit_end`. They run
-after the epoch is logged to MLflow and checkpointed.
+Your own callbacks subclass `Callback` and get the `FitState` (epoch, step, logs, model,
+optimizer; set `state.stop = True` to stop) in `on_fit_start`, `on_epoch_start`,
+`on_train_batch_end(state, batch, loss)`, `on_epoch_end` and `on_fit_end` (docs/training-loop.md
+says when each runs and what it sees). Their epoch hooks run after the epoch is logged to MLflow
+and checkpointed; a batch hook costs nothing unless your class overrides it.
 """
 
 from __future__ import annotations

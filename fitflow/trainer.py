@@ -36,23 +36,27 @@ from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_valida
 from tasks.errors import ConfigError
 from tasks.metrics import METRICS
 from tasks.models import build_model
-from tasks.trainer import Given, Run, Trained, build_loaders, task_metrics, training_loss
+from tasks.trainer import Given, Run, Trained, build_loaders, metrics_of, task_metrics, training_loss, your_metrics
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
+from tasks.user_code import user_callbacks
 
 # Set by the data given to fit, or by fit's own arguments: never compile's.
 _FIT_FIELDS = {"data", "data_kind", "data_kwargs", "target", "validation_data", "val_fraction", "epochs", "batch_size"}
 
 
 def compile(model: torch.nn.Module | str, optimizer: str | torch.optim.Optimizer = "adam",
-            loss: str | Callable = "auto", metrics: Sequence[str] | None = None, lr: float | None = None,
+            loss: str | Callable = "auto", metrics: Sequence[str | Any] | None = None, lr: float | None = None,
             experiment: str = "fitflow", **fields: Any) -> Trainer:
     """A Trainer for `model` (an nn.Module, trained in place; or a model name as the config takes it).
 
     `optimizer`: adam, adamw, sgd, or an optimizer object over the model's parameters. `loss`: a
-    name as the config takes it (auto, cross_entropy, mse, ...) or any callable loss(outputs,
-    targets). `metrics`: names among the task's (tasks/metrics.py METRICS); every metric of the
-    task is computed and logged, these are checked against it. `fields`: any other TrainConfig
-    field (scheduler, weight_decay, seed, monitor, patience, register_model, device, ...).
+    name as the config takes it (auto, cross_entropy, mse, ..., or 'pkg.mod:name') or any callable
+    loss(outputs, targets). `metrics`: the task's own names (tasks/metrics.py METRICS: every one of
+    them is computed and logged; these are checked against the task), and your metrics, logged
+    as val_<name>/test_<name> and usable as `monitor`: import paths ('pkg.mod:name', the config's
+    `metrics`), torchmetrics Metric classes or instances, or functions metric(preds, targets).
+    `fields`: any other TrainConfig field (scheduler, warmup_steps, accumulate_grad_batches,
+    log_every_n_steps, weight_decay, seed, monitor, patience, register_model, device, ...).
     """
     given = Given()
     settings: dict[str, Any] = {"experiment": experiment, **fields}
@@ -84,23 +88,35 @@ def compile(model: torch.nn.Module | str, optimizer: str | torch.optim.Optimizer
     elif callable(loss):
         given.loss_fn = loss
     else:
-        raise TypeError(f"loss must be a name (auto, cross_entropy, mse, huber, l1) or a callable; got {_type(loss)}")
+        raise TypeError(f"loss must be a name (auto, cross_entropy, mse, huber, l1, bce), an import path "
+                        f"'package.module:name' or a callable; got {_type(loss)}")
     if lr is not None:
         settings["lr"] = lr
+    builtin: list[str] = []
     if metrics is not None:
-        if isinstance(metrics, str) or not all(isinstance(name, str) for name in metrics):
-            raise TypeError(f"metrics must be a list of metric names; got {_type(metrics)}")
-        unknown = [name for name in metrics if not any(name in names for names in METRICS.values())]
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+            raise TypeError(f"metrics must be a list of metric names, import paths or metric objects; got {_type(metrics)}")
+        paths = [name for name in metrics if isinstance(name, str) and IMPORT_PATH.match(name)]
+        builtin = [name for name in metrics if isinstance(name, str) and name not in paths]
+        given.metrics = [metric for metric in metrics if not isinstance(metric, str)]  # checked for the task at fit
+        not_metrics = [metric for metric in given.metrics if not callable(metric)]
+        if not_metrics:
+            raise TypeError(f"metrics: {_type(not_metrics[0])} is not a metric; give a name, an import path, a "
+                            "torchmetrics Metric or a function metric(preds, targets)")
+        unknown = [name for name in builtin if not any(name in names for names in METRICS.values())]
         if unknown:
             raise ValueError(f"metrics: unknown metric {unknown[0]!r}; fitflow logs "
-                             + "; ".join(f"{', '.join(names)} ({task})" for task, names in METRICS.items()))
+                             + "; ".join(f"{', '.join(names)} ({task})" for task, names in METRICS.items())
+                             + "; name yours as 'package.module:name' or pass the metric object")
+        if paths:
+            settings["metrics"] = [*fields.get("metrics", []), *paths]
     taken = sorted(_FIT_FIELDS & fields.keys())
     if taken:
         raise ValueError(f"{taken[0]}: give the data, epochs and batch_size to fit, not to compile")
     if fields.get("strategy", "single") != "single":
         raise ValueError("strategy: the Python API trains in this process; for DDP run the flow, fitflow.train(config)")
     config = _config(settings)
-    return Trainer(given, config, list(metrics or []))
+    return Trainer(given, config, builtin)
 
 
 class Trainer:
@@ -120,9 +136,12 @@ class Trainer:
 
     def fit(self, x: Any, y: Any = None, *, target: str | None = None, validation_data: Any = None,
             validation_split: float | None = None, epochs: int | None = None, batch_size: int | None = None,
-            callbacks: Sequence[Callback | EarlyStopping] = (), resume: str | None = None, flow: bool = False) -> History:
+            callbacks: Sequence[Callback | EarlyStopping | str] = (), resume: str | None = None,
+            flow: bool = False) -> History:
         """Train on `x` (and `y`), validating each epoch; returns the History (also `self.history`).
 
+        `callbacks`: Callback objects, EarlyStopping (it sets monitor, patience and min_delta), or
+        import paths 'pkg.mod:Class' (the config's `callbacks`, created with no arguments).
         `resume`: the id of a run of this trainer's settings that stopped early (an error, an
         interrupt): it continues from its last epoch checkpoint, with the same data. `flow`: run
         as a Prefect flow run (the Prefect API: PREFECT_API_URL, or a temporary local server).
@@ -138,8 +157,11 @@ class Trainer:
                 fields.update(callback.config_fields())
             elif isinstance(callback, Callback):
                 own.append(callback)
+            elif isinstance(callback, str) and IMPORT_PATH.match(callback):
+                fields["callbacks"] = [*fields.get("callbacks", self._compiled.callbacks), callback]
             else:
-                raise TypeError(f"callbacks: {_type(callback)} is not a fitflow.callbacks.Callback")
+                raise TypeError(f"callbacks: {_type(callback) if not isinstance(callback, str) else repr(callback)} "
+                                "is not a fitflow.callbacks.Callback nor an import path 'package.module:Class'")
         if validation_split is not None and not isinstance(validation_split, (int, float)):
             raise TypeError(f"validation_split must be a number; got {_type(validation_split)}")
         if resume is not None:
@@ -166,7 +188,7 @@ class Trainer:
         loader = build_loaders(config, prepared).val
         device = next(trained.model.parameters()).device
         metrics = evaluate(trained.model, loader, training_loss(config, prepared, self._given, device),
-                           task_metrics(prepared), device, "test")
+                           task_metrics(prepared, your_metrics(config, self._given)), device, "test")
         log_test_metrics(self.config, run, trained, metrics)
         record = test_record(x, y, target)
         digest = tracking.log_dataset(run.client, run.run_id, record.frame, record.source, record.target, record.source,
@@ -254,11 +276,16 @@ class _FitCall:
                           "validation_data": LABELS[data.kind] if data.validation_given else None,
                           **({"val_fraction": validation_split} if validation_split is not None else {})})
         _check_metrics(self.metrics, data.prepared.preprocessor.task)
+        # Your metrics and callbacks by import path resolve now, before a run starts: a bad one is an argument error
+        _as_value_error(metrics_of, your_metrics(config, self.given), data.prepared)
+        _as_value_error(user_callbacks, config.callbacks)
         if self.resume:
             _check_same_settings(self.resume, config)
         loaders = run_step(build_loaders_task, config, data.prepared)
         run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
-        objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None}
+        objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None and value != []}
+        if self.given.metrics:
+            objects["metrics"] = [_type(metric) for metric in self.given.metrics]
         with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
             run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
             trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, self.given)

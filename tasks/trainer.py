@@ -7,10 +7,12 @@ it with its `Rank` (tasks/ddp.py), which adds only the lines marked "DDP". No Pr
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -56,12 +58,14 @@ class Given:
 
     `model` is trained in place, as Keras trains its model: after `fit` the caller's object holds
     the best weights. `optimizer` must hold the model's parameters. `loss_fn` is any callable
-    loss(outputs, targets); an nn.Module loss moves to the device.
+    loss(outputs, targets); an nn.Module loss moves to the device. `metrics`: metric objects
+    (torchmetrics Metric classes or instances, functions), logged after the config's `metrics`.
     """
 
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     loss_fn: Callable | None = None
+    metrics: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +89,12 @@ def task_metrics(prepared: Prepared, extra: Sequence[str | object] = ()) -> Task
     p = prepared.preprocessor
     mean, std = (p.target_mean, p.target_std) if p.target_mean is not None else (0.0, 1.0)  # unscaled targets
     return TaskMetrics(p.task, len(p.classes or []), mean, std, extra=metrics_of(extra, prepared))
+
+
+def your_metrics(config: TrainConfig, given: Given | None) -> list[str | object]:
+    """The config's metrics (import paths), then the caller's objects: copies, since a torchmetrics
+    Metric keeps its running state and training and testing each need a fresh one."""
+    return [*config.metrics, *(copy.deepcopy(metric) for metric in (given.metrics if given is not None else ()))]
 
 
 def metrics_of(extra: Sequence[str | object], prepared: Prepared) -> list[UserMetric]:
@@ -176,7 +186,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     `given`: the caller's own model, optimizer or loss (the Python API), each instead of the config's.
     """
     given = given or Given()
-    metrics = task_metrics(prepared, config.metrics)
+    metrics = task_metrics(prepared, your_metrics(config, given))
     check_monitor(config, prepared, metrics.extra)
     writes = rank is None or rank.writes  # DDP: rank 0 alone prints, checkpoints and logs
     device = rank.device if rank is not None else resolve_device(config.launch.device)
@@ -252,7 +262,7 @@ def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, 
     """Test-split metrics of the best weights, with the loss they were trained with."""
     device = next(trained.model.parameters()).device
     return evaluate(trained.model, loaders.test, training_loss(config, prepared, given, device),
-                    task_metrics(prepared, config.metrics), device, "test")
+                    task_metrics(prepared, your_metrics(config, given)), device, "test")
 
 
 def training_loss(config: TrainConfig, prepared: Prepared, given: Given | None, device: torch.device) -> Callable:

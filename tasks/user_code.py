@@ -100,7 +100,8 @@ def user_metrics(metrics: Sequence[str | Any], task: str, n_classes: int, taken:
         source = spec if isinstance(spec, str) else _name_of(spec)
         found = import_object(spec, "metric") if isinstance(spec, str) else spec
         # the name you wrote: torchmetrics.Accuracy creates a MulticlassAccuracy, and is still "accuracy"
-        name = snake_case(type(found).__name__ if isinstance(found, torchmetrics.Metric) else found.__name__)
+        name = snake_case(type(found).__name__ if isinstance(found, torchmetrics.Metric)
+                          else getattr(found, "__name__", type(found).__name__))  # a functools.partial has no __name__
         if isinstance(found, type) and issubclass(found, torchmetrics.Metric):
             found = _metric_for_task(found, source, task, n_classes)
         elif isinstance(found, type) or not callable(found):

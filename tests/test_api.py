@@ -5,6 +5,7 @@ the README's notebook example, run as written. Real torch, a real MLflow store, 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchmetrics
+import user_code_examples
 from conftest import REPO, write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -119,6 +122,48 @@ def test_fit_on_arrays_trains_the_model_in_place_and_tracks_the_run(mlflow_uri):
     model_uri = trainer.log_model()
     logged = mlflow.pyfunc.load_model(model_uri).predict(x[1200:])
     assert np.allclose(logged[[f"probability_{c}" for c in range(3)]].to_numpy(), probabilities, atol=1e-5)
+
+
+class BatchLosses(fitflow.callbacks.Callback):
+    """Records (epoch, batch, global step) at each training batch: the batch hook through the API."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_train_batch_end(self, state, batch, loss) -> None:
+        self.seen.append((state.epoch, batch, state.step))
+
+
+def test_the_loop_features_through_the_api(mlflow_uri, tmp_path, monkeypatch):
+    """Your loss, metrics (path, function, torchmetrics object) and callbacks (object, path), gradient
+    accumulation, a per-step warmup schedule and per-step logging: each as compile's or fit's argument."""
+    monkeypatch.setenv("RECORD_CALLS_TO", str(tmp_path / "calls.jsonl"))
+    x, y = _problem(rows=600, seed=9)
+    f1 = torchmetrics.classification.MulticlassF1Score(num_classes=3, average="macro")
+    trainer = fitflow.compile(
+        Net(8, 3), loss=user_code_examples.label_smoothed_cross_entropy, lr=1e-2, experiment="api-loop",
+        metrics=["accuracy", "user_code_examples:error_rate", f1], accumulate_grad_batches=2,
+        scheduler="warmup_cosine", warmup_steps=3, log_every_n_steps=1, monitor="val_error_rate")
+    batches = BatchLosses()
+    history = trainer.fit(x[:400], y[:400], validation_data=(x[400:500], y[400:500]), epochs=3, batch_size=50,
+                          callbacks=[batches, "user_code_examples:RecordCalls"])
+    assert {"val_error_rate", "val_multiclass_f1_score"} <= set(history.history)
+    assert history.history["val_error_rate"] == pytest.approx([1 - a for a in history.history["val_accuracy"]])
+    # 8 batches an epoch, one optimizer step after every 2nd of them: steps 1..4, 5..8, 9..12
+    assert batches.seen == [(epoch, batch, 4 * (epoch - 1) + (batch + 1) // 2) for epoch in (1, 2, 3) for batch in range(8)]
+    recorded = [json.loads(line)["hook"] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert recorded.count("on_train_batch_end") == 24 and recorded[0] == "on_fit_start" and recorded[-1] == "on_fit_end"
+    test = trainer.evaluate(x[500:], y[500:])
+    assert test["test_error_rate"] == pytest.approx(1 - test["test_accuracy"])
+    assert test["test_multiclass_f1_score"] == pytest.approx(test["test_f1_macro"], abs=1e-6)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(trainer.run_id)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, trainer.run_id, "train_loss_step") == list(range(1, 13))
+    assert run.data.params["accumulate_grad_batches"] == "2" and run.data.params["scheduler"] == "warmup_cosine"
+    assert "user_code_examples:error_rate" in run.data.params["metrics"]
+    assert json.loads(run.data.tags["fitflow.objects"]) == {
+        "model": "Net", "loss_fn": "function", "metrics": ["MulticlassF1Score"]}
 
 
 def test_fit_on_a_dataframe_uses_the_table_preprocessing(mlflow_uri, tmp_path):
@@ -268,6 +313,11 @@ FRAME = pd.DataFrame(X, columns=[f"f{i}" for i in range(8)]).assign(label=Y)
     ({}, {"x": X, "y": Y, "epochs": 0}, ValueError, "'epochs'"),
     ({}, {"x": X, "y": Y, "resume": "123"}, ValueError, "not an MLflow run id"),
     ({"metrics": ["rmse"]}, {"x": X, "y": Y}, ValueError, "metrics: 'rmse' is not a classification metric"),
+    ({"metrics": [5]}, None, TypeError, "metrics: int is not a metric"),
+    ({"metrics": ["user_code_examples:no_such_metric"]}, {"x": X, "y": Y}, ValueError, "has no 'no_such_metric'"),
+    ({}, {"x": X, "y": Y, "callbacks": ["user_code_examples:NotACallback"]}, ValueError, "not a Callback"),
+    ({}, {"x": X, "y": Y, "callbacks": ["print"]}, TypeError, "'print' is not a fitflow.callbacks.Callback"),
+    ({"accumulate_grad_batches": 0}, None, ValueError, "'accumulate_grad_batches'"),
 ], ids=lambda value: None)
 def test_bad_arguments_raise_one_clear_error_naming_the_argument(mlflow_uri, compile_args, fit_args, error, names):
     compile_args = {"model": Net(8, 3), **compile_args}
