@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows.doctor import close_runs_of_flow_run
 from flows.environment import artifact_location, tracking_uri
 from flows.steps import load_table_task
 from tasks import scoring, tracking
@@ -74,7 +75,8 @@ class ModelRef:
     source_run_id: str | None = None
 
 
-@flow(name="predict", description="Score a table or a folder of images with a registered MLflow model; log the prediction run.")
+@flow(name="predict", description="Score a table or a folder of images with a registered MLflow model; log the prediction run.",
+      on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run])
 def predict(config: PredictConfig) -> PredictResult:
     """Resolve the model -> read rows -> check -> predict -> write -> track."""
     out, kind = output_path(config.out, config.data)

@@ -41,6 +41,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from flows.doctor import close_runs_of_flow_run
 from flows.environment import fitflow_home, tracking_uri
 from flows.registry import register_model_task
 from flows.steps import DataRecord, evaluate_on_test_task, load_and_prepare, train_model_task
@@ -74,7 +75,8 @@ class SweepResult(BaseModel):
 DEFAULT_SWEEP = SweepConfig()  # the deployment form's defaults (an argument default evaluated once, made explicit)
 
 
-@flow(name="sweep", description="Hyperparameter sweep: trials as child MLflow runs of one parent, ranked.")
+@flow(name="sweep", description="Hyperparameter sweep: trials as child MLflow runs of one parent, ranked.",
+      on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run])
 def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
     """Prepare once -> task runner -> parent run -> trials (child runs) -> ranking, plot, best -> register."""
     base = config.base
@@ -253,11 +255,11 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
     config = TrainConfig(**{**base.model_dump(), **params, "run_name": run_name})
     run = start_run(config, prepared, data, parent_run_id=parent_run_id)
-    run.client.set_tag(run.run_id, "fitflow.trial", str(number))
-    # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
-    run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
-    pruning_callback = search.OptunaPruning(pruning.trial(), config.monitor)
-    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
+    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):  # from here on the run always ends
+        run.client.set_tag(run.run_id, "fitflow.trial", str(number))
+        # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
+        run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
+        pruning_callback = search.OptunaPruning(pruning.trial(), config.monitor)
         loaders = build_loaders(config, prepared)
         trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
         tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes

@@ -38,15 +38,15 @@ from flows.steps import (
     run_step,
     train_model_task,
 )
-from tasks import tracking
+from tasks import run_owner, tracking
+from tasks.callbacks import Callback
 from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from tasks.data import Prepared
 from tasks.errors import ConfigError
 from tasks.image_plots import validation_plots
+from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.callbacks import Callback
-from tasks.loaders import Loaders
 from tasks.trainer import Given, Run, Trained, first_inputs
 from tasks.user_dataset import make_dataset_loaders
 
@@ -187,6 +187,7 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
             create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
                                  link_text=f"MLflow run {run_id}")
     checkpoint_dir = fitflow_home() / "checkpoints" / run_id
+    run_owner.claim(checkpoint_dir)  # what `fitflow doctor` checks when this process is killed outright
     log.info("MLflow run %s in experiment '%s' (%s)", run_id, config.experiment, redact_uri(uri))
     return Run(client, run_id, experiment_id, checkpoint_dir)
 

@@ -149,3 +149,25 @@ def test_bad_sweep_configs_fail_before_any_run(values, message):
     with pytest.raises(ConfigError) as err:
         load_sweep_config(None, **values)
     assert message in str(err.value)
+
+
+def test_a_trial_that_fails_before_training_still_ends_its_run(store):
+    """Everything after the child run exists is inside its guard: here the pruner cannot be built
+    (a finished trial with two objective values, in a one-objective study), and the run ends FAILED."""
+    from flows.steps import load_and_prepare
+    from flows.sweep import PruningBasis, run_trial
+    from tasks.config import TrainConfig
+
+    base = TrainConfig(epochs=1, experiment="sweep-guard")
+    prepared, data = load_and_prepare(base)
+    two_objectives = optuna.trial.create_trial(values=[0.1, 0.2], params={}, distributions={})
+    basis = PruningBasis(optuna.study.StudyDirection.MINIMIZE, optuna.pruners.NopPruner(), [two_objectives])
+    client = MlflowClient(store)
+    experiment = client.create_experiment("sweep-guard")
+    parent = client.create_run(experiment).info.run_id
+
+    with pytest.raises(ValueError):
+        run_trial.fn(0, {}, base, prepared, data, parent, "guard-0", basis)
+
+    (child,) = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.info.status == "FAILED" and "ValueError" in child.data.tags["fitflow.error"]
