@@ -165,12 +165,18 @@ def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
 
     with prefect_server_starting() as on_server:
         from flows.train import train  # torch, MLflow, pandas: imported while the server starts
+        from tasks.baseline import BASELINE_PREFIX
 
         quiet_user_error_tracebacks()
         result = on_server(train, config, resume)
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))
+    if result.baseline_model:  # the same names, so each figure reads beside the network's above it
+        print(f"linear baseline ({result.baseline_model}): "
+              + "  ".join(f"{name}={result.baseline_metrics[BASELINE_PREFIX + name]:.4f}" for name in result.test_metrics))
+    if result.baseline_warning:
+        print(result.baseline_warning)
     if result.registered:
         print(f"registered: {result.registered}")
     return 0

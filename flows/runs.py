@@ -4,7 +4,8 @@ The numbers are MLflow's own (a run's latest value of each metric, as the MLflow
 them) and MLflow does the sorting. Per-epoch metrics (val_accuracy) hold the last epoch;
 `best_<monitor>` (e.g. best_val_accuracy) holds the value of the weights that were kept, which
 is what a sweep ranks by. Runs without the metric come last; ties go to the run that started first,
-as in a sweep's own ranking.
+as in a sweep's own ranking. Each table run also shows its linear baseline (`baseline_test_<metric>`,
+fitted on its own training split) on the metric it is judged by, the test counterpart of its monitor.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from tasks.baseline import BASELINE_PREFIX, beats_baseline, judged_metric
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError
 from tasks.redaction import redact_uri
@@ -49,10 +51,15 @@ def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20
 
 
 def _row(run, sort: str) -> dict[str, Any]:
-    metrics = run.data.metrics
-    shown = {name: metrics[name] for name in (sort, *SHOWN_METRICS) if name in metrics}
+    metrics, params = run.data.metrics, dict(run.data.params)
+    monitor = params.get("monitor")  # a sweep's parent run has none: it judges no network of its own
+    judged = judged_metric(monitor) if monitor else None
+    tested = (*SHOWN_METRICS, *([judged] if judged else []))
+    names = (sort, *tested, *(BASELINE_PREFIX + name for name in tested))
+    shown = {name: metrics[name] for name in names if name in metrics}
     return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
-            "parent": run.data.tags.get("mlflow.parentRunId"), "params": dict(run.data.params), "metrics": shown}
+            "parent": run.data.tags.get("mlflow.parentRunId"), "params": params, "metrics": shown,
+            "judged_by": judged, "beats_baseline": beats_baseline(metrics, monitor) if monitor else None}
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:
@@ -69,6 +76,7 @@ def print_table(rows: list[dict[str, Any]], sort: str, experiment: str) -> None:
 
     params = varying_params(rows)
     metrics = [m for m in (sort, *SHOWN_METRICS) if any(m in row["metrics"] for row in rows)]
+    with_baseline = any(row["beats_baseline"] is not None for row in rows)
     table = Table(title=f"{experiment}: {len(rows)} run(s) by {sort}", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("run id", no_wrap=True)
@@ -78,12 +86,28 @@ def print_table(rows: list[dict[str, Any]], sort: str, experiment: str) -> None:
         table.add_column(name)
     for name in metrics:
         table.add_column(name, justify="right", style="bold" if name == sort else None)
+    if with_baseline:
+        table.add_column("linear baseline", justify="right")
     for rank, row in enumerate(rows, 1):
         values = [row["params"].get(p, "") for p in params]
         numbers = [f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "" for m in metrics]
+        baseline = [_baseline_cell(row)] if with_baseline else []
         table.add_row(str(rank), row["run_id"], row["name"] or "", row["status"], (row["parent"] or "")[:8],
-                      *values, *numbers)
-    Console(width=max(Console().width, 200)).print(table)  # wide: run ids stay whole when piped
+                      *values, *numbers, *baseline)
+    console = Console(width=max(Console().width, 200))  # wide: run ids stay whole when piped
+    console.print(table)
+    behind = [row for row in rows if row["beats_baseline"] is False]
+    if behind:
+        console.print(f"{len(behind)} of {len(rows)} run(s) do not beat the linear baseline fitted on their own "
+                      f"training split, on the metric each is judged by: {', '.join(r['run_id'][:8] for r in behind)}.")
+
+
+def _baseline_cell(row: dict[str, Any]) -> str:
+    """The baseline's value of the run's judged metric, and whether the network beats it."""
+    if row["beats_baseline"] is None:
+        return ""
+    name = row["judged_by"]
+    return f"{name} {row['metrics'][BASELINE_PREFIX + name]:.4f}{'' if row['beats_baseline'] else ' (not beaten)'}"
 
 
 def as_json(rows: list[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from tasks import images
+from tasks.baseline import Baseline, linear_baseline
 from tasks.callbacks import Callback
 from tasks.config import TrainConfig, target_columns
 from tasks.data import Prepared, content_key, load_table, prepare, resolve_source
@@ -62,6 +63,14 @@ def load_and_prepare(config: TrainConfig) -> tuple[Prepared | ImagesPrepared | U
     prepared = prepare_task(table, prep_spec(config), validation)
     target = config.target if len(target_columns(config.target)) == 1 else None
     return prepared, DataRecord(kind, table, str(resolve_source(config.data)), target)
+
+
+def baseline_of_run(config: TrainConfig, data: DataRecord, prepared: Prepared, loaders: Loaders,
+                    trained: Trained) -> Baseline | None:
+    """The linear baseline of a table run, on the device of its model; images and Datasets have none."""
+    if not config.baseline or data.kind != "table":
+        return None
+    return linear_baseline_task(config, prepared, loaders, next(trained.model.parameters()).device)
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,
@@ -136,3 +145,4 @@ build_loaders_task = task(build_loaders, name="build_loaders", cache_policy=NO_C
 # sweep trials) never train more models at once than there are GPUs.
 train_model_task = task(train_model, name="train_model", cache_policy=NO_CACHE, tags=["training", "gpu"])
 evaluate_on_test_task = task(evaluate_on_test, name="evaluate_on_test", cache_policy=NO_CACHE)
+linear_baseline_task = task(linear_baseline, name="linear_baseline", cache_policy=NO_CACHE)

@@ -44,7 +44,7 @@ from pydantic import BaseModel
 from flows.doctor import close_runs_of_flow_run
 from flows.environment import fitflow_home, tracking_uri
 from flows.registry import register_model_task
-from flows.steps import DataRecord, evaluate_on_test_task, load_and_prepare, train_model_task
+from flows.steps import DataRecord, baseline_of_run, evaluate_on_test_task, load_and_prepare, train_model_task
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
 from tasks import search, tracking
@@ -272,7 +272,8 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
             tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
         else:
             test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-            log_model(config, prepared, data, run, trained, test_metrics)
+            log_model(config, prepared, data, run, trained, test_metrics,
+                      baseline_of_run(config, data, prepared, loaders, trained))
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 
@@ -296,7 +297,8 @@ def report_trials(config: SweepConfig, parent: Run) -> pd.DataFrame:
         png = plot_metric_by_param(ranking, space, score, Path(tmp) / f"{score}_by_param.png")
         tracking.log_artifact(parent.client, parent.run_id, png, "plots")
     counts = ranking["state"].value_counts()
-    metrics = {score: best[score], **{k: best[k] for k in ranking.columns if k.startswith("test_") and pd.notna(best[k])},
+    tested = [k for k in ranking.columns if k.startswith(("test_", "baseline_test_")) and pd.notna(best[k])]
+    metrics = {score: best[score], **{k: best[k] for k in tested},
                **{f"trials_{s}": float(counts.get(s, 0)) for s in ("complete", "pruned", "failed")}}
     tracking.log_metrics(parent.client, parent.run_id, metrics, step=0)
     tracking.log_params(parent.client, parent.run_id, {f"best.{k}": _text(best[k]) for k in config.space})
@@ -318,7 +320,7 @@ def _row(run, config: SweepConfig, score: str) -> dict[str, Any]:
                            "run_name": run.info.run_name, "state": state, "started": run.info.start_time}
     row.update({name: _value(run.data.params.get(name)) for name in config.space})
     row[score] = metrics.get(score)
-    row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("test_")})
+    row.update({k: v for k, v in sorted(metrics.items()) if k.startswith(("test_", "baseline_test_"))})
     row.update({"duration_s": round((end - run.info.start_time) / 1000, 2), "model_uri": tags.get("fitflow.model_uri"),
                 "error": tags.get("fitflow.error")})
     return row

@@ -31,6 +31,7 @@ from flows.registry import register_model_task
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.steps import (
     DataRecord,
+    baseline_of_run,
     build_loaders_task,
     evaluate_on_test_task,
     load_and_prepare,
@@ -39,6 +40,7 @@ from flows.steps import (
     train_model_task,
 )
 from tasks import run_owner, tracking
+from tasks.baseline import BASELINE_PREFIX, Baseline, baseline_sentence
 from tasks.callbacks import Callback
 from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from tasks.data import Prepared
@@ -62,6 +64,9 @@ class TrainResult(BaseModel):
     epochs_trained: int
     history: dict[str, list[float]]
     test_metrics: dict[str, float]
+    baseline_model: str | None = None  # "logistic regression", "ridge regression"; None: no baseline (not a table, or off)
+    baseline_metrics: dict[str, float] = {}  # baseline_test_<metric>, on the same test rows as test_metrics
+    baseline_warning: str | None = None  # one sentence when the network does not beat the baseline
     registered: str | None = None  # "models:/<name>/<version> is champion: <reason>" with register_model
 
 
@@ -86,14 +91,15 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
         trained = train_in_run(config, prepared, loaders, run)
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-        model_uri = log_model(config, prepared, data, run, trained, test_metrics)
+        baseline = baseline_of_run(config, data, prepared, loaders, trained)
+        model_uri = log_model(config, prepared, data, run, trained, test_metrics, baseline)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
                 if config.register_model else None)
     result = TrainResult(
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
         mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),
         best_epoch=trained.best_epoch, epochs_trained=len(trained.history),
-        history=trained.history.history, test_metrics=test_metrics,
+        history=trained.history.history, test_metrics=test_metrics, **beside_baseline(config, test_metrics, baseline),
         registered=str(decision) if decision else None,
     )
     publish_summary(config, result)
@@ -108,6 +114,14 @@ def train_in_run(config: TrainConfig, prepared: Prepared, loaders: Loaders, run:
     trained = run_step(training, config, prepared, loaders, run, extra_callbacks, given=given)
     tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
     return trained
+
+
+def beside_baseline(config: TrainConfig, test_metrics: dict[str, float], baseline: Baseline | None) -> dict:
+    """TrainResult's baseline fields: the model, its test metrics, the sentence when the network does not beat it."""
+    if baseline is None:
+        return {}
+    warning = baseline_sentence({**test_metrics, **baseline.metrics}, config.monitor, baseline.model)
+    return {"baseline_model": baseline.model, "baseline_metrics": baseline.metrics, "baseline_warning": warning}
 
 
 # The flow takes the config's fields as flat parameters (JSON data): the deployment's form shows
@@ -200,17 +214,22 @@ def _tag_flow_run(flow_run_id: str, run_id: str) -> None:
 
 @task(cache_policy=NO_CACHE)
 def log_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Run,
-              trained: Trained, test_metrics: dict[str, float]) -> str:
-    """Test metrics, the learning curves, the best checkpoint and the pyfunc model."""
-    log_test_metrics(config, run, trained, test_metrics)
+              trained: Trained, test_metrics: dict[str, float], baseline: Baseline | None = None) -> str:
+    """Test metrics (and the linear baseline's), the learning curves, the best checkpoint and the pyfunc model."""
+    log_test_metrics(config, run, trained, test_metrics, baseline)
     return log_trained_model(config, prepared, data, run, trained)
 
 
-def log_test_metrics(config: TrainConfig, run: Run, trained: Trained, test_metrics: dict[str, float]) -> None:
-    """The test metrics and best_<monitor>, at the best epoch's step (the registry's gate compares them)."""
+def log_test_metrics(config: TrainConfig, run: Run, trained: Trained, test_metrics: dict[str, float],
+                     baseline: Baseline | None = None) -> None:
+    """The test metrics (the linear baseline's beside them) and best_<monitor>, at the best epoch's step
+    (the registry's gate compares them)."""
     # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch
     best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
-    tracking.log_metrics(run.client, run.run_id, {**test_metrics, **best}, step=trained.best_epoch)
+    beside = baseline.metrics if baseline else {}
+    tracking.log_metrics(run.client, run.run_id, {**test_metrics, **beside, **best}, step=trained.best_epoch)
+    if baseline:
+        run.client.set_tag(run.run_id, "fitflow.baseline_model", baseline.model)
 
 
 def log_trained_model(config: TrainConfig, prepared: Prepared, data: DataRecord, run: Run, trained: Trained) -> str:
@@ -245,15 +264,23 @@ def input_example(data: DataRecord, prepared) -> pd.DataFrame | np.ndarray | dic
 
 
 def publish_summary(config: TrainConfig, result: TrainResult) -> None:
-    """A markdown artifact in the Prefect UI: final metrics and where the run is."""
-    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in result.test_metrics.items())
+    """A markdown artifact in the Prefect UI: final metrics beside the linear baseline's, and where the run is."""
+    baseline = result.baseline_metrics
+    if baseline:
+        header = f"| test metric | network | linear baseline ({result.baseline_model}) |\n|---|---|---|"
+        rows = "\n".join(f"| {name} | {value:.4f} | {baseline[BASELINE_PREFIX + name]:.4f} |"
+                         for name, value in result.test_metrics.items())
+    else:
+        header = "| test metric | value |\n|---|---|"
+        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in result.test_metrics.items())
+    sentence = f"**{result.baseline_warning}**\n\n" if result.baseline_warning else ""
     last = {name: values[-1] for name, values in result.history.items()}
     val_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in last.items() if name.startswith("val_"))
     markdown = (
         f"# Training run `{result.run_id}`\n\n"
         f"Data `{config.data}`, target `{config.target}`, model `{config.model}`; "
         f"{result.epochs_trained} epochs, best weights from epoch {result.best_epoch}.\n\n"
-        f"| test metric | value |\n|---|---|\n{rows}\n\n"
+        f"{header}\n{rows}\n\n{sentence}"
         f"| last validation metric | value |\n|---|---|\n{val_rows}\n\n"
         f"MLflow run: [{result.run_id}]({result.mlflow_url}) - model `{result.model_uri}`\n"
     )
