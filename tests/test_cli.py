@@ -112,6 +112,7 @@ def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
     ok = subprocess.run([str(exe), "train", "--epochs", "3", "--experiment", "cli"], env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "MLflow run:" in ok.stdout and "test_accuracy=" in ok.stdout
+    assert "linear baseline (logistic regression): test_loss=" in ok.stdout  # beside the network's scores
     (run,) = _runs(env["MLFLOW_TRACKING_URI"])
     assert run.info.status == "FINISHED" and run.info.run_id in ok.stdout
 

@@ -38,6 +38,7 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     result = train(TrainConfig(experiment="e2e"))
     assert set(os.listdir(".")) == before
     assert result.test_metrics["test_accuracy"] >= 0.95
+    assert result.epochs_trained == result.best_epoch + TrainConfig().patience  # early stopping ended it, not the cap
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
@@ -48,7 +49,8 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     assert {k: v for k, v in run.data.tags.items() if k.startswith("fitflow.launch.")} == config.launch_tags()
     logged = client.download_artifacts(result.run_id, "config.json", str(tmp_path))
     assert TrainConfig.model_validate_json(Path(logged).read_text()) == config
-    assert run.data.params["epochs"] == "30" and run.data.params["hidden_sizes"] == "[64, 32]"
+    assert run.data.params["epochs"] == "1000" and run.data.params["hidden_sizes"] == "[64, 32]"
+    assert run.data.params["baseline"] == "true" and "baseline_test_accuracy" in run.data.metrics
     rows = [int(run.data.params[f"data.rows_{split}"]) for split in ("train", "val", "test")]
     assert sum(rows) == 569 and rows[1] == rows[2] == 86 and run.data.params["data.n_classes"] == "2"
     # per-epoch metrics with step = epoch, Keras-style names; test metrics at the end

@@ -15,7 +15,10 @@ def test_parameter_schema_is_a_usable_ui_form():
     assert list(fields) == [*TrainConfig.flat_fields(), "resume"]
     assert all(field.get("description") for field in fields.values())
     assert fields["optimizer"]["enum"] == ["adam", "adamw", "sgd"]
-    assert fields["epochs"]["minimum"] == 1 and fields["epochs"]["default"] == 30
+    assert fields["epochs"]["minimum"] == 1 and fields["epochs"]["default"] == 1000
+    # the default rule as the form shows it: early stopping, not the epoch cap, ends a default run
+    assert fields["patience"]["default"] == 20 and "early stopping ends the run first" in fields["epochs"]["description"]
+    assert fields["baseline"]["default"] is True and "baseline_test_<metric>" in fields["baseline"]["description"]
     assert fields["lr"]["exclusiveMinimum"] == 0
     assert fields["hidden_sizes"]["default"] == [64, 32]
 
