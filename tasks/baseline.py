@@ -69,7 +69,8 @@ def fit_ridge(features: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> 
 
 def fit_logistic(features: np.ndarray, targets: np.ndarray, n_classes: int,
                  class_weights: torch.Tensor | None = None, c: float = 1.0) -> nn.Linear:
-    """Multinomial logistic regression: mean (weighted) cross-entropy + ||W||^2 / (2 C n), by L-BFGS."""
+    """Multinomial logistic regression: mean (weighted) cross-entropy + ||W||^2 / (2 C n), by L-BFGS;
+    for two classes the same fit as scikit-learn's binary LogisticRegression(C=c)."""
     x = torch.as_tensor(features, dtype=torch.float32)
     y = torch.tensor(targets, dtype=torch.int64)  # a copy: prepared arrays may be read-only
     linear = nn.Linear(x.shape[1], n_classes)
@@ -77,7 +78,9 @@ def fit_logistic(features: np.ndarray, targets: np.ndarray, n_classes: int,
     nn.init.zeros_(linear.bias)
     weights = class_weights.float().cpu() if class_weights is not None else None
     cross_entropy = nn.CrossEntropyLoss(weight=weights, reduction="sum")
-    penalty = 1.0 / (2.0 * c * len(y))
+    # Two classes: scikit-learn fits one logit, beta = w1 - w0; at the symmetric optimum (w0 = -w1) its
+    # penalty ||beta||^2 / 2 is twice the multinomial one, so double it to fit the same model.
+    penalty = (2.0 if n_classes == 2 else 1.0) / (2.0 * c * len(y))
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=_LBFGS_ITERATIONS, history_size=20,
                                   tolerance_grad=_LBFGS_TOLERANCE, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 

@@ -62,6 +62,15 @@ def test_logistic_and_ridge_regression_are_scikit_learns_defaults():
         probabilities = ours(torch.as_tensor(wine.test.features)).softmax(dim=1).numpy()
     np.testing.assert_allclose(probabilities, theirs.predict_proba(wine.test.features), atol=2e-3)
 
+    # two classes: scikit-learn's binary model (one logit), not a 2-class softmax with half its penalty
+    cancer = prepare(load_table("breast_cancer"), PrepSpec(target="diagnosis"))
+    binary = fit_logistic(cancer.train.features, cancer.train.targets, 2)
+    sklearn_binary = LogisticRegression().fit(cancer.train.features, cancer.train.targets)
+    with torch.no_grad():
+        probabilities = binary(torch.as_tensor(cancer.test.features)).softmax(dim=1).numpy()
+    # both stop at a gradient tolerance of 1e-4, so they agree to a few thousandths, not to the last digit
+    np.testing.assert_allclose(probabilities, sklearn_binary.predict_proba(cancer.test.features), atol=5e-3)
+
     diabetes = prepare(load_diabetes(as_frame=True).frame, PrepSpec(target="target", task="regression"))
     ridge = fit_ridge(diabetes.train.features, diabetes.train.targets).requires_grad_(False)
     sklearn_ridge = Ridge().fit(diabetes.train.features, diabetes.train.targets)
