@@ -47,6 +47,9 @@ SUITE = {
     # issue #14: the Python API's fit epoch vs the flow engine's (benchmarks/api.py)
     "api": (lambda t, p: importlib.import_module("benchmarks.api").suite(),
             lambda t, p: importlib.import_module("benchmarks.api").suite(smoke=True)),
+    # issue #18: the linear baseline's time over a default run's (benchmarks/quality.py; its report: docs/quality.md)
+    "baseline": (lambda t, p: importlib.import_module("benchmarks.quality").baseline_cost(rounds=5),
+                 lambda t, p: importlib.import_module("benchmarks.quality").baseline_cost(rounds=1, smoke=True)),
 }
 
 

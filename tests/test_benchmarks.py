@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmarks_smoke_mode_runs_every_benchmark():
     before = set((REPO / "benchmarks" / "results").glob("*.json"))
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "loaders", "epoch", "tracking",
-                          "threads", "prepare", "scaling", "images", "api", "hooks", "step-logging"], cwd=REPO,
+                          "threads", "prepare", "scaling", "images", "api", "hooks", "step-logging",
+                          "baseline"], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (written,) = set((REPO / "benchmarks" / "results").glob("*.json")) - before
@@ -30,8 +31,20 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
                      "epoch time", "prepare 4k vs 2k rows", "image loader",
                      "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit",
                      "batch hooks, nothing registered", "A/A control: fit", "one registered no-op batch callback",
-                     "per-step logging"):
+                     "per-step logging",
+                     "linear baseline / default run, breast_cancer", "linear baseline / default run, customers"):
         assert any(name.startswith(expected) for name in names), expected
     for r in report["results"]:
         value = r["median"] if "ratios" in r else r["value"]
         assert math.isfinite(value) and value > 0, r
+
+
+def test_quality_report_smoke_mode_writes_a_row_per_table(tmp_path):
+    out = tmp_path / "quality.md"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and " rows" in line]
+    assert [row[0].removeprefix("| ") for row in rows] == ["wine", "breast_cancer", "diabetes", "digits", "customers"]
+    for row in rows:  # defaults, linear baseline, scikit-learn, sweep: a finite mean each
+        assert all(math.isfinite(float(cell.split()[0])) for cell in row[4:8]), row
