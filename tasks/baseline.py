@@ -1,6 +1,7 @@
 """The linear baseline: the model a user gets from scikit-learn in two lines, fitted by fitflow.
 
-Logistic regression for classification (full-batch L-BFGS in torch), ridge regression for
+Logistic regression for classification (full-batch L-BFGS in torch; multi-label: one per class,
+as scikit-learn's MultiOutputClassifier(LogisticRegression()) fits them), ridge regression for
 regression (closed form), both on the training split's features exactly as the network sees
 them (imputed, standardised, one-hot) and with scikit-learn's default penalties (C = 1 for
 LogisticRegression, alpha = 1 for Ridge; the intercept is not penalised). The fitted model is an
@@ -33,20 +34,21 @@ _LBFGS_TOLERANCE, _LBFGS_ITERATIONS = 1e-4, 100
 
 @dataclass
 class Baseline:
-    model: str  # "logistic regression" or "ridge regression"
+    model: str  # "logistic regression", "logistic regression per class" or "ridge regression"
     metrics: dict[str, float]  # baseline_test_loss, baseline_test_accuracy, ...
 
 
 def linear_baseline(config: TrainConfig, prepared: Prepared, loaders: Loaders, device: torch.device) -> Baseline:
     """Fit the linear model on the training split; score it on `loaders.test`, the network's test rows."""
     loss_fn = loss_of(config, prepared)
-    train = prepared.train
-    if prepared.preprocessor.task == "classification":
-        weights = loss_fn.weight if isinstance(loss_fn, nn.CrossEntropyLoss) else None
-        linear, name = fit_logistic(train.features, train.targets, len(prepared.preprocessor.classes), weights), \
-            "logistic regression"
-    else:
+    train, task = prepared.train, prepared.preprocessor.task
+    if task == "regression":
         linear, name = fit_ridge(train.features, train.targets), "ridge regression"
+    else:  # the run's class weights (multi-label: each class's pos_weight), so both fit the same weighted loss
+        weights = getattr(loss_fn, "weight" if task == "classification" else "pos_weight", None)
+        linear = fit_logistic(train.features, train.targets, len(prepared.preprocessor.classes), weights,
+                              multilabel=task == "multilabel")
+        name = "logistic regression per class" if task == "multilabel" else "logistic regression"
     linear.to(device)
     metrics = evaluate(linear, loaders.test, loss_fn.to(device), task_metrics(prepared), device, "test")
     return Baseline(name, {BASELINE_PREFIX + key: value for key, value in metrics.items()})
@@ -67,26 +69,31 @@ def fit_ridge(features: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> 
     return linear
 
 
-def fit_logistic(features: np.ndarray, targets: np.ndarray, n_classes: int,
-                 class_weights: torch.Tensor | None = None, c: float = 1.0) -> nn.Linear:
-    """Multinomial logistic regression: mean (weighted) cross-entropy + ||W||^2 / (2 C n), by L-BFGS;
-    for two classes the same fit as scikit-learn's binary LogisticRegression(C=c)."""
+def fit_logistic(features: np.ndarray, targets: np.ndarray, n_classes: int, class_weights: torch.Tensor | None = None,
+                 c: float = 1.0, multilabel: bool = False) -> nn.Linear:
+    """Multinomial logistic regression: summed (weighted) cross-entropy / n + ||W||^2 / (2 C n), by L-BFGS;
+    for two classes the same fit as scikit-learn's binary LogisticRegression(C=c). `multilabel`: one
+    binary logistic regression per class (0/1 targets, class_weights as each class's pos_weight)."""
     x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.tensor(targets, dtype=torch.int64)  # a copy: prepared arrays may be read-only
+    y = torch.tensor(targets, dtype=torch.float32 if multilabel else torch.int64)  # a copy: prepared arrays may be read-only
     linear = nn.Linear(x.shape[1], n_classes)
     nn.init.zeros_(linear.weight)  # the convex problem needs no random start: same fit on every run
     nn.init.zeros_(linear.bias)
     weights = class_weights.float().cpu() if class_weights is not None else None
-    cross_entropy = nn.CrossEntropyLoss(weight=weights, reduction="sum")
-    # Two classes: scikit-learn fits one logit, beta = w1 - w0; at the symmetric optimum (w0 = -w1) its
-    # penalty ||beta||^2 / 2 is twice the multinomial one, so double it to fit the same model.
-    penalty = (2.0 if n_classes == 2 else 1.0) / (2.0 * c * len(y))
+    if multilabel:
+        data_loss = nn.BCEWithLogitsLoss(pos_weight=weights, reduction="sum")
+        penalty = 1.0 / (2.0 * c * len(y))  # each class's own logit and penalty, as n_classes separate fits
+    else:
+        data_loss = nn.CrossEntropyLoss(weight=weights, reduction="sum")
+        # Two classes: scikit-learn fits one logit, beta = w1 - w0; at the symmetric optimum (w0 = -w1) its
+        # penalty ||beta||^2 / 2 is twice the multinomial one, so double it to fit the same model.
+        penalty = (2.0 if n_classes == 2 else 1.0) / (2.0 * c * len(y))
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=_LBFGS_ITERATIONS, history_size=20,
                                   tolerance_grad=_LBFGS_TOLERANCE, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = cross_entropy(linear(x), y) / len(y) + penalty * linear.weight.square().sum()
+        loss = data_loss(linear(x), y) / len(y) + penalty * linear.weight.square().sum()
         loss.backward()
         return loss
 

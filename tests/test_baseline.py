@@ -71,6 +71,17 @@ def test_logistic_and_ridge_regression_are_scikit_learns_defaults():
     # both stop at a gradient tolerance of 1e-4, so they agree to a few thousandths, not to the last digit
     np.testing.assert_allclose(probabilities, sklearn_binary.predict_proba(cancer.test.features), atol=5e-3)
 
+    # multi-label: one binary logistic regression per class, as MultiOutputClassifier(LogisticRegression()) fits
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    labels = (x @ rng.normal(size=(6, 3)) + rng.normal(size=(300, 3)) > 0.5).astype(np.float32)
+    per_class = fit_logistic(x, labels, 3, multilabel=True)
+    with torch.no_grad():
+        probabilities = per_class(torch.as_tensor(x)).sigmoid().numpy()
+    for k in range(3):
+        column = LogisticRegression().fit(x, labels[:, k]).predict_proba(x)[:, 1]
+        np.testing.assert_allclose(probabilities[:, k], column, atol=5e-3)
+
     diabetes = prepare(load_diabetes(as_frame=True).frame, PrepSpec(target="target", task="regression"))
     ridge = fit_ridge(diabetes.train.features, diabetes.train.targets).requires_grad_(False)
     sklearn_ridge = Ridge().fit(diabetes.train.features, diabetes.train.targets)
