@@ -6,7 +6,8 @@ regression (closed form), both on the training split's features exactly as the n
 them (imputed, standardised, one-hot) and with scikit-learn's default penalties (C = 1 for
 LogisticRegression, alpha = 1 for Ridge; the intercept is not penalised). The fitted model is an
 `nn.Linear` that the same `evaluate` scores on the same test loader as the network: the same
-rows, the same loss (class weights included) and the same metrics, logged as
+rows, the same loss (class weights included; yours when you give one) and the same metrics (yours
+too), logged as
 `baseline_test_<metric>`. Tables only: images and Datasets have no features for it.
 No Prefect, no MLflow here.
 """
@@ -23,7 +24,7 @@ from tasks.callbacks import Monitor
 from tasks.config import TrainConfig
 from tasks.data import Prepared
 from tasks.loaders import Loaders
-from tasks.trainer import loss_of, task_metrics
+from tasks.trainer import task_metrics, training_loss
 from tasks.training import evaluate
 
 BASELINE_PREFIX = "baseline_"  # baseline_test_accuracy beside test_accuracy
@@ -40,7 +41,7 @@ class Baseline:
 
 def linear_baseline(config: TrainConfig, prepared: Prepared, loaders: Loaders, device: torch.device) -> Baseline:
     """Fit the linear model on the training split; score it on `loaders.test`, the network's test rows."""
-    loss_fn = loss_of(config, prepared)
+    loss_fn = training_loss(config, prepared, None, device)  # the network's test loss: a function when it is yours
     train, task = prepared.train, prepared.preprocessor.task
     if task == "regression":
         linear, name = fit_ridge(train.features, train.targets), "ridge regression"
@@ -50,7 +51,7 @@ def linear_baseline(config: TrainConfig, prepared: Prepared, loaders: Loaders, d
                               multilabel=task == "multilabel")
         name = "logistic regression per class" if task == "multilabel" else "logistic regression"
     linear.to(device)
-    metrics = evaluate(linear, loaders.test, loss_fn.to(device), task_metrics(prepared), device, "test")
+    metrics = evaluate(linear, loaders.test, loss_fn, task_metrics(prepared, config.metrics), device, "test")
     return Baseline(name, {BASELINE_PREFIX + key: value for key, value in metrics.items()})
 
 
