@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from flows.cli import main
 from flows.steps import DataRecord, baseline_of_run
 from flows.train import train
-from tasks.baseline import baseline_sentence, beats_baseline, fit_logistic, fit_ridge
+from tasks.baseline import baseline_sentence, beats_baseline, fit_logistic, fit_ridge, linear_baseline
 from tasks.config import TrainConfig
 from tasks.data import PrepSpec, load_table, prepare, split_rows
 from tasks.trainer import build_loaders, prep_spec, train_model
@@ -99,6 +99,15 @@ def test_the_default_rule_trains_a_200_row_table_longer_than_30_epochs_of_batch_
     # early stopping ended it (patience epochs after the best one), not the epoch cap
     assert len(trained.history) == trained.best_epoch + config.patience < config.epochs
     assert len(trained.history) * steps_per_epoch > 30 * steps_per_epoch
+
+
+def test_the_baseline_is_scored_with_your_loss_function_and_metrics_as_the_network_is():
+    config = TrainConfig(loss="user_code_examples:label_smoothed_cross_entropy", metrics=["user_code_examples:error_rate"])
+    prepared = prepare(load_table(config.data), prep_spec(config))
+    loaders = build_loaders(config, prepared)
+    baseline = linear_baseline(config, prepared, loaders, torch.device("cpu"))
+    assert set(baseline.metrics) == {f"baseline_test_{n}" for n in ("loss", "accuracy", "f1_macro", "auroc", "error_rate")}
+    assert baseline.metrics["baseline_test_error_rate"] == pytest.approx(1 - baseline.metrics["baseline_test_accuracy"])
 
 
 def test_the_sentence_says_when_the_network_does_not_beat_the_baseline():
