@@ -1,23 +1,23 @@
 # fitflow's image: the project (flows/, tasks/, data/, examples/, prefect.yaml) with its dependencies, run by
 # the team stack's Prefect worker and its `deployments` job (docker-compose.yml).
-FROM python:3.11-slim
+# The Python release the test suite ran on; every package at its pin in constraints.txt, as `make setup` installs them.
+FROM python:3.11.7-slim
 
 # Empty: PyPI's torch wheel, built with CUDA on Linux x86_64 (the GPU worker). A CPU-only image
 # takes the CPU wheel index instead (TORCH_INDEX_URL in .env, passed by docker-compose.yml).
 ARG TORCH_INDEX_URL=
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 # MLFLOW_ALLOW_PICKLE_DESERIALIZATION: flow runs started by the worker never read a pickle (README, "No pickle")
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FITFLOW_REPO=/app FITFLOW_HOME=/var/lib/fitflow PREFECT_HOME=/var/lib/fitflow/prefect \
     MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
 WORKDIR /app
 
-# torch and torchvision first (a matching pair), then the dependencies from pyproject.toml with
-# empty packages: both layers stay cached until the versions or pyproject.toml change.
-RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-COPY pyproject.toml README.md ./
-RUN mkdir flows tasks && touch flows/__init__.py tasks/__init__.py && pip install -e .
+# torch and torchvision first (the pair pinned in constraints.txt; the index picks the build, +cpu
+# or CUDA), then the dependencies from pyproject.toml with empty packages: both layers stay
+# cached until constraints.txt or pyproject.toml change.
+COPY constraints.txt pyproject.toml README.md ./
+RUN pip install -c constraints.txt torch torchvision ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+RUN mkdir flows tasks && touch flows/__init__.py tasks/__init__.py && pip install -c constraints.txt -e .
 
 COPY flows flows
 COPY tasks tasks

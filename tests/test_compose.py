@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 from importlib.metadata import version
@@ -260,3 +261,30 @@ def test_interpolation_follows_compose():
     with pytest.raises(InterpolationError, match="UNSET"):
         interpolate("${UNSET?set UNSET}", values)
     assert interpolate("${EMPTY?set EMPTY}", values) == ""
+
+
+# --- supply chain: what the images are built from ------------------------------------------------
+DOCKERFILES = [REPO / "Dockerfile", REPO / "docker" / "mlflow" / "Dockerfile"]
+
+
+def _base_images() -> list[str]:
+    pulled = [service["image"] for service in SERVICES.values() if "image" in service and "build" not in service]
+    built_from = [line.split()[1] for path in DOCKERFILES for line in path.read_text().splitlines() if line.startswith("FROM ")]
+    return pulled + built_from
+
+
+def test_every_image_is_pinned_to_an_exact_release():
+    """major.minor.patch (PostgreSQL numbers its releases major.minor), with a digest or without."""
+    floating = [image for image in _base_images()
+                if not (re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image)
+                        or re.fullmatch(r"postgres:\d+\.\d+", image))]
+    assert not floating, f"pin these to an exact release: {floating}"
+    python = platform.python_version()  # the images run the Python the tests ran on
+    assert all(image.startswith(f"python:{python}-") for image in _base_images() if image.startswith("python:"))
+
+
+def test_images_install_every_package_from_constraints():
+    for path in DOCKERFILES:
+        installs = [line for line in path.read_text().splitlines() if "pip install" in line]
+        assert installs and all(re.search(r"-c \S*constraints\.txt", line) for line in installs), (path, installs)
+    assert SERVICES["mlflow"]["build"]["additional_contexts"]["project"] == "."

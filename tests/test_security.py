@@ -265,3 +265,12 @@ def test_every_declared_dependency_is_pinned_within_its_range():
                 if canonicalize_name(text.name) not in pins
                 or not text.specifier.contains(pins[canonicalize_name(text.name)], prereleases=True)]
     assert not unpinned, f"declared in pyproject.toml but not pinned (within range) in constraints.txt: {unpinned}"
+
+
+def test_torch_floor_excludes_releases_whose_weights_only_loading_can_be_bypassed():
+    """Checkpoints and logged models are read with torch.load(weights_only=True); before torch 2.6
+    a crafted file could run code through it anyway (CVE-2025-32434)."""
+    declared = {canonicalize_name(Requirement(text).name): Requirement(text).specifier
+                for text in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert not declared["torch"].contains("2.5.1") and declared["torch"].contains("2.6.0")
+    assert not declared["torchvision"].contains("0.20.1")  # torch 2.5's torchvision would pull it back in
