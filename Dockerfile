@@ -13,11 +13,12 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /app
 
 # torch and torchvision first (the pair pinned in constraints.txt; the index picks the build, +cpu
-# or CUDA), then the dependencies from pyproject.toml with empty packages: both layers stay
-# cached until constraints.txt or pyproject.toml change.
+# or CUDA), then the dependencies from pyproject.toml (with the gpu extra: NVML bindings, for GPU
+# utilisation and memory among the system metrics) with empty packages: both layers stay cached
+# until constraints.txt or pyproject.toml change.
 COPY constraints.txt pyproject.toml README.md ./
 RUN pip install -c constraints.txt torch torchvision ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-RUN mkdir flows tasks && touch flows/__init__.py tasks/__init__.py && pip install -c constraints.txt -e .
+RUN mkdir flows tasks && touch flows/__init__.py tasks/__init__.py && pip install -c constraints.txt -e ".[gpu]"
 
 COPY flows flows
 COPY tasks tasks

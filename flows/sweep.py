@@ -47,7 +47,7 @@ from flows.registry import register_model_task
 from flows.steps import DataRecord, baseline_of_run, evaluate_on_test_task, load_and_prepare, train_model_task
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
-from tasks import search, tracking
+from tasks import search, system_metrics, tracking
 from tasks.callbacks import Monitor
 from tasks.checkout import checkout_first_on_path
 from tasks.config import TrainConfig
@@ -255,7 +255,8 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
     config = TrainConfig(**{**base.model_dump(), **params, "run_name": run_name})
     run = start_run(config, prepared, data, parent_run_id=parent_run_id)
-    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):  # from here on the run always ends
+    with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),  # from here on the run always ends
+          system_metrics.sampled(run.client, run.run_id)):  # the machine the trial ran on, while it ran
         run.client.set_tag(run.run_id, "fitflow.trial", str(number))
         # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
         run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")

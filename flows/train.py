@@ -39,9 +39,10 @@ from flows.steps import (
     run_step,
     train_model_task,
 )
-from tasks import run_owner, tracking
+from tasks import run_owner, system_metrics, tracking
 from tasks.baseline import BASELINE_PREFIX, Baseline, baseline_sentence
 from tasks.callbacks import Callback
+from tasks.code_version import code_version_tags
 from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from tasks.data import Prepared
 from tasks.errors import ConfigError
@@ -88,7 +89,8 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     prepared, data = load_and_prepare(config)  # a table, images or your Datasets (flows/steps.py)
     loaders = build_loaders_task(config, prepared)
     run = start_run(config, prepared, data, resume=resume)
-    with tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir):
+    with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
+          system_metrics.sampled(run.client, run.run_id)):
         trained = train_in_run(config, prepared, loaders, run)
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
         baseline = baseline_of_run(config, data, prepared, loaders, trained)
@@ -172,7 +174,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     client = MlflowClient(uri)
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
     flow_name = "train" if parent_run_id is None and params is None else "sweep"  # resume accepts "train" only
-    tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py", **config.launch_tags()}
+    tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py", **config.launch_tags(),
+            **code_version_tags()}
     if from_python:
         tags.update({"fitflow.entry": "python", "mlflow.source.name": "fitflow (Python API)"})
     if parent_run_id:

@@ -40,3 +40,19 @@ def log_batch_once(tracking_uri: str, run_id: str, timeout_s: float) -> Callable
         verify_rest_response(response, LOG_BATCH)
 
     return send
+
+
+def system_metrics_collectors(run_id: str, sampling_interval_s: float, tracking_uri: str):
+    """MLflow's system metrics monitor, for its collectors (`.monitors`: CPU, memory, disk, network,
+    and each NVIDIA or AMD GPU), `collect_metrics`/`aggregate_metrics`, and the sampling interval and
+    node id as MLflow's variables set them; its own thread is never started.
+
+    Its module is not documented API. The public way to use it, `mlflow.start_run(
+    log_system_metrics=True)`, binds it to the fluent thread-local active run and to `end_run`,
+    which fitflow never uses (runs are addressed by id and end FAILED or KILLED too), and its
+    thread waits out MLflow's retries when the server is away (see tasks/system_metrics.py).
+    Imported here, not at the top: it imports psutil and probes for NVML, which only runs need.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    return SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, tracking_uri=tracking_uri)

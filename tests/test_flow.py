@@ -59,6 +59,11 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
         steps = [m.step for m in client.get_metric_history(result.run_id, name)]
         assert sorted(steps) == list(range(1, epochs + 1)), name
     assert {"test_loss", "test_accuracy", "test_f1_macro", "test_auroc"} <= set(run.data.metrics)
+    # what the machine did (system metrics, sampled off the training thread) and which code ran
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert run.data.tags["fitflow.git.dirty"] in ("true", "false")
     # the dataset as a run input, with its digest
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.digest and dataset_input.dataset.name == "breast_cancer"

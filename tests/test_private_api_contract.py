@@ -21,11 +21,12 @@ import pytest
 from mlflow.entities import Metric
 
 from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
-from tasks.mlflow_private import LOG_BATCH, log_batch_once
+from tasks.mlflow_private import LOG_BATCH, log_batch_once, system_metrics_collectors
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVATE_MODULES = {"flows/prefect_private.py", "tasks/mlflow_private.py"}
-INTERNALS = ("prefect.server", "mlflow.utils", "mlflow.protos", "mlflow.store", "PREFECT__")
+INTERNALS = ("prefect.server", "mlflow.utils", "mlflow.protos", "mlflow.store", "mlflow.system_metrics.system_metrics_monitor",
+             "PREFECT__")
 # in a string: code or a module path that names an internal module, or a private Prefect setting
 CODE_NAMING_INTERNALS = re.compile(r"(?:^|import |from )((?:prefect\.server|mlflow\.(?:utils|protos|store))[\w.]*"
                                    r"|PREFECT__\w+)", re.M)
@@ -91,6 +92,22 @@ def test_log_batch_is_one_request_of_mlflows_own_endpoint_without_retries():
             send([Metric("val_loss", 0.4, 2000, 4)])
         assert len(received) == 2, "a failed batch was retried inside the call"
         server.shutdown()
+
+
+def test_the_system_metrics_monitor_hands_out_its_collectors_without_starting_a_thread(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "7")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_NODE_ID", "node-3")
+    threads = threading.active_count()
+    monitor = system_metrics_collectors("0" * 32, 5.0, f"sqlite:///{tmp_path}/mlflow.db")
+    assert threading.active_count() == threads  # construction starts nothing and asks no server
+    assert float(monitor.sampling_interval) == 7.0 and monitor.node_id == "node-3"  # MLflow's variables win
+    monitor.collect_metrics()
+    sample = monitor.aggregate_metrics()
+    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes"} <= set(sample)
+    assert all(isinstance(value, int | float) for value in sample.values())
+    for collector in monitor.monitors:
+        collector.clear_metrics()
+        assert not collector.metrics
 
 
 def test_no_other_module_uses_a_private_api():
