@@ -6,16 +6,21 @@ measured on the same test data; otherwise the version becomes `challenger`. The 
 both scores, goes into the version's description and tags, so the registry UI says why.
 
 "The same test data" means the same dataset (the `fitflow.dataset_digest` tag of both runs)
-cut into the same test split (the split settings: target, task, seed, fractions). Scores from
-different test data are not comparable: the newcomer then stays `challenger` and the reason
-says so; move `champion` by hand if it should ship (MLflow UI, or `set_registered_model_alias`).
-Two registrations of the same name at the very same moment may both read the old champion;
-run them one after the other.
+cut into the same test split (the split settings: target, task, seed, fractions). When the
+newcomer was tested on other data (a new data version, other split settings), the champion is
+re-scored on the newcomer's test split (`rescore`, tasks/rescoring.py) and the gate decides on
+that; both figures are logged on the newcomer's run (its own `test_<metric>` and
+`champion_test_<metric>`). A champion that cannot be scored there (other classes, another
+task, a model of your own Datasets) leaves the newcomer `challenger`, "not comparable"; move
+`champion` by hand if it should ship. Each decision is a Prefect event, `fitflow.model.promoted`
+or `fitflow.model.rejected`. Two registrations of the same name at the very same moment may
+both read the old champion; run them one after the other.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlflow.entities import Run as MlflowRun
@@ -24,8 +29,10 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows import events
 from tasks.callbacks import Monitor
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, FitflowError
+from tasks.rescoring import NotComparable
 
 log = logging.getLogger("fitflow")
 
@@ -44,6 +51,7 @@ class Decision:
     champion_version: str | None
     champion_score: float | None
     reason: str
+    rescored: bool = False  # champion_score is the champion's re-scored on this version's test split
 
     @property
     def uri(self) -> str:
@@ -69,8 +77,14 @@ def evaluation_data_key(run: MlflowRun) -> dict[str, str | None]:
     return key
 
 
-def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str, monitor: str) -> Decision:
-    """Register the run's model as a new version of `name` and gate the `champion` alias."""
+# Scores a model (by URI) on the registering run's test split: `test_<metric>` values, or NotComparable.
+Rescore = Callable[[str], dict[str, float]]
+
+
+def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str, monitor: str,
+                   rescore: Rescore | None = None) -> Decision:
+    """Register the run's model as a new version of `name` and gate the `champion` alias; `rescore`
+    scores the champion on this run's test split when that differs from the champion's own."""
     metric = gate_metric(monitor)
     run = client.get_run(run_id)
     if metric not in run.data.metrics:
@@ -80,7 +94,7 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
     champion = _current_champion(client, name)
-    decision = _decide(client, name, str(version), metric, score, run, champion)
+    decision = _decide(client, name, str(version), metric, score, run, champion, rescore)
     client.set_registered_model_alias(name, decision.alias, decision.version)
     client.update_model_version(name, decision.version, description=decision.reason)
     tags = {"fitflow.gate": decision.alias, "fitflow.gate_metric": metric, "fitflow.score": f"{score:.6g}",
@@ -89,14 +103,31 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
         tags["fitflow.champion_version"] = decision.champion_version
     if decision.champion_score is not None:
         tags["fitflow.champion_score"] = f"{decision.champion_score:.6g}"
+    if decision.rescored:
+        tags["fitflow.champion_rescored"] = "true"
     for key, value in tags.items():
         client.set_model_version_tag(name, decision.version, key, value)
+    if decision.champion_score is not None:  # both figures side by side on the newcomer's run
+        client.log_metric(run_id, f"champion_{metric}", decision.champion_score)
+    client.set_tag(run_id, "fitflow.gate", f"{decision.alias}: {decision.reason}"[:5000])
     log.info("registered %s", decision)
+    _announce(decision, run_id, model_uri)
     return decision
 
 
+def _announce(decision: Decision, run_id: str, model_uri: str) -> None:
+    """`fitflow.model.promoted` when the version became champion, `fitflow.model.rejected` otherwise."""
+    event = events.MODEL_PROMOTED if decision.alias == CHAMPION else events.MODEL_REJECTED
+    payload = {"model": decision.name, "version": decision.version, "alias": decision.alias,
+               "metric": decision.metric, "score": decision.score, "champion_version": decision.champion_version,
+               "champion_score": decision.champion_score, "rescored": decision.rescored, "reason": decision.reason,
+               "mlflow_run_id": run_id, "model_uri": model_uri}
+    events.emit(event, events.registered_model(decision.name, decision.version),
+                [events.mlflow_run(run_id), events.mlflow_model(model_uri)], payload)
+
+
 def _decide(client: MlflowClient, name: str, version: str, metric: str, score: float, run: MlflowRun,
-            champion) -> Decision:
+            champion, rescore: Rescore | None) -> Decision:
     if champion is None:
         return Decision(name, version, CHAMPION, metric, score, None, None,
                         f"first version of '{name}' ({metric} {score:.4f})")
@@ -104,22 +135,39 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
     old_key = evaluation_data_key(champion_run) if champion_run else None
     new_key = evaluation_data_key(run)
     if old_key != new_key:
-        differ = sorted(k for k in new_key if old_key is None or old_key.get(k) != new_key[k])
+        differ = ", ".join(sorted(k for k in new_key if old_key is None or old_key.get(k) != new_key[k]))
+        cannot = "no re-scoring was asked for"
+        if rescore is not None:
+            try:
+                champion_score = rescore(f"models:/{name}/{champion.version}").get(metric)
+            except (NotComparable, FitflowError, MlflowException) as err:
+                cannot = f"it cannot be scored on this version's test data: {err}"
+            else:
+                if champion_score is not None:
+                    return _compare(name, version, metric, score, champion.version, champion_score,
+                                    f"re-scored on this version's test data (dataset {new_key['dataset_digest']}; "
+                                    f"the champion was tested on other data: {differ} differ)", rescored=True)
+                cannot = f"re-scoring gave no {metric}"
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
                         f"not comparable with champion v{champion.version}: tested on different data "
-                        f"({', '.join(differ)} differ); {metric} {score:.4f}. Move 'champion' by hand if it should ship")
+                        f"({differ} differ) and {cannot}; {metric} {score:.4f}. Move 'champion' by hand if it should ship")
     champion_score = champion_run.data.metrics.get(metric)
     if champion_score is None:
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
                         f"champion v{champion.version} has no {metric} to compare with; {metric} {score:.4f}")
+    return _compare(name, version, metric, score, champion.version, champion_score,
+                    f"on the same test data (dataset {new_key['dataset_digest']})")
+
+
+def _compare(name: str, version: str, metric: str, score: float, champion_version: str, champion_score: float,
+             where: str, rescored: bool = False) -> Decision:
     lower = Monitor(metric).lower_is_better
     better = score < champion_score if lower else score > champion_score
     relation = ("<" if lower else ">") if better else ("=" if score == champion_score else (">" if lower else "<"))
     verdict = "beats" if better else "does not beat"
-    reason = (f"{metric} {score:.4f} {relation} {champion_score:.4f} of champion v{champion.version}: "
-              f"{verdict} it on the same test data (dataset {new_key['dataset_digest']})")
-    return Decision(name, version, CHAMPION if better else CHALLENGER, metric, score, champion.version,
-                    champion_score, reason)
+    reason = f"{metric} {score:.4f} {relation} {champion_score:.4f} of champion v{champion_version}: {verdict} it {where}"
+    return Decision(name, version, CHAMPION if better else CHALLENGER, metric, score, champion_version,
+                    champion_score, reason, rescored)
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:

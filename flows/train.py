@@ -50,6 +50,7 @@ from tasks.image_plots import validation_plots
 from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
+from tasks.rescoring import rescorer
 from tasks.trainer import Given, Run, Trained, first_inputs
 from tasks.user_dataset import make_dataset_loaders
 
@@ -95,7 +96,8 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
         test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
         baseline = baseline_of_run(config, data, prepared, loaders, trained)
         model_uri = log_model(config, prepared, data, run, trained, test_metrics, baseline)
-    decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor)
+    decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor,
+                                    rescore=rescorer(config, prepared, data.frame if data.kind == "table" else None))
                 if config.register_model else None)
     result = TrainResult(
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,

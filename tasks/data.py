@@ -219,6 +219,15 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
     return Prepared(train=train, val=val, test=test, preprocessor=preprocessor)
 
 
+def raw_test_rows(table: pd.DataFrame, spec: PrepSpec, task: str, validation_given: bool = False) -> pd.DataFrame:
+    """The raw rows of the test split that `prepare` cuts from `table` (the same rows, in order):
+    what another model, with its own preprocessing, is scored on to be compared on this run's test data."""
+    targets = target_columns(spec.target)
+    table = _without_missing_targets(table, targets, task == "multilabel" and len(targets) == 1)
+    split = PrepSpec(**{**asdict(spec), "val_fraction": 0.0}) if validation_given else spec
+    return table.iloc[split_rows(table[targets[0]], task, split)[2]].reset_index(drop=True)
+
+
 def encode_split(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:
     """Features and targets of `frame` (its `rows`, or all) with a fitted preprocessing; the Python API
     encodes evaluate's DataFrame with it too."""

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import write_mixed_classification_csv, write_regression_csv
 
-from tasks.data import PrepSpec, content_key, load_table, prepare, split_rows
+from tasks.data import PrepSpec, content_key, load_table, prepare, raw_test_rows, split_rows
 from tasks.errors import DataError
 from tasks.preprocessing import Preprocessor
 
@@ -100,6 +100,19 @@ def test_validation_file_is_used_as_the_validation_split(tmp_path):
     assert len(prepared.val.targets) == 80
     assert len(prepared.train.targets) + len(prepared.test.targets) == 300
 
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_raw_test_rows_are_the_rows_prepare_put_in_the_test_split(tmp_path, validation):
+    table = load_table(str(write_mixed_classification_csv(tmp_path / "t.csv")))
+    table.loc[[3, 50, 90], "label"] = np.nan  # rows dropped before the split shift every later position
+    extra = load_table(str(write_mixed_classification_csv(tmp_path / "v.csv", seed=5))) if validation else None
+    spec = PrepSpec(target="label", seed=3)
+    prepared = prepare(table, spec, extra)
+    rows = raw_test_rows(table, spec, "classification", validation_given=validation)
+    assert len(rows) == len(prepared.test.targets)
+    assert np.array_equal(prepared.preprocessor.transform(rows), prepared.test.features)
+    assert np.array_equal(prepared.preprocessor.encode_target(rows), prepared.test.targets)
 
 def test_cache_key_follows_content_not_path_or_mtime(tmp_path):
     first = write_regression_csv(tmp_path / "a.csv")

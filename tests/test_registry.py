@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import mlflow
+import pandas as pd
 import pytest
+from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
+from flows import events
 from flows.train import train
 from tasks.config import TrainConfig
-from tasks.data import load_table
+from tasks.data import load_table, raw_test_rows
+from tasks.trainer import prep_spec
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -47,11 +53,72 @@ def test_champion_moves_only_to_a_better_model_on_the_same_test_data(mlflow_uri)
     assert served.equals(logged)
 
 
-def test_a_model_tested_on_other_data_never_takes_the_champion_alias(mlflow_uri):
+def test_a_champion_tested_on_other_data_is_rescored_on_the_newcomers_test_split(mlflow_uri):
     client = MlflowClient(mlflow_uri)
     train(TrainConfig(epochs=1, lr=1e-6, **BASE))  # a weak champion
-    other_split = train(TrainConfig(epochs=20, lr=3e-3, seed=7, **BASE))  # better, but another test split
-    assert str(_version(client, "champion").version) == "1"
-    challenger = _version(client, "challenger")
-    assert challenger.run_id == other_split.run_id
-    assert "not comparable" in challenger.description and "seed" in challenger.description
+    other_split = TrainConfig(epochs=20, lr=3e-3, seed=7, **BASE)  # better, tested on another split
+    better = train(other_split)
+    champion = _version(client, "champion")
+    assert champion.run_id == better.run_id and "re-scored on this version's test data" in champion.description
+    assert "seed" in champion.description and champion.tags["fitflow.champion_rescored"] == "true"
+    # the champion's figure is v1's accuracy on the newcomer's test rows, as v1's own predictions give it
+    rows = raw_test_rows(load_table("breast_cancer"), prep_spec(other_split), "classification")
+    predicted = mlflow.pyfunc.load_model("models:/bc/1").predict(rows.drop(columns=["diagnosis"]))
+    expected = float((predicted["prediction"] == rows["diagnosis"]).mean())
+    run = client.get_run(better.run_id)
+    assert run.data.metrics["champion_test_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert run.data.metrics["test_accuracy"] == better.test_metrics["test_accuracy"] > expected
+    assert champion.tags["fitflow.champion_score"] == f"{expected:.6g}"
+
+
+def test_two_data_versions_rescoring_decides_and_each_decision_is_a_prefect_event(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    v1 = write_mixed_classification_csv(tmp_path / "v1.csv", seed=0)
+    v2 = write_mixed_classification_csv(tmp_path / "v2.csv", seed=1)  # a new data version: same columns, other rows
+    fields = dict(target="label", **{**BASE, "register_model": "mixed"})
+    strong = train(TrainConfig(data=str(v1), epochs=30, lr=3e-3, **fields))
+    weak = train(TrainConfig(data=str(v2), epochs=1, lr=1e-6, **fields))  # other data, and barely trained
+    challenger = client.get_model_version_by_alias("mixed", "challenger")
+    assert challenger.run_id == weak.run_id and "does not beat" in challenger.description
+    assert "re-scored" in challenger.description and "dataset_digest" in challenger.description
+    champion_on_v2 = client.get_run(weak.run_id).data.metrics["champion_test_accuracy"]
+    assert champion_on_v2 > weak.test_metrics["test_accuracy"]
+    # a third version with a class the champion never saw: it cannot be scored there
+    v3 = pd.read_csv(v2)
+    v3.loc[v3.index[::5], "label"] = "maybe"
+    v3.to_csv(tmp_path / "v3.csv", index=False)
+    third = train(TrainConfig(data=str(tmp_path / "v3.csv"), epochs=1, **fields))
+    refused = client.get_model_version_by_alias("mixed", "challenger")
+    assert refused.run_id == third.run_id and "not comparable" in refused.description
+    assert "classes differ" in refused.description and "maybe" in refused.description
+
+    expected = {(strong.run_id, events.MODEL_PROMOTED), (weak.run_id, events.MODEL_REJECTED),
+                (third.run_id, events.MODEL_REJECTED)}
+    seen = _wait_for_model_events("mixed", expected)
+    assert expected <= seen
+    (promoted,) = [e for e in _model_events("mixed") if e.event == events.MODEL_PROMOTED]
+    related = {r.id: r.role for r in promoted.related}
+    assert related[f"mlflow.run.{strong.run_id}"] == "mlflow-run"
+    assert related[f"mlflow.model.{strong.model_uri}"] == "mlflow-model"
+    assert promoted.payload["version"] == "1" and promoted.resource["fitflow.model.version"] == "1"
+
+
+def _model_events(name: str) -> list:
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as prefect:
+        page = prefect.read_events(EventFilter(
+            event=EventNameFilter(name=[events.MODEL_PROMOTED, events.MODEL_REJECTED]),
+            resource=EventResourceFilter(id=[f"fitflow.model.{name}"])), limit=50)
+    return page.events
+
+
+def _wait_for_model_events(name: str, expected: set) -> set:
+    """Events reach the server from a background sender: wait until they are all there (deadline: a hang)."""
+    deadline = time.monotonic() + 120
+    while True:
+        seen = {(e.payload["mlflow_run_id"], e.event) for e in _model_events(name)}
+        if expected <= seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)

@@ -1,0 +1,84 @@
+"""Another model scored on this run's test split, in this run's terms: how the registry's gate
+compares a challenger with a champion that was tested on other data (a new data version).
+
+The champion's network sees the challenger's raw test inputs through its own preprocessing (its
+pyfunc's `model_inputs`); its outputs are then put in the challenger's output space (classes in
+the challenger's order; regression values through the champion's target scaling into the
+challenger's), and the challenger's own loss and metrics score them against the challenger's
+test targets. So both figures come from the same rows, the same targets and the same metric code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks.config import TrainConfig, target_columns
+from tasks.data import Prepared, raw_test_rows
+from tasks.images_prepare import ImagesPrepared
+from tasks.trainer import loss_of, prep_spec, task_metrics
+from tasks.training import evaluate, predict_outputs
+
+
+class NotComparable(Exception):
+    """The other model cannot be scored on this run's test split; the message says why."""
+
+
+def raw_test_inputs(config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None) -> pd.DataFrame:
+    """This run's test split as a model's raw inputs: table rows without the targets, or image paths."""
+    if prepared.test is None:
+        raise NotComparable("this run has no test split (test_fraction 0)")
+    if isinstance(prepared, ImagesPrepared):
+        return pd.DataFrame({"path": prepared.test.paths})
+    if not isinstance(prepared, Prepared) or table is None:
+        raise NotComparable("a model of your own Datasets has no raw test inputs another model could be scored on")
+    rows = raw_test_rows(table, prep_spec(config), prepared.preprocessor.task, config.validation_data is not None)
+    return rows.drop(columns=target_columns(config.target))
+
+
+def outputs_in_this_run(other, inputs: pd.DataFrame, preprocessor) -> torch.Tensor:
+    """The other model's (a FitflowModel) network outputs for `inputs`, in the output space of `preprocessor`."""
+    theirs = other.preprocessor
+    if theirs.task != preprocessor.task:
+        raise NotComparable(f"it is a {theirs.task} model, this run trained a {preprocessor.task} model")
+    x = other.model_inputs(inputs)
+    if isinstance(x, dict):
+        raise NotComparable("its inputs are a dict of tensors, not raw rows or images")
+    outputs = predict_outputs(other.model, x).float().cpu()
+    if preprocessor.task == "regression":  # its scaled values -> target units -> this run's scaling
+        values = outputs * getattr(theirs, "target_std", 1.0) + getattr(theirs, "target_mean", 0.0)
+        return (values - preprocessor.target_mean) / preprocessor.target_std
+    mine, its = [str(c) for c in preprocessor.classes], [str(c) for c in theirs.classes]
+    if set(mine) != set(its):
+        only_mine, only_its = sorted(set(mine) - set(its)), sorted(set(its) - set(mine))
+        raise NotComparable(f"the classes differ (only this run: {only_mine or 'none'}; only the other model: "
+                            f"{only_its or 'none'})")
+    return outputs[:, [its.index(name) for name in mine]]
+
+
+def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outputs: torch.Tensor) -> dict[str, float]:
+    """`test_<metric>` of these outputs against this run's test targets, with this run's loss and metrics."""
+    targets = prepared.test.targets  # images: a tensor; tables: a (possibly read-only, cached) array
+    targets = targets.clone() if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
+    identity = torch.nn.Identity()  # the outputs are given: evaluate only applies the loss and the metrics
+    return evaluate(identity, [(outputs, targets)], loss_of(config, prepared), task_metrics(prepared),
+                    torch.device("cpu"), "test")
+
+
+def rescorer(config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None):
+    """A function that scores a logged fitflow model (by URI) on this run's test split: the registry's `rescore`."""
+    import mlflow.pyfunc
+
+    from tasks.checkout import checkout_first_on_path
+
+    def rescore(model_uri: str) -> dict[str, float]:
+        inputs = raw_test_inputs(config, prepared, table)
+        # loading puts the model's copy of tasks/ on sys.path; the block puts this checkout's first and takes both off after
+        with checkout_first_on_path():
+            other = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        if not hasattr(other, "preprocessor"):
+            raise NotComparable(f"{model_uri} is not a fitflow model")
+        return score_on_test(config, prepared, outputs_in_this_run(other, inputs, prepared.preprocessor))
+
+    return rescore
