@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 PYTEST_ARGS ?=
 
-.PHONY: setup lock run test mlflow-ui clean-state prefect-server deploy serve
+.PHONY: setup lock run test mlflow-ui clean-state prefect-server deploy serve up down
 
 $(BIN)/fitflow: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,11 @@ deploy: setup
 
 serve: setup
 	$(BIN)/fitflow serve --limit $(or $(GPUS),1)
+
+# The whole local stack in one command (flows/local_stack.py): Prefect server + UI on 4200, MLflow
+# server + UI on 5000, the deployments served; Ctrl-C (or `make down` elsewhere) stops it all.
+up: setup
+	$(BIN)/fitflow up --limit $(or $(GPUS),1)
+
+down: setup
+	$(BIN)/fitflow down

@@ -119,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--gpus", type=int, default=1, metavar="N", help="concurrent training runs (default: 1)")
     setup.set_defaults(handler=_setup)
 
+    up = commands.add_parser(
+        "up",
+        help="start the local stack: Prefect server + UI, MLflow server + UI, and the deployments served",
+        description="Start a Prefect server with its UI, an MLflow server with its UI (store and artifacts under "
+        "FITFLOW_HOME) and `fitflow serve` (prefect.yaml's deployments, schedules and triggers), all on 127.0.0.1; "
+        "print both URLs and wait. fitflow commands of the same FITFLOW_HOME use these servers while it runs. "
+        "Ctrl-C or `fitflow down` stops everything it started.",
+    )
+    up.add_argument("--prefect-port", type=int, default=4200, metavar="PORT", help="Prefect server and UI (default: 4200)")
+    up.add_argument("--mlflow-port", type=int, default=5000, metavar="PORT", help="MLflow server and UI (default: 5000)")
+    up.add_argument("--limit", type=int, default=1, metavar="N", help="flow runs served at once (default: 1, one per GPU)")
+    up.set_defaults(handler=_up)
+    down = commands.add_parser("down", help="stop the local stack that `fitflow up` started",
+                               description="Stop the Prefect server, the MLflow server and serve that `fitflow up` "
+                               "started for this FITFLOW_HOME, and every process they started.")
+    down.set_defaults(handler=_down)
+
     doctor = commands.add_parser(
         "doctor",
         help="close MLflow runs left RUNNING by a Prefect flow run that is over (a killed process)",
@@ -199,6 +216,29 @@ def _setup(args: argparse.Namespace) -> int:
     from flows.deployments import setup
 
     setup(gpus=_positive(args.gpus, "--gpus"))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from flows.environment import fitflow_home
+    from flows.local_stack import up
+
+    for port, flag in ((args.prefect_port, "--prefect-port"), (args.mlflow_port, "--mlflow-port")):
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{flag} must be a port number, 1-65535 (got {port})")
+    if args.prefect_port == args.mlflow_port:
+        raise ConfigError(f"--prefect-port and --mlflow-port are both {args.prefect_port}; give them different ports")
+    home = fitflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    up(home, args.prefect_port, args.mlflow_port, _positive(args.limit, "--limit"))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from flows.environment import fitflow_home
+    from flows.local_stack import down
+
+    print(down(fitflow_home()))
     return 0
 
 

@@ -11,6 +11,7 @@ their tracking URI (flows/sweep.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,6 +56,12 @@ def configure_environment() -> None:
     home = fitflow_home()
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    stack = running_stack(home)
+    if stack is not None:  # `fitflow up` runs for this home: its servers, not an embedded one and the sqlite file
+        os.environ.setdefault("PREFECT_API_URL", stack["prefect_api_url"])
+        os.environ.setdefault("MLFLOW_TRACKING_URI", stack["mlflow_url"])
+        if os.environ["PREFECT_API_URL"] == stack["prefect_api_url"]:
+            os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))  # the stack's server's home: one cache
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser().mkdir(parents=True, exist_ok=True)
@@ -67,3 +74,14 @@ def configure_environment() -> None:
         # fitflow prints and links the run itself, redacted
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("fitflow").setLevel(logging.INFO)  # Prefect forwards it (PREFECT_LOGGING_EXTRA_LOGGERS)
+
+
+def running_stack(home: Path) -> dict | None:
+    """Where the servers of `fitflow up` for this home are (its stack.json, flows/local_stack.py), while
+    its process lives; None otherwise. Cheap: one small file and one signal-0, no network."""
+    try:
+        stack = json.loads((home / "stack.json").read_text(encoding="utf-8"))
+        os.kill(int(stack["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stack

@@ -1,0 +1,223 @@
+"""`fitflow up` / `fitflow down`: the whole local stack of one machine, started and stopped as one.
+
+`up` starts a Prefect server with its UI, an MLflow server with its UI (the store under
+$FITFLOW_HOME: `mlflow.db`, artifacts served from `mlartifacts/`) and `fitflow serve` (the
+deployments of prefect.yaml with their schedules and triggers), each in a process group of its
+own, all on 127.0.0.1; prints both URLs once both answer; then waits. Ctrl-C, SIGTERM or
+`fitflow down` stop every process it started, children included.
+
+While it runs, $FITFLOW_HOME/stack.json says where the servers are: every fitflow command of the
+same FITFLOW_HOME reads it (flows/environment.py), so `fitflow train`, `sweep` and `predict` use
+these servers instead of an embedded Prefect server and the sqlite file, and show up in both UIs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from tasks.errors import ConfigError, ServerError
+
+log = logging.getLogger("fitflow")
+
+STACK_FILE = "stack.json"
+START_TIMEOUT_S = 240  # a cold Prefect database migrates in 20-30 s on 2 shared cores; generous for slower ones
+STOP_TIMEOUT_S = 30
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    health_url: str | None
+    popen: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str], logs: Path) -> None:
+        with open(logs / f"{self.name}.log", "ab") as out:  # the child keeps its own handle
+            self.popen = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def answers(self) -> bool:
+        return self.health_url is None or _answers(self.health_url)
+
+
+def stack_file(home: Path) -> Path:
+    return home / STACK_FILE
+
+
+def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
+    """Start the stack, print where it is, wait until interrupted or `fitflow down`; then stop it all."""
+    state = stack_file(home)
+    running = read_stack(home)
+    if running is not None:
+        raise ConfigError(f"the stack is already up (process {running['pid']}): {running['prefect_ui_url']} and "
+                          f"{running['mlflow_url']}; stop it with `fitflow down`")
+    for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
+        if not _port_free(port):
+            raise ConfigError(f"port {port} on 127.0.0.1 is in use; stop what listens there or choose {flag}")
+    prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (home / "mlartifacts").mkdir(exist_ok=True)
+    env = _service_env(home, prefect_api, mlflow_url)
+    bin_dir = Path(sys.executable).parent
+    servers = [
+        Service("prefect-server", [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(prefect_port)], f"{prefect_api}/ready"),
+        Service("mlflow-server", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                  "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+                                  "--artifacts-destination", str(home / "mlartifacts"), "--serve-artifacts",
+                                  "--workers", "1"], f"{mlflow_url}/health"),
+    ]
+    serve = Service("serve", [sys.executable, "-m", "flows.cli", "serve", "--limit", str(limit)], None)
+    started: list[Service] = []
+    stop_requested = _stop_on_sigterm()
+    try:
+        for service in servers:  # both at once: neither needs the other to start
+            service.start(env, logs)
+            started.append(service)
+        _wait_until_answering(servers, logs)
+        serve.start(env, logs)  # needs the Prefect API to register the deployments and their triggers
+        started.append(serve)
+        state.write_text(json.dumps({"pid": os.getpid(), "prefect_api_url": prefect_api,
+                                     "prefect_ui_url": f"http://127.0.0.1:{prefect_port}", "mlflow_url": mlflow_url,
+                                     "children": [s.popen.pid for s in started]}), encoding="utf-8")
+        print(f"Prefect UI:  http://127.0.0.1:{prefect_port}   (API {prefect_api})", flush=True)
+        print(f"MLflow UI:   {mlflow_url}", flush=True)
+        print(f"serving the deployments of prefect.yaml; logs in {logs}; Ctrl-C or `fitflow down` stops it all",
+              flush=True)
+        while not stop_requested.is_set():
+            for service in started:
+                if service.popen.poll() is not None:
+                    raise ServerError(f"{service.name} exited with code {service.popen.returncode}; "
+                                      f"see {logs / (service.name + '.log')}")
+            stop_requested.wait(1.0)
+    except KeyboardInterrupt:  # Ctrl-C: the way to stop it, not an error
+        pass
+    finally:
+        state.unlink(missing_ok=True)
+        for service in reversed(started):
+            stop_process_group(service.popen.pid)
+            service.popen.wait(timeout=STOP_TIMEOUT_S)
+        print("stopped the Prefect server, the MLflow server and serve", flush=True)
+
+
+def down(home: Path) -> str:
+    """Stop the stack `fitflow up` started under this FITFLOW_HOME; returns what was done."""
+    state = stack_file(home)
+    if not state.exists():
+        return f"no stack is up (no {state})"
+    stack = json.loads(state.read_text(encoding="utf-8"))
+    owner = _process(stack["pid"])
+    if owner is not None:  # `up` stops its own children on SIGTERM, then exits
+        owner.send_signal(signal.SIGTERM)
+        try:
+            owner.wait(timeout=STOP_TIMEOUT_S * 3)
+        except psutil.TimeoutExpired:
+            owner.kill()
+    for pid in stack.get("children", []):  # an `up` killed outright leaves its children: stop them here
+        stop_process_group(pid)
+    state.unlink(missing_ok=True)
+    return f"stopped the stack of process {stack['pid']} ({stack['prefect_ui_url']}, {stack['mlflow_url']})"
+
+
+def read_stack(home: Path) -> dict | None:
+    """The running stack of this FITFLOW_HOME, or None (no stack file, or its `up` process is gone)."""
+    try:
+        stack = json.loads(stack_file(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stack if _process(stack.get("pid", -1)) is not None else None
+
+
+def stop_process_group(pid: int) -> None:
+    """SIGTERM to the process group `pid` leads (a server and its workers), SIGKILL what outlives the timeout."""
+    leader = _process(pid)
+    family = [leader, *leader.children(recursive=True)] if leader is not None else []
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        for proc in family:  # the group is gone; a child that left it still gets the signal
+            _signal(proc, signal.SIGTERM)
+    _, alive = psutil.wait_procs(family, timeout=STOP_TIMEOUT_S)
+    for proc in alive:
+        _signal(proc, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _service_env(home: Path, prefect_api: str, mlflow_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FITFLOW_HOME=str(home), PREFECT_HOME=str(home / "prefect"), PREFECT_API_URL=prefect_api,
+               PREFECT_UI_API_URL=prefect_api, MLFLOW_TRACKING_URI=mlflow_url, PYTHONUNBUFFERED="1")
+    env.pop("PREFECT_SERVER_EPHEMERAL_ENABLED", None)
+    return env
+
+
+def _wait_until_answering(services: list[Service], logs: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    waiting = list(services)
+    while waiting:
+        for service in list(waiting):
+            if service.popen.poll() is not None:
+                raise ServerError(f"{service.name} exited with code {service.popen.returncode} while starting; "
+                                  f"see {logs / (service.name + '.log')}")
+            if service.answers():
+                waiting.remove(service)
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in waiting)
+            raise ServerError(f"{names} did not answer within {START_TIMEOUT_S} s; see the logs in {logs}")
+        if waiting:
+            time.sleep(0.5)
+
+
+def _stop_on_sigterm():
+    """An event set by SIGTERM (`fitflow down`); Ctrl-C arrives as KeyboardInterrupt and stops the same way."""
+    import threading
+
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: requested.set())
+    return requested
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(pid)
+        return proc if proc.status() != psutil.STATUS_ZOMBIE else None
+    except (psutil.NoSuchProcess, ValueError):
+        return None
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
