@@ -186,6 +186,10 @@ def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
 
         quiet_user_error_tracebacks()
         result = on_server(train, config, resume)
+    if result.unchanged:
+        print(result.unchanged)
+        print(f"champion: {result.model_uri}  (MLflow run {result.run_id}, {result.mlflow_url})")
+        return 0
     print(f"MLflow run: {result.run_id}  ({result.mlflow_url})")
     print(f"model: {result.model_uri}")
     print("  ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items()))

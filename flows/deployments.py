@@ -45,9 +45,14 @@ def require_server() -> str:
 
 
 def runner_deployments(specs: list[dict[str, Any]]) -> list:
-    """prefect.yaml entries as RunnerDeployments for `serve` (the work pool is not used there)."""
+    """prefect.yaml entries as RunnerDeployments for `serve`, schedules and triggers included (the work
+    pool is not used there)."""
+    from prefect.events import DeploymentTriggerTypes
     from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron
+    from pydantic import TypeAdapter
+
+    DeploymentTriggerAdapter = TypeAdapter(DeploymentTriggerTypes)  # noqa: N806 (prefect's own name for it)
 
     deployments = []
     for spec in specs:
@@ -63,6 +68,8 @@ def runner_deployments(specs: list[dict[str, Any]]) -> list:
             parameters=spec.get("parameters") or {}, schedules=schedules,
             enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
             concurrency_limit=spec.get("concurrency_limit"),
+            triggers=[DeploymentTriggerAdapter.validate_python({"name": f"{spec['name']}__automation_{i}", **trigger})
+                      for i, trigger in enumerate(spec.get("triggers") or [], start=1)],  # named as `prefect deploy` names them
         ))
     return deployments
 

@@ -170,6 +170,23 @@ def _compare(name: str, version: str, metric: str, score: float, champion_versio
                     champion_score, reason, rescored)
 
 
+# Where a run is logged, not what it learns: a retrain logged elsewhere is still the same model.
+_NOT_LEARNED = ("experiment", "run_name")
+
+
+def unchanged_since_champion(client: MlflowClient, name: str, dataset_digest: str, params: dict[str, str]) -> tuple | None:
+    """(champion version, its run) when the champion of `name` was trained on this very dataset with these
+    very hyperparameters (its params, `data.*` facts aside): training again would only reproduce it."""
+    champion = _current_champion(client, name)
+    if champion is None or not champion.run_id:
+        return None
+    run = client.get_run(champion.run_id)
+    if run.data.tags.get("fitflow.dataset_digest") != dataset_digest:
+        return None
+    theirs = {k: v for k, v in run.data.params.items() if not k.startswith("data.") and k not in _NOT_LEARNED}
+    mine = {k: v for k, v in params.items() if k not in _NOT_LEARNED}
+    return (champion, run) if theirs == mine else None
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name, description="Registered by fitflow; alias 'champion' is the model that ships.")

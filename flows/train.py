@@ -23,11 +23,12 @@ from prefect import flow, get_client, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from flows.doctor import close_runs_of_flow_run
 from flows.environment import artifact_location, fitflow_home, tracking_uri
-from flows.registry import register_model_task
+from flows.registry import register_model_task, unchanged_since_champion
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.steps import (
     DataRecord,
@@ -70,6 +71,7 @@ class TrainResult(BaseModel):
     baseline_metrics: dict[str, float] = {}  # baseline_test_<metric>, on the same test rows as test_metrics
     baseline_warning: str | None = None  # one sentence when the network does not beat the baseline
     registered: str | None = None  # "models:/<name>/<version> is champion: <reason>" with register_model
+    unchanged: str | None = None  # why nothing was trained: the champion's data and config are this run's (the rest is the champion's)
 
 
 def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
@@ -88,6 +90,10 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     if resume:  # continue that run, with the config it was started with (flows/resume.py)
         config = config_of_run(check_run_id(resume), config.launch)
     prepared, data = load_and_prepare(config)  # a table, images or your Datasets (flows/steps.py)
+    if config.register_model and not resume:  # a retrain of what the champion already learned: stop here
+        same = champion_of_same_inputs(config, data)
+        if same is not None:
+            return Completed(name="Unchanged", message=same.unchanged, data=same)
     loaders = build_loaders_task(config, prepared)
     run = start_run(config, prepared, data, resume=resume)
     with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
@@ -147,6 +153,28 @@ train_flow = flow(
     name="train", description="Train a PyTorch model on a table and track it in MLflow.",
     on_crashed=[close_runs_of_flow_run], on_cancellation=[close_runs_of_flow_run], validate_parameters=False,
 )(train_flow)
+
+
+@task(cache_policy=NO_CACHE)
+def champion_of_same_inputs(config: TrainConfig, data: DataRecord) -> TrainResult | None:
+    """The champion of `config.register_model` as this run's result when it was trained on the same data
+    (dataset digest) with the same hyperparameters; None when this run has something new to learn."""
+    uri = tracking_uri()
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    digest = tracking.dataset_digest(data.frame, data.source, data.target)
+    found = unchanged_since_champion(client, config.register_model, digest, config.params())
+    if found is None:
+        return None
+    champion, run = found
+    reason = (f"unchanged: the data (dataset {digest}) and the config equal those of champion "
+              f"'{config.register_model}' v{champion.version} (run {run.info.run_id}); no new model")
+    log.info(reason)
+    return TrainResult(
+        run_id=run.info.run_id, experiment_id=run.info.experiment_id, model_uri=champion.source,
+        mlflow_url=tracking.run_url(uri, run.info.experiment_id, run.info.run_id), best_epoch=0, epochs_trained=0,
+        history={}, test_metrics={k: v for k, v in run.data.metrics.items() if k.startswith("test_")}, unchanged=reason,
+    )
 
 
 def config_from_parameters(fields: dict) -> TrainConfig:

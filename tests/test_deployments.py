@@ -61,7 +61,7 @@ def test_setup_and_deploy_all_from_prefect_yaml(server_env):
         assert client.read_work_pool(GPU_POOL).concurrency_limit == 2
         assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 2
         names = {f"{load_flow_from_entrypoint(str(REPO / spec['entrypoint'])).name}/{spec['name']}" for spec in deployment_specs()}
-        assert names == {"train/default", "sweep/default", "predict/batch"}
+        assert names == {"train/default", "sweep/default", "predict/batch", "watch/default"}
         for name in names:
             deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == GPU_POOL and deployment.enforce_parameter_schema
@@ -69,6 +69,14 @@ def test_setup_and_deploy_all_from_prefect_yaml(server_env):
         (schedule,) = client.read_deployment_by_name("train/default").schedules
         assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
         assert schedule.parameters == {"experiment": "nightly", "epochs": 50}
+        (watch_schedule,) = client.read_deployment_by_name("watch/default").schedules
+        assert watch_schedule.schedule.cron == "*/10 * * * *"
+        # the retrain trigger: an automation linked to train/default that runs it on fitflow.data.changed
+        train_id = client.read_deployment_by_name("train/default").id
+        (automation,) = client.read_resource_related_automations(f"prefect.deployment.{train_id}")
+        assert automation.trigger.expect == {"fitflow.data.changed"}
+        (action,) = automation.actions
+        assert action.parameters["data"] == "{{ event.payload.source }}"
         schema = client.read_deployment_by_name("train/default").parameter_openapi_schema["properties"]
         assert schema["epochs"]["minimum"] == 1 and "description" in schema["batch_size"]
 
