@@ -25,11 +25,16 @@ SUITE = {
               lambda t, p: t.epoch_time(5_000, 1_000, rounds=1, epochs=2)),
     "tracking": (lambda t, p: t.tracking_overhead(100_000, 20_000, rounds=10, epochs=3),
                  lambda t, p: t.tracking_overhead(5_000, 1_000, rounds=1, epochs=2)),
+    # issue #15: the system metrics sampler's cost on a tracked run (tasks/system_metrics.py)
+    "system-metrics": (lambda t, p: t.system_metrics_overhead(100_000, 20_000, rounds=6, epochs=20, stress_interval_s=0.25),
+                       lambda t, p: t.system_metrics_overhead(5_000, 1_000, rounds=1, epochs=2, stress_interval_s=0.05)),
     "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
     "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=2),
                   lambda t, p: t.lightning_ratio(5_000, 1_000, epochs=1, rounds=1)),
     "end-to-end": (lambda t, p: p.end_to_end(rounds=2, epochs=10), None),
+    # issue #15: warm `fitflow train` with `fitflow up` and without, against a script of torch + MLflow only
+    "stack": (lambda t, p: p.end_to_end_with_the_stack(rounds=3, epochs=10), None),
     "prepare": (lambda t, p: p.prepare_cost(1_000_000), lambda t, p: p.prepare_cost(20_000)),
     "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),
                               p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],

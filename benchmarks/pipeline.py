@@ -125,3 +125,93 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, capture_output=True, timeout=60)
     return time.perf_counter() - start
+
+
+def end_to_end_with_the_stack(rounds: int, epochs: int) -> list:
+    """Warm `fitflow train` with `fitflow up` running and without it (an embedded Prefect server),
+    each against a bare torch + MLflow script that imports neither prefect nor fitflow, doing the
+    same work: read the CSV, standardise, split, train the same MLP, log params, per-epoch and test
+    metrics and the model to MLflow (a server with the stack; the sqlite file without it)."""
+    import json as json_module
+
+    fitflow = str(Path(sys.executable).with_name("fitflow"))
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        home.mkdir()
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
+        embedded = {**base, "FITFLOW_HOME": str(Path(tmp) / "embedded")}
+        train = [fitflow, "train", "--epochs", str(epochs), "--patience", "0"]
+
+        def run(argv: list[str], env: dict[str, str]) -> None:
+            subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+
+        run(train, embedded)  # a fresh embedded home migrates once: warm from here on
+        ports = [_free_port(), _free_port()]
+        up = subprocess.Popen([fitflow, "up", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1])],
+                              cwd=REPO, env={**base, "FITFLOW_HOME": str(home)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in up.stdout:  # the URLs are printed once both servers answer
+                if line.startswith("MLflow UI"):
+                    break
+            stack = json_module.loads((home / "stack.json").read_text())
+            with_stack = {**base, "FITFLOW_HOME": str(home)}
+            run(train, with_stack)  # warm: the experiment exists, the prepared data is cached
+            bare = [sys.executable, "-c", TRULY_BARE_SCRIPT, str(epochs)]
+            up_ratio = compare("end to end: fitflow train with `fitflow up` vs bare torch + MLflow script (warm)",
+                               ("bare script -> MLflow server", lambda: run([*bare, stack["mlflow_url"]], base)),
+                               ("fitflow train, stack up", lambda: run(train, with_stack)), rounds, warmup=False,
+                               target="<= 1.2")
+        finally:
+            up.terminate()  # `fitflow up` stops its servers on SIGTERM
+            up.wait(timeout=120)
+        sqlite = f"sqlite:///{tmp}/bare.db"
+        run([sys.executable, "-c", TRULY_BARE_SCRIPT, str(epochs), sqlite], base)  # its store migrated once
+        embedded_ratio = compare("end to end: fitflow train without the stack vs bare torch + MLflow script (warm)",
+                                 ("bare script -> sqlite", lambda: run([sys.executable, "-c", TRULY_BARE_SCRIPT,
+                                                                        str(epochs), sqlite], base)),
+                                 ("fitflow train, embedded server", lambda: run(train, embedded)), rounds,
+                                 warmup=False, target="<= 1.5")
+    return [up_ratio, embedded_ratio]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# What a PyTorch user writes by hand for the same run, without fitflow or Prefect: no tasks/ import.
+TRULY_BARE_SCRIPT = """
+import sys, mlflow, mlflow.pytorch, numpy as np, pandas as pd, torch
+from torch import nn
+epochs, uri = int(sys.argv[1]), sys.argv[2]
+mlflow.set_tracking_uri(uri); mlflow.set_experiment("bare")
+table = pd.read_csv("data/breast_cancer.csv")
+y = (table.pop("diagnosis") == "malignant").to_numpy().astype(np.int64); x = table.to_numpy(np.float32)
+rng = np.random.default_rng(42); order = rng.permutation(len(x)); n_test = n_val = round(len(x) * 0.15)
+test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+mean, std = x[train].mean(0), x[train].std(0) + 1e-8; x = (x - mean) / std
+X, Y = torch.from_numpy(x), torch.from_numpy(y)
+torch.manual_seed(42)
+model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3); loss_fn = nn.CrossEntropyLoss()
+def scores(rows):
+    model.eval()
+    with torch.no_grad():
+        out = model(X[rows]); return loss_fn(out, Y[rows]).item(), (out.argmax(1) == Y[rows]).float().mean().item()
+with mlflow.start_run():
+    mlflow.log_params({"epochs": epochs, "lr": 1e-3, "batch_size": 64, "hidden_sizes": "[64, 32]"})
+    for epoch in range(1, epochs + 1):
+        model.train(); perm = torch.from_numpy(train)[torch.randperm(len(train))]
+        for i in range(0, len(perm), 64):
+            batch = perm[i:i + 64]; optimizer.zero_grad(); loss = loss_fn(model(X[batch]), Y[batch]); loss.backward(); optimizer.step()
+        val_loss, val_accuracy = scores(val)
+        mlflow.log_metrics({"train_loss": loss.item(), "val_loss": val_loss, "val_accuracy": val_accuracy}, step=epoch)
+    test_loss, test_accuracy = scores(test)
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, step=epochs)
+    mlflow.pytorch.log_model(model.eval(), name="model", input_example=x[:5],
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+"""

@@ -113,18 +113,70 @@ def tracking_overhead(n_train: int, n_val: int, rounds: int, epochs: int) -> lis
     ]
 
 
+
+def system_metrics_overhead(n_train: int, n_val: int, rounds: int, epochs: int, stress_interval_s: float) -> list:
+    """Tracked runs with the system metrics sampler running vs the same runs without it, at
+    fitflow's interval and at a much shorter one, an A/A control, and the sampler's own time.
+
+    Both sides log to MLflow (sqlite) the same way; the candidate wraps the run in
+    `system_metrics.sampled`, as the flow does (start, samples, the last sample at the end, stop).
+    The sampler's time adds up the CPU time of its sampling and logging calls in its own thread
+    (time.thread_time: what it takes from the cores, and the most it can hold the GIL), per
+    sample, against the interval between samples: the bound on its cost that machine load does
+    not blur (on a loaded machine the ratios' spread is wider than 1%).
+    """
+    import os
+
+    from tasks import system_metrics
+
+    data = make_data(n_train, n_val)
+    runner = FitflowRunner(data, tracking=True, epochs=epochs)
+    control = FitflowRunner(data, tracking=True, epochs=epochs)
+
+    def sampled_fit() -> None:
+        with system_metrics.sampled(runner.run.client, runner.run.run_id):
+            runner.fit()
+
+    spent: list[float] = []
+    with _timing_methods(system_metrics.SystemMetrics, ("_sample", "_log"), spent, clock=time.thread_time):
+        at_default = compare(f"run with system metrics vs without ({epochs}-epoch runs, a sample every "
+                             f"{system_metrics.SAMPLING_INTERVAL_S:g} s)", ("without", runner.fit),
+                             ("system metrics", sampled_fit), rounds, target="<= 1.01",
+                             note="both log epochs to MLflow (sqlite); the ratio is the sampler's cost")
+        per_sample_s = sum(spent) / max(len(spent) / 2, 1)  # one _sample and one _log per sample
+        os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(stress_interval_s)
+        try:
+            stressed = compare(f"run with system metrics vs without ({epochs}-epoch runs, a sample every "
+                               f"{stress_interval_s:g} s)", ("without", runner.fit), ("system metrics", sampled_fit),
+                               rounds, target="reported",
+                               note=f"{system_metrics.SAMPLING_INTERVAL_S / stress_interval_s:.0f}x fitflow's rate")
+        finally:
+            del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+    return [
+        at_default,
+        stressed,
+        compare(f"A/A control: tracked run vs tracked run ({epochs}-epoch runs)", ("tracked", runner.fit),
+                ("tracked, 2nd runner", control.fit), rounds, target="1 (noise floor)"),
+        Measurement("system metrics sampler time per sample / sampling interval",
+                    per_sample_s / system_metrics.SAMPLING_INTERVAL_S, "x", target="<= 0.01",
+                    note=f"{per_sample_s * 1e3:.1f} ms CPU per sample (collect + one log_batch, in its own thread) "
+                         f"every {system_metrics.SAMPLING_INTERVAL_S:g} s"),
+    ]
+
+
 @contextmanager
-def _timing_methods(cls: type, names: tuple[str, ...], spent: list[float]):
-    """Adds the wall time of every call of `cls.<name>` to `spent` (restored on exit)."""
+def _timing_methods(cls: type, names: tuple[str, ...], spent: list[float], clock=time.perf_counter):
+    """Adds the time of every call of `cls.<name>` to `spent` (restored on exit): wall time, or
+    with `clock=time.thread_time` the CPU time of the calling thread."""
     originals = {name: getattr(cls, name) for name in names}
 
     def timing(method):
         def timed_method(self, *args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return method(self, *args, **kwargs)
             finally:
-                spent.append(time.perf_counter() - start)
+                spent.append(clock() - start)
         return timed_method
 
     for name, method in originals.items():

@@ -19,7 +19,7 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
     before = set((REPO / "benchmarks" / "results").glob("*.json"))
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "loaders", "epoch", "tracking",
                           "threads", "prepare", "scaling", "images", "api", "hooks", "step-logging",
-                          "baseline"], cwd=REPO,
+                          "baseline", "system-metrics"], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (written,) = set((REPO / "benchmarks" / "results").glob("*.json")) - before
@@ -31,7 +31,7 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
                      "epoch time", "prepare 4k vs 2k rows", "image loader",
                      "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit",
                      "batch hooks, nothing registered", "A/A control: fit", "one registered no-op batch callback",
-                     "per-step logging",
+                     "per-step logging", "run with system metrics vs without", "system metrics sampler time per sample",
                      "linear baseline / default run, breast_cancer", "linear baseline / default run, customers"):
         assert any(name.startswith(expected) for name in names), expected
     for r in report["results"]:
