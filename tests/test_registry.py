@@ -75,10 +75,10 @@ def test_two_data_versions_rescoring_decides_and_each_decision_is_a_prefect_even
     client = MlflowClient(mlflow_uri)
     v1 = write_mixed_classification_csv(tmp_path / "v1.csv", seed=0)
     v2 = write_mixed_classification_csv(tmp_path / "v2.csv", seed=1)  # a new data version: same columns, other rows
-    fields = dict(target="label", **{**BASE, "register_model": "mixed"})
+    fields = dict(target="label", **{**BASE, "register_model": "data-versions"})
     strong = train(TrainConfig(data=str(v1), epochs=30, lr=3e-3, **fields))
     weak = train(TrainConfig(data=str(v2), epochs=1, lr=1e-6, **fields))  # other data, and barely trained
-    challenger = client.get_model_version_by_alias("mixed", "challenger")
+    challenger = client.get_model_version_by_alias("data-versions", "challenger")
     assert challenger.run_id == weak.run_id and "does not beat" in challenger.description
     assert "re-scored" in challenger.description and "dataset_digest" in challenger.description
     champion_on_v2 = client.get_run(weak.run_id).data.metrics["champion_test_accuracy"]
@@ -88,15 +88,15 @@ def test_two_data_versions_rescoring_decides_and_each_decision_is_a_prefect_even
     v3.loc[v3.index[::5], "label"] = "maybe"
     v3.to_csv(tmp_path / "v3.csv", index=False)
     third = train(TrainConfig(data=str(tmp_path / "v3.csv"), epochs=1, **fields))
-    refused = client.get_model_version_by_alias("mixed", "challenger")
+    refused = client.get_model_version_by_alias("data-versions", "challenger")
     assert refused.run_id == third.run_id and "not comparable" in refused.description
     assert "classes differ" in refused.description and "maybe" in refused.description
 
     expected = {(strong.run_id, events.MODEL_PROMOTED), (weak.run_id, events.MODEL_REJECTED),
                 (third.run_id, events.MODEL_REJECTED)}
-    seen = _wait_for_model_events("mixed", expected)
+    seen = _wait_for_model_events("data-versions", expected)
     assert expected <= seen
-    (promoted,) = [e for e in _model_events("mixed") if e.event == events.MODEL_PROMOTED]
+    (promoted,) = [e for e in _model_events("data-versions") if e.payload["mlflow_run_id"] == strong.run_id]
     related = {r.id: r.role for r in promoted.related}
     assert related[f"mlflow.run.{strong.run_id}"] == "mlflow-run"
     assert related[f"mlflow.model.{strong.model_uri}"] == "mlflow-model"

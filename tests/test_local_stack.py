@@ -1,0 +1,201 @@
+"""`fitflow up` / `down`: the real local stack (Prefect server, MLflow server, serve) on loopback
+ports, the loop through it (a changed file -> event -> triggered retrain -> new MLflow run; the same
+data again -> "Unchanged", no new model), and a stop that leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import write_mixed_classification_csv
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEADLINE_S = 600  # bounds a hang only (cold servers, runs in fresh processes, on 2 shared cores)
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
+    return {**env, "FITFLOW_HOME": str(home), "FITFLOW_REPO": str(REPO)}
+
+
+class Up:
+    """A `fitflow up` process, with everything it started recorded while it runs."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.ports = home, (_free_port(), _free_port())
+        self.log = open(home.parent / "up.log", "w")
+        self.popen = subprocess.Popen([str(BIN / "fitflow"), "up", "--prefect-port", str(self.ports[0]),
+                                       "--mlflow-port", str(self.ports[1])], cwd=REPO, env=_env(home),
+                                      stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + DEADLINE_S
+        while not (home / "stack.json").exists():
+            assert self.popen.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(0.5)
+        self.stack = json.loads((home / "stack.json").read_text())
+        self.family = [psutil.Process(self.popen.pid), *psutil.Process(self.popen.pid).children(recursive=True)]
+
+    def output(self) -> str:
+        return (self.home.parent / "up.log").read_text()[-4000:]
+
+    def assert_all_gone(self) -> None:
+        self.popen.wait(timeout=DEADLINE_S)
+        _, alive = psutil.wait_procs(self.family, timeout=60)
+        assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+        assert not (self.home / "stack.json").exists()
+
+    def close(self) -> None:  # only after a failure: never leave the stack running
+        if self.popen.poll() is None:
+            subprocess.run([str(BIN / "fitflow"), "down"], env=_env(self.home), timeout=300)
+        for proc in self.family:
+            if proc.is_running():
+                proc.kill()
+        self.log.close()
+
+
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status == 200
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fitflow"), *args], cwd=REPO, env=_env(home), capture_output=True, text=True,
+                          timeout=DEADLINE_S)
+
+
+def _wait_for(condition, what: str):
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S} s"
+        time.sleep(1)
+
+
+def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    up = Up(home)
+    try:
+        prefect_api, mlflow_url = up.stack["prefect_api_url"], up.stack["mlflow_url"]
+        assert _answers(f"{prefect_api}/health") and _answers(f"{mlflow_url}/health")
+        assert f"Prefect UI:  http://127.0.0.1:{up.ports[0]}" in up.output() and f"MLflow UI:   {mlflow_url}" in up.output()
+
+        # fitflow train finds the stack: its run is on the MLflow server, its flow run on the Prefect server
+        table = write_mixed_classification_csv(tmp_path / "data.csv")
+        weak = _cli(home, "train", "--data", str(table), "--target", "label", "--epochs", "1", "--lr", "1e-6",
+                    "--register-model", "loop")
+        assert weak.returncode == 0, weak.stderr[-3000:]
+        assert f"({mlflow_url}/#/experiments/" in weak.stdout
+        mlflow = MlflowClient(mlflow_url)
+        (first,) = mlflow.search_runs([mlflow.get_experiment_by_name("fitflow").experiment_id])
+        os.environ["PREFECT_API_URL"] = prefect_api  # this test process asks the stack's Prefect server
+        try:
+            from prefect import get_client
+
+            with get_client(sync_client=True) as prefect:
+                assert prefect.read_flow_run(first.data.tags["prefect.flow_run_id"]).state.is_completed()
+
+            # the watch flow, served: the first run remembers the file, a changed file -> event -> retrain
+            watch = ["deployment", "run", "watch/default", "--param", f"sources={json.dumps([str(table)])}",
+                     "--param", "register_model=loop", "--watch"]
+            _wait_for(lambda: _served(prefect, "watch/default") and _served(prefect, "train/default"), "served deployments")
+            seen = subprocess.run([str(BIN / "prefect"), *watch], env={**_env(home), "PREFECT_API_URL": prefect_api},
+                                  capture_output=True, text=True, timeout=DEADLINE_S)
+            assert "Completed" in seen.stdout, seen.stdout[-3000:] + seen.stderr[-3000:]
+            write_mixed_classification_csv(table, seed=1)
+            changed = subprocess.run([str(BIN / "prefect"), *watch], env={**_env(home), "PREFECT_API_URL": prefect_api},
+                                     capture_output=True, text=True, timeout=DEADLINE_S)
+            assert "Completed" in changed.stdout, changed.stdout[-3000:]
+            retrain = _wait_for(lambda: _finished_train_runs(prefect, 1), "triggered retrain")[0]
+            assert retrain.state.is_completed() and retrain.parameters["data"] == str(table), retrain.state
+            retrained = mlflow.search_runs([_wait_for(lambda: mlflow.get_experiment_by_name("retrain"), "experiment")
+                                            .experiment_id])
+            assert len(retrained) == 1 and retrained[0].data.tags["prefect.flow_run_id"] == str(retrain.id)
+            champion = mlflow.get_model_version_by_alias("loop", "champion")
+            assert champion.run_id == retrained[0].info.run_id  # re-scoring: it beat v1 on the new data's test split
+
+            # the same data announced again: the retrain ends at once as Unchanged, no new model
+            from prefect.events import emit_event
+            from prefect.events.worker import EventsWorker
+
+            emit_event("fitflow.data.changed", resource={"prefect.resource.id": f"fitflow.data.{table}"},
+                       payload={"source": str(table), "register_model": "loop", "digest": "", "previous_digest": ""})
+            EventsWorker.drain_all()
+            again = _wait_for(lambda: _finished_train_runs(prefect, 2), "second triggered run")[0]
+            assert again.state.name == "Unchanged", again.state
+            assert len(mlflow.search_model_versions("name='loop'")) == 2
+        finally:
+            del os.environ["PREFECT_API_URL"]
+
+        down = _cli(home, "down")
+        assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr
+        up.assert_all_gone()
+        assert up.popen.returncode == 0, up.output()
+    finally:
+        up.close()
+
+
+def test_ctrl_c_stops_everything_up_started(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    up = Up(home)
+    try:
+        assert len(up.family) >= 4  # up, both servers (and their workers), serve
+        up.popen.send_signal(signal.SIGINT)
+        up.assert_all_gone()
+        assert up.popen.returncode == 0 and "stopped the Prefect server" in up.output()
+        assert _cli(home, "down").stdout.startswith("no stack is up")
+    finally:
+        up.close()
+
+
+def test_bad_ports_are_one_line_and_exit_2(tmp_path):
+    home = tmp_path / "home"
+    same = _cli(home, "up", "--prefect-port", "5005", "--mlflow-port", "5005")
+    assert same.returncode == 2 and same.stderr.count("\n") == 1 and "different ports" in same.stderr
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = _cli(home, "up", "--prefect-port", str(busy.getsockname()[1]), "--mlflow-port", str(_free_port()))
+    assert taken.returncode == 2 and "is in use" in taken.stderr and taken.stderr.count("\n") == 1
+
+
+def _served(prefect, name: str) -> bool:
+    try:
+        prefect.read_deployment_by_name(name)
+        return True
+    except Exception:  # not yet registered by serve
+        return False
+
+
+def _finished_train_runs(prefect, count: int) -> list:
+    """The deployment runs of the train flow (the trigger's), newest first, once `count` of them are over."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterDeploymentId
+
+    runs = prefect.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
+                                  flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=False)),
+                                  sort="START_TIME_DESC")
+    final = [run for run in runs if run.state and run.state.is_final()]
+    return final if len(final) >= count else []
