@@ -23,6 +23,9 @@ def add_command(commands) -> None:
     predict.add_argument("--unseen", choices=["encode", "error"], default="encode",
                          help="categories never seen in training: encode like rare values and count them (default), or fail")
     predict.add_argument("--experiment", metavar="NAME", default="fitflow-predictions", help="MLflow experiment of the prediction run")
+    predict.add_argument("--drift-threshold", type=float, default=0.2, metavar="PSI",
+                         help="population stability index above which a column counts as drifted from the training "
+                         "data and fitflow.drift.detected is emitted (default: 0.2)")
     predict.add_argument("--trust-model-code", action="store_true",
                          help="let a model whose network is custom code (pkg.mod:Class) import and run that code here; "
                          "only for models logged by people you trust (fitflow's own networks never need it)")
@@ -43,7 +46,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         config = PredictConfig(model=args.model, data=args.data, out=args.out, unseen=args.unseen, experiment=args.experiment,
-                               trust_model_code=args.trust_model_code)
+                               drift_threshold=args.drift_threshold, trust_model_code=args.trust_model_code)
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"--{first['loc'][0]}: {first['msg']}") from None
@@ -54,4 +57,7 @@ def _predict(args: argparse.Namespace) -> int:
     result = predict(config)
     print(f"predictions: {result.out}  summary: {result.summary_path}")
     print(f"model: {result.model_uri}  MLflow run: {result.run_id}")
+    drift = result.summary.get("drift")
+    if drift and drift["drifted"]:
+        print(f"drift: {', '.join(drift['drifted'])} (PSI above {drift['threshold']:g}; max {drift['max_psi']:.3f})")
     return 0

@@ -27,11 +27,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows import events
 from flows.doctor import close_runs_of_flow_run
 from flows.environment import artifact_location, tracking_uri
 from flows.steps import load_table_task
 from tasks import scoring, tracking
 from tasks.data import resolve_source
+from tasks.drift import DEFAULT_THRESHOLD, drift_table
 from tasks.errors import ConfigError
 from tasks.images import images_to_score
 from tasks.images_preprocessor import ImagePreprocessor
@@ -53,6 +55,9 @@ class PredictConfig(BaseModel):
     unseen: Literal["encode", "error"] = Field(
         "encode", description="Categorical values never seen in training: encode them as training encoded rare values (and count them), or fail.")
     experiment: str = Field("fitflow-predictions", min_length=1, description="MLflow experiment of the prediction run.")
+    drift_threshold: float = Field(
+        DEFAULT_THRESHOLD, ge=0, description="Population stability index above which a column counts as drifted from "
+        "the training data; any drifted column emits fitflow.drift.detected (0.1-0.25: moderate shift, above 0.25: major).")
     trust_model_code: bool = Field(
         False, description="Allow a model whose network is custom code (pkg.mod:Class) to import and run that code, "
         "packed in the model by whoever logged it, on this machine. Off: only fitflow's own networks are built.")
@@ -85,10 +90,13 @@ def predict(config: PredictConfig) -> PredictResult:
     images = isinstance(model.preprocessor, ImagePreprocessor)
     frame = images_to_score_task(config.data) if images else load_table_task(config.data)
     predictions, summary = score_task(model, frame, config.unseen)
+    drift = None if images else drift_task(model.preprocessor, frame, config.drift_threshold)
     summary = {"model": ref.uri, "registered": f"{ref.name}/{ref.version}" if ref.name else None,
-               "data": config.data, **summary}
+               "data": config.data, **summary, **({"drift": drift_summary(drift, config.drift_threshold)} if drift is not None else {})}
     summary_path = write_predictions(predictions, summary, out, kind)
-    run_id = track_prediction(config, ref, frame, summary, predictions.head(100), out, summary_path)
+    run_id = track_prediction(config, ref, frame, summary, predictions.head(100), out, summary_path, drift)
+    if drift is not None and drift["drifted"].any():
+        announce_drift(config, ref, run_id, summary["drift"])
     log.info("wrote %d predictions to %s (MLflow run %s)", len(predictions), out, run_id)
     return PredictResult(run_id=run_id, model_uri=ref.uri, out=str(out), summary_path=str(summary_path), summary=summary)
 
@@ -184,6 +192,37 @@ score_task = task(score, name="score", cache_policy=NO_CACHE)
 images_to_score_task = task(images_to_score, name="images_to_score", cache_policy=NO_CACHE)
 
 
+drift_task = task(drift_table, name="drift", cache_policy=NO_CACHE)
+
+
+def drift_summary(drift: pd.DataFrame, threshold: float) -> dict:
+    """The drift part of the summary: the threshold, the drifted columns, and each column's figures."""
+    columns = {row.column: {"psi": _number(row.psi), "unseen_share": _number(row.unseen_share),
+                            "missing_share": row.missing_share} for row in drift.itertuples()}
+    return {"threshold": threshold, "drifted": drift.loc[drift["drifted"], "column"].tolist(),
+            "max_psi": _number(drift["psi"].max()) if len(drift) else None, "columns": columns}
+
+
+def _number(value: float) -> float | None:
+    return None if pd.isna(value) else round(float(value), 6)
+
+
+@task(cache_policy=NO_CACHE)
+def announce_drift(config: PredictConfig, ref: ModelRef, run_id: str, drift: dict) -> None:
+    """`fitflow.drift.detected` about the registered model (or, unregistered, the prediction run), with the
+    training data source and the model name: what the retrain trigger in prefect.yaml passes on."""
+    client = MlflowClient(tracking_uri())
+    training_data = client.get_run(ref.source_run_id).data.params.get("data", "") if ref.source_run_id else ""
+    resource = (events.registered_model(ref.name, ref.version) if ref.name
+                else {"prefect.resource.id": f"fitflow.prediction.{run_id}", "prefect.resource.name": run_id})
+    log.warning("drift: %s drifted from the training data (PSI above %g; max %s)", ", ".join(drift["drifted"]),
+                drift["threshold"], drift["max_psi"])
+    events.emit(events.DRIFT_DETECTED, resource, [events.mlflow_run(run_id), events.mlflow_model(ref.uri)], {
+        "model_uri": ref.uri, "model_name": ref.name or "", "model_version": ref.version or "", "data": config.data,
+        "training_data": training_data, "threshold": drift["threshold"], "max_psi": drift["max_psi"],
+        "drifted": {name: drift["columns"][name] for name in drift["drifted"]}, "mlflow_run_id": run_id})
+
+
 @task(cache_policy=NO_CACHE)
 def write_predictions(predictions: pd.DataFrame, summary: dict, out: Path, kind: str) -> Path:
     """Predictions row for row with the input (row i of the output scores row i of the input)."""
@@ -196,8 +235,9 @@ def write_predictions(predictions: pd.DataFrame, summary: dict, out: Path, kind:
 
 @task(cache_policy=NO_CACHE)
 def track_prediction(config: PredictConfig, ref: ModelRef, frame: pd.DataFrame, summary: dict,
-                     sample: pd.DataFrame, out: Path, summary_path: Path) -> str:
-    """One MLflow run: the input dataset, the model as input (MLflow's link), the summary and tags."""
+                     sample: pd.DataFrame, out: Path, summary_path: Path, drift: pd.DataFrame | None = None) -> str:
+    """One MLflow run: the input dataset, the model as input (MLflow's link), the summary, the drift
+    figures per column (metrics `drift_psi_<column>`, `drift_unseen_share_<column>`, and `drift.csv`) and tags."""
     uri = tracking_uri()
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
@@ -219,9 +259,27 @@ def track_prediction(config: PredictConfig, ref: ModelRef, frame: pd.DataFrame, 
         if ref.model_id:
             client.log_inputs(run_id, models=[LoggedModelInput(ref.model_id)])
         numbers = {"rows": summary["rows"], **{f"input_{k}": v for k, v in summary.get("metrics", {}).items()}}
+        if drift is not None:
+            numbers.update(drift_metrics(drift))
+            client.set_tag(run_id, "fitflow.drift", ", ".join(summary["drift"]["drifted"]) or "none")
         tracking.log_metrics(client, run_id, numbers, step=0)
         tracking.log_artifact(client, run_id, summary_path)
         with tempfile.TemporaryDirectory() as tmp:  # the first rows, not the whole file: outputs may be large
             sample.to_csv(Path(tmp) / "predictions_head.csv", index=False)
             tracking.log_artifact(client, run_id, Path(tmp) / "predictions_head.csv")
+            if drift is not None:  # the drift table, one row per column, most drifted first
+                drift.to_csv(Path(tmp) / "drift.csv", index=False)
+                tracking.log_artifact(client, run_id, Path(tmp) / "drift.csv")
     return run_id
+
+
+def drift_metrics(drift: pd.DataFrame) -> dict[str, float]:
+    """`drift_psi_<column>` and `drift_unseen_share_<column>` (names in MLflow's alphabet), `drift_psi_max`."""
+    metrics = {"drift_psi_max": float(drift["psi"].max())} if drift["psi"].notna().any() else {}
+    for row in drift.itertuples():
+        name = re.sub(r"[^A-Za-z0-9_.\- /]", "_", str(row.column))
+        if not pd.isna(row.psi):
+            metrics[f"drift_psi_{name}"] = float(row.psi)
+        if not pd.isna(row.unseen_share):
+            metrics[f"drift_unseen_share_{name}"] = float(row.unseen_share)
+    return metrics

@@ -47,6 +47,11 @@ class NumericColumn:
     median: float
     mean: float
     std: float
+    # The training distribution, for drift checks at prediction time (tasks/drift.py): the deciles
+    # of the filled training values and the share of training rows between each pair of them.
+    # Models logged before these existed carry neither; drift then assumes a normal distribution.
+    deciles: list[float] | None = None
+    decile_shares: list[float] | None = None
 
 
 @dataclass
@@ -55,6 +60,8 @@ class CategoricalColumn:
     fill: str
     categories: list[str]
     other: bool  # True when rarer values were folded into one __other__ column
+    # Share of training rows per kept category, then of the rest (drift checks; older models: None).
+    shares: list[float] | None = None
 
     @property
     def width(self) -> int:
@@ -105,13 +112,20 @@ class Preprocessor:
                 median = float(np.nanmedian(values)) if np.isfinite(values).any() else 0.0
                 filled = np.where(np.isnan(values), median, values)
                 std = float(filled.std())
-                prep.numeric.append(NumericColumn(str(name), median, float(filled.mean()), std if std > 0 else 1.0))
+                deciles = np.unique(np.quantile(filled, np.linspace(0.1, 0.9, 9)))
+                shares = np.bincount(np.searchsorted(deciles, filled, side="right"), minlength=len(deciles) + 1)
+                prep.numeric.append(NumericColumn(str(name), median, float(filled.mean()), std if std > 0 else 1.0,
+                                                  deciles.tolist(), (shares / max(len(filled), 1)).tolist()))
             else:
                 counts = column.dropna().astype(str).value_counts()
                 ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
                 fill = ranked[0][0] if ranked else OTHER
                 kept = [value for value, _ in ranked[:max_categories]]
-                prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories))
+                rows_seen = max(len(column), 1)  # missing values count as the fill value, as transform fills them
+                shares = [(counts.get(value, 0) + (len(column) - counts.sum() if value == fill else 0)) / rows_seen
+                          for value in kept]
+                prep.categorical.append(CategoricalColumn(str(name), fill, kept, len(ranked) > max_categories,
+                                                          shares + [max(0.0, 1.0 - sum(shares))]))
         if task == "multilabel":  # the classes are the 0/1 columns, or the labels of the training rows' sets
             sets = None if len(targets) > 1 else parse_label_sets(_rows(frame[target], rows))
             prep.classes = targets if sets is None else label_set_classes(sets)

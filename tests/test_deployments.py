@@ -73,10 +73,10 @@ def test_setup_and_deploy_all_from_prefect_yaml(server_env):
         assert watch_schedule.schedule.cron == "*/10 * * * *"
         # the retrain trigger: an automation linked to train/default that runs it on fitflow.data.changed
         train_id = client.read_deployment_by_name("train/default").id
-        (automation,) = client.read_resource_related_automations(f"prefect.deployment.{train_id}")
-        assert automation.trigger.expect == {"fitflow.data.changed"}
-        (action,) = automation.actions
-        assert action.parameters["data"] == "{{ event.payload.source }}"
+        automations = client.read_resource_related_automations(f"prefect.deployment.{train_id}")
+        starts = {next(iter(a.trigger.expect)): a.actions[0].parameters["data"] for a in automations}
+        assert starts == {"fitflow.data.changed": "{{ event.payload.source }}",  # the watch flow's event
+                          "fitflow.drift.detected": "{{ event.payload.training_data }}"}  # predict's
         schema = client.read_deployment_by_name("train/default").parameter_openapi_schema["properties"]
         assert schema["epochs"]["minimum"] == 1 and "description" in schema["batch_size"]
 

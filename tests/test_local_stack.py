@@ -108,8 +108,9 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
         assert f"({mlflow_url}/#/experiments/" in weak.stdout
         mlflow = MlflowClient(mlflow_url)
         (first,) = mlflow.search_runs([mlflow.get_experiment_by_name("fitflow").experiment_id])
-        os.environ["PREFECT_API_URL"] = prefect_api  # this test process asks the stack's Prefect server
-        try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: prefect_api}):  # this test process asks the stack's Prefect server
             from prefect import get_client
 
             with get_client(sync_client=True) as prefect:
@@ -144,8 +145,6 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
             again = _wait_for(lambda: _finished_train_runs(prefect, 2), "second triggered run")[0]
             assert again.state.name == "Unchanged", again.state
             assert len(mlflow.search_model_versions("name='loop'")) == 2
-        finally:
-            del os.environ["PREFECT_API_URL"]
 
         down = _cli(home, "down")
         assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr

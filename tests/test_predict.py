@@ -131,3 +131,50 @@ def test_bad_input_exits_2_with_one_line_and_no_run_left_running(case, trained, 
 def _prediction_runs(client: MlflowClient) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.fitflow.flow = 'predict'")
+
+
+def _drift_events(model_name: str) -> list:
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        return client.read_events(EventFilter(event=EventNameFilter(name=["fitflow.drift.detected"]),
+                                              resource=EventResourceFilter(id=[f"fitflow.model.{model_name}"])),
+                                  limit=50).events
+
+
+def test_drift_per_column_is_logged_and_above_the_threshold_is_an_event(trained, tmp_path):
+    import time
+
+    config, result, folder = trained
+    rows = load_table(config.data)
+    steady = predict(PredictConfig(model="models:/mixed@champion", data=config.data, out=str(tmp_path / "same.csv")))
+    assert steady.summary["drift"]["drifted"] == [] and steady.summary["drift"]["max_psi"] < 0.2
+    client = MlflowClient()
+    assert client.get_run(steady.run_id).data.tags["fitflow.drift"] == "none"
+
+    shifted = rows.copy()
+    shifted["x2"] = shifted["x2"] + 30  # three training standard deviations up
+    shifted.loc[shifted.index[::2], "colour"] = "purple"  # a colour the model never saw
+    shifted.to_csv(tmp_path / "shifted.csv", index=False)
+    out = predict(PredictConfig(model="models:/mixed@champion", data=str(tmp_path / "shifted.csv"),
+                                out=str(tmp_path / "p.csv"), drift_threshold=0.2))
+    drift = out.summary["drift"]
+    assert set(drift["drifted"]) == {"x2", "colour"} and "x1" not in drift["drifted"]
+    assert drift["columns"]["colour"]["unseen_share"] == pytest.approx(0.5, abs=0.01)
+    assert drift["columns"]["x1"]["psi"] < 0.1
+    run = client.get_run(out.run_id)
+    assert run.data.metrics["drift_psi_x2"] == pytest.approx(drift["columns"]["x2"]["psi"], abs=1e-6)
+    assert drift["columns"]["x2"]["psi"] > 0.2
+    assert run.data.metrics["drift_unseen_share_colour"] == pytest.approx(0.5, abs=0.01)
+    assert set(run.data.tags["fitflow.drift"].split(", ")) == {"x2", "colour"}
+    table = pd.read_csv(client.download_artifacts(out.run_id, "drift.csv", str(tmp_path)))
+    assert set(table.loc[table["drifted"], "column"]) == {"x2", "colour"}
+
+    deadline = time.monotonic() + 120  # events reach the server from a background sender; this bounds a hang
+    while not _drift_events("mixed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (event,) = _drift_events("mixed")  # the steady run emitted none
+    assert event.payload["training_data"] == config.data and event.payload["model_name"] == "mixed"
+    assert set(event.payload["drifted"]) == {"x2", "colour"} and event.payload["mlflow_run_id"] == out.run_id
+    assert {r.id for r in event.related} >= {f"mlflow.run.{out.run_id}", f"mlflow.model.{out.model_uri}"}
