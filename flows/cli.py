@@ -112,11 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = commands.add_parser(
         "setup",
-        help="create the gpu-pool work pool and the GPU concurrency limits on the Prefect server",
+        help="create the gpu-pool work pool, the GPU concurrency limits and (with a target) the alerts",
         description="Create or update the work pool 'gpu-pool' (process type) and the 'gpu' tag concurrency "
-        "limit of the training task, both to N concurrent training runs. Needs PREFECT_API_URL.",
+        "limit of the training task, both to N concurrent training runs; with --notify-url or --notify-block, "
+        "the alert automations (a failed train/sweep/predict run, a new champion, drift). Needs PREFECT_API_URL "
+        "(or `fitflow up`). Safe to run again.",
     )
     setup.add_argument("--gpus", type=int, default=1, metavar="N", help="concurrent training runs (default: 1)")
+    target = setup.add_mutually_exclusive_group()
+    target.add_argument("--notify-url", metavar="URL", help="alerts (failed runs, a new champion, drift) as JSON POSTs "
+                        "to this webhook (a notification block 'fitflow-alerts' is saved); runs again update them")
+    target.add_argument("--notify-block", metavar="TYPE/NAME", help="alerts through a notification block you created "
+                        "(e.g. slack-webhook/team-alerts, email-server-credentials/ops)")
     setup.set_defaults(handler=_setup)
 
     up = commands.add_parser(
@@ -219,7 +226,7 @@ def _setup(args: argparse.Namespace) -> int:
     configure_environment()
     from flows.deployments import setup
 
-    setup(gpus=_positive(args.gpus, "--gpus"))
+    setup(gpus=_positive(args.gpus, "--gpus"), notify_url=args.notify_url, notify_block=args.notify_block)
     return 0
 
 

@@ -82,8 +82,9 @@ def serve(limit: int = 1) -> None:
     prefect.serve(*runner_deployments(deployment_specs()), limit=limit)
 
 
-def setup(gpus: int = 1) -> None:
-    """Create or update the work pool and the "gpu" tag limit: one training run per GPU."""
+def setup(gpus: int = 1, notify_url: str | None = None, notify_block: str | None = None) -> None:
+    """Create or update the work pool and the "gpu" tag limit: one training run per GPU; with a
+    notification target, the alert automations too (flows/alerts.py)."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
@@ -95,4 +96,8 @@ def setup(gpus: int = 1) -> None:
         except ObjectAlreadyExists:
             client.update_work_pool(GPU_POOL, WorkPoolUpdate(concurrency_limit=gpus))
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)  # creates or updates
+        if notify_url or notify_block:
+            from flows.alerts import create_alerts
+
+            create_alerts(client, notify_url, notify_block)
     log.info("work pool '%s' and tag limit '%s' set to %d concurrent training run(s)", GPU_POOL, GPU_TAG, gpus)
