@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup.add_argument("--gpus", type=int, default=1, metavar="N", help="concurrent training runs (default: 1)")
     target = setup.add_mutually_exclusive_group()
-    target.add_argument("--notify-url", metavar="URL", help="alerts (failed runs, a new champion, drift) as JSON POSTs "
-                        "to this webhook (a notification block 'fitflow-alerts' is saved); runs again update them")
+    target.add_argument("--notify-url", metavar="URL", default=os.environ.get("FITFLOW_NOTIFY_URL") or None,
+                        help="alerts (failed runs, a new champion, drift) as JSON POSTs to this webhook (a notification "
+                        "block 'fitflow-alerts' is saved; default: FITFLOW_NOTIFY_URL); runs again update them")
     target.add_argument("--notify-block", metavar="TYPE/NAME", help="alerts through a notification block you created "
                         "(e.g. slack-webhook/team-alerts, email-server-credentials/ops)")
     setup.set_defaults(handler=_setup)
