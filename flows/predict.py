@@ -212,14 +212,14 @@ def announce_drift(config: PredictConfig, ref: ModelRef, run_id: str, drift: dic
     """`fitflow.drift.detected` about the registered model (or, unregistered, the prediction run), with the
     training data source and the model name: what the retrain trigger in prefect.yaml passes on."""
     client = MlflowClient(tracking_uri())
-    training_data = client.get_run(ref.source_run_id).data.params.get("data", "") if ref.source_run_id else ""
+    trained_on = client.get_run(ref.source_run_id).data.params if ref.source_run_id else {}
     resource = (events.registered_model(ref.name, ref.version) if ref.name
                 else {"prefect.resource.id": f"fitflow.prediction.{run_id}", "prefect.resource.name": run_id})
     log.warning("drift: %s drifted from the training data (PSI above %g; max %s)", ", ".join(drift["drifted"]),
                 drift["threshold"], drift["max_psi"])
     events.emit(events.DRIFT_DETECTED, resource, [events.mlflow_run(run_id), events.mlflow_model(ref.uri)], {
         "model_uri": ref.uri, "model_name": ref.name or "", "model_version": ref.version or "", "data": config.data,
-        "training_data": training_data, "threshold": drift["threshold"], "max_psi": drift["max_psi"],
+        "training_data": trained_on.get("data", ""), "target": trained_on.get("target", ""), "threshold": drift["threshold"], "max_psi": drift["max_psi"],
         "drifted": {name: drift["columns"][name] for name in drift["drifted"]}, "mlflow_run_id": run_id})
 
 

@@ -4,7 +4,7 @@ Scheduled (every 10 minutes, prefect.yaml) or run by hand (`prefect deployment r
 'watch/default'`), it computes each source's content digest (tasks/source_digest.py), compares it
 with the digest it saw last time (a Prefect variable per source, `fitflow_watch_<hash of the
 path>`, visible under Variables in the UI) and emits `fitflow.data.changed` (source, digest,
-previous digest) for each one that changed. The train deployment's trigger (prefect.yaml) starts
+previous digest, and the target and model name a retrain uses) for each one that changed. The train deployment's trigger (prefect.yaml) starts
 a retrain on that event. A source seen for the first time is only remembered: nothing is known
 to have changed. A retrain whose data and config equal the current champion's ends at once as
 "Unchanged" (flows/train.py), so a spurious event costs nothing.
@@ -38,6 +38,8 @@ class Seen(BaseModel):
 def watch(
     sources: list[str] = Field(default=["breast_cancer"], description="Tables or data folders to watch (paths as "
                                "the worker sees them, or names of datasets in data/)", min_length=1),
+    target: str = Field(default="diagnosis", min_length=1, description="The column (or 0/1 columns a,b,c) a retrain "
+                        "predicts; passed in the event"),
     register_model: str = Field(default="breast-cancer", pattern=r"^[A-Za-z0-9_.-]+$",
                                 description="Registered model a retrain registers to (its champion is what "
                                 "'unchanged' is judged against); passed in the event"),
@@ -57,7 +59,7 @@ def watch(
             log.info("%s changed: %s -> %s", source, previous, digest)
             events.emit(events.DATA_CHANGED, events.data_source(source, digest), [],
                         {"source": source, "digest": digest, "previous_digest": previous,
-                         "register_model": register_model})
+                         "target": target, "register_model": register_model})
     return seen
 
 

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 from conftest import write_mixed_classification_csv
@@ -108,17 +109,16 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
         assert f"({mlflow_url}/#/experiments/" in weak.stdout
         mlflow = MlflowClient(mlflow_url)
         (first,) = mlflow.search_runs([mlflow.get_experiment_by_name("fitflow").experiment_id])
+        from prefect import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: prefect_api}):  # this test process asks the stack's Prefect server
-            from prefect import get_client
-
-            with get_client(sync_client=True) as prefect:
-                assert prefect.read_flow_run(first.data.tags["prefect.flow_run_id"]).state.is_completed()
+        # this test process asks the stack's Prefect server
+        with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as prefect:
+            assert prefect.read_flow_run(first.data.tags["prefect.flow_run_id"]).state.is_completed()
 
             # the watch flow, served: the first run remembers the file, a changed file -> event -> retrain
             watch = ["deployment", "run", "watch/default", "--param", f"sources={json.dumps([str(table)])}",
-                     "--param", "register_model=loop", "--watch"]
+                     "--param", "target=label", "--param", "register_model=loop", "--watch"]
             _wait_for(lambda: _served(prefect, "watch/default") and _served(prefect, "train/default"), "served deployments")
             seen = subprocess.run([str(BIN / "prefect"), *watch], env={**_env(home), "PREFECT_API_URL": prefect_api},
                                   capture_output=True, text=True, timeout=DEADLINE_S)
@@ -140,11 +140,23 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
             from prefect.events.worker import EventsWorker
 
             emit_event("fitflow.data.changed", resource={"prefect.resource.id": f"fitflow.data.{table}"},
-                       payload={"source": str(table), "register_model": "loop", "digest": "", "previous_digest": ""})
+                       payload={"source": str(table), "target": "label", "register_model": "loop", "digest": "",
+                                "previous_digest": ""})
             EventsWorker.drain_all()
             again = _wait_for(lambda: _finished_train_runs(prefect, 2), "second triggered run")[0]
             assert again.state.name == "Unchanged", again.state
             assert len(mlflow.search_model_versions("name='loop'")) == 2
+
+            # the champion scores drifted rows (fitflow predict finds the stack too): drift -> event -> retrain
+            shifted = pd.read_csv(table)
+            shifted["x2"] = shifted["x2"] + 30
+            shifted.to_csv(tmp_path / "shifted.csv", index=False)
+            scored = _cli(home, "predict", "--model", "models:/loop@champion", "--data", str(tmp_path / "shifted.csv"),
+                          "--out", str(tmp_path / "scored.csv"))
+            assert scored.returncode == 0 and "drift: x2" in scored.stdout, scored.stderr[-3000:]
+            third = _wait_for(lambda: _finished_train_runs(prefect, 3), "retrain after drift")[0]
+            assert third.parameters["data"] == str(table) and third.parameters["register_model"] == "loop"
+            assert third.state.name == "Unchanged"  # the training source has no new rows: nothing to learn
 
         down = _cli(home, "down")
         assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr

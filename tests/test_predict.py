@@ -176,5 +176,6 @@ def test_drift_per_column_is_logged_and_above_the_threshold_is_an_event(trained,
         time.sleep(0.2)
     (event,) = _drift_events("mixed")  # the steady run emitted none
     assert event.payload["training_data"] == config.data and event.payload["model_name"] == "mixed"
+    assert event.payload["target"] == "label"
     assert set(event.payload["drifted"]) == {"x2", "colour"} and event.payload["mlflow_run_id"] == out.run_id
     assert {r.id for r in event.related} >= {f"mlflow.run.{out.run_id}", f"mlflow.model.{out.model_uri}"}

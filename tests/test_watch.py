@@ -62,7 +62,7 @@ def test_watch_remembers_each_source_and_announces_only_a_change(tmp_path):
         time.sleep(0.2)
     (event,) = _changed_events(str(table))  # one change, one event: none for the first sight or the repeat
     assert event.payload == {"source": str(table), "digest": changed.digest, "previous_digest": first.digest,
-                             "register_model": "watched"}
+                             "target": "diagnosis", "register_model": "watched"}
     assert event.resource["fitflow.data.digest"] == changed.digest
 
 
