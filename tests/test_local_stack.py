@@ -136,13 +136,14 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
             assert champion.run_id == retrained[0].info.run_id  # re-scoring: it beat v1 on the new data's test split
 
             # the same data announced again: the retrain ends at once as Unchanged, no new model
-            from prefect.events import emit_event
-            from prefect.events.worker import EventsWorker
-
-            emit_event("fitflow.data.changed", resource={"prefect.resource.id": f"fitflow.data.{table}"},
-                       payload={"source": str(table), "target": "label", "register_model": "loop", "digest": "",
-                                "previous_digest": ""})
-            EventsWorker.drain_all()
+            # from a fresh process: this one's events worker may still be bound to another test's server
+            announce = ("import sys; from prefect.events import emit_event; from prefect.events.worker import "
+                        "EventsWorker; emit_event('fitflow.data.changed', resource={'prefect.resource.id': "
+                        "'fitflow.data.' + sys.argv[1]}, payload={'source': sys.argv[1], 'target': 'label', "
+                        "'register_model': 'loop', 'digest': '', 'previous_digest': ''}); EventsWorker.drain_all()")
+            emitted = subprocess.run([sys.executable, "-c", announce, str(table)], capture_output=True, text=True,
+                                     env={**_env(home), "PREFECT_API_URL": prefect_api}, timeout=DEADLINE_S)
+            assert emitted.returncode == 0, emitted.stderr[-3000:]
             again = _wait_for(lambda: _finished_train_runs(prefect, 2), "second triggered run")[0]
             assert again.state.name == "Unchanged", again.state
             assert len(mlflow.search_model_versions("name='loop'")) == 2
