@@ -30,6 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows import events
+from tasks.baseline import judged_metric
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError, FitflowError
 from tasks.rescoring import NotComparable
@@ -61,11 +62,6 @@ class Decision:
         return f"{self.uri} is {self.alias}: {self.reason}"
 
 
-def gate_metric(monitor: str) -> str:
-    """The test-split counterpart of the monitored metric: val_accuracy -> test_accuracy."""
-    return "test_" + monitor.split("_", 1)[1]
-
-
 def evaluation_data_key(run: MlflowRun) -> dict[str, str | None]:
     """What fixes a run's test rows: the dataset digest and the split settings."""
     params = run.data.params
@@ -85,7 +81,7 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
                    rescore: Rescore | None = None) -> Decision:
     """Register the run's model as a new version of `name` and gate the `champion` alias; `rescore`
     scores the champion on this run's test split when that differs from the champion's own."""
-    metric = gate_metric(monitor)
+    metric = judged_metric(monitor)
     run = client.get_run(run_id)
     if metric not in run.data.metrics:
         raise ConfigError(f"run {run_id} has no metric '{metric}' to compare models by; monitor a metric the test split logs")
