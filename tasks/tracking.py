@@ -168,8 +168,22 @@ def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: 
     fields = dataset.to_dict()  # public; the run's dataset entity is made of these fields
     entity = DatasetEntity(name=fields["name"], digest=fields["digest"], source_type=fields["source_type"],
                            source=fields["source"], schema=fields.get("schema"), profile=fields.get("profile"))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
+            break
+        except MlflowException as err:
+            # MLflow's store looks the dataset up, then inserts it, in one transaction that is
+            # rolled back whole: a run in the same experiment logging the same data between the two
+            # makes the insert break the (experiment, name, digest) key. Asked again, the store finds it.
+            if attempt == 2 or not _lost_dataset_insert_race(err):
+                raise
     return dataset.digest
+
+
+def _lost_dataset_insert_race(err: MlflowException) -> bool:
+    message = str(err.message)
+    return "datasets" in message and ("UNIQUE constraint failed" in message or "duplicate key" in message)
 
 
 def dataset_digest(table: pd.DataFrame, source: str, target: str | None) -> str:

@@ -20,6 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from stack import Process, free_port, wait_http
@@ -125,6 +126,35 @@ def test_experiment_get_or_create_when_callers_race_on_a_local_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.prepare_store(uri)
     assert_one_experiment_per_name_when_created_at_once(uri)
+
+
+def test_runs_log_the_same_dataset_at_once(tmp_path):
+    """Runs of one experiment logging the same table at one moment: each gets it, once.
+
+    MLflow's store looks a dataset up and then inserts it; two runs between those steps broke
+    the (experiment, name, digest) key and failed their start (CI on ac16b6a). Threads
+    released together force that race.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    table = pd.read_csv(Path(__file__).parents[1] / "data" / "breast_cancer.csv")
+    callers = 8
+
+    def log(run_id: str) -> str:
+        barrier.wait()
+        return tracking.log_dataset(MlflowClient(uri), run_id, table, "breast_cancer.csv", "diagnosis", "breast_cancer")
+
+    for trial in range(3):  # the race is lost most times, not every time, without the retry
+        experiment = tracking.experiment_id(client, f"datasets-race-{trial}")
+        run_ids = [client.create_run(experiment).info.run_id for _ in range(callers)]
+        barrier = threading.Barrier(callers)
+        with ThreadPoolExecutor(callers) as pool:
+            digests = list(pool.map(log, run_ids))
+        assert len(set(digests)) == 1
+        for run_id in run_ids:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("breast_cancer", digests[0])]
 
 
 def test_four_runs_at_once_on_the_default_local_store(tmp_path):
