@@ -28,7 +28,7 @@ from fitflow.callbacks import EarlyStopping
 from fitflow.inputs import LABELS, FitData, fit_data, kind_of, model_inputs, split_for, test_record
 from flows.registry import Decision, register_model
 from flows.resume import config_of_run
-from flows.steps import build_loaders_task, run_step
+from flows.steps import build_loaders_task, on_own_device, run_step
 from flows.train import log_test_metrics, log_trained_model, start_run, train_in_run
 from tasks import system_metrics, tracking
 from tasks.callbacks import Callback
@@ -281,15 +281,16 @@ class _FitCall:
         _as_value_error(user_callbacks, config.callbacks)
         if self.resume:
             _check_same_settings(self.resume, config)
-        loaders = run_step(build_loaders_task, config, data.prepared)
-        run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
-        objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None and value != []}
-        if self.given.metrics:
-            objects["metrics"] = [_type(metric) for metric in self.given.metrics]
-        with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
-              system_metrics.sampled(run.client, run.run_id)):
-            run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
-            trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, self.given)
+        with on_own_device(config) as config:  # several GPUs: one no other run trains on
+            loaders = run_step(build_loaders_task, config, data.prepared)
+            run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
+            objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None and value != []}
+            if self.given.metrics:
+                objects["metrics"] = [_type(metric) for metric in self.given.metrics]
+            with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
+                  system_metrics.sampled(run.client, run.run_id)):
+                run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
+                trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, self.given)
         return _Fitted(config, data, run, trained)
 
 

@@ -7,9 +7,10 @@ last epoch checkpoint); the cache only on deterministic data preparation, keyed 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
+from flows.environment import fitflow_home
 from tasks import images
 from tasks.baseline import Baseline, linear_baseline
 from tasks.callbacks import Callback
@@ -26,6 +28,7 @@ from tasks.config import TrainConfig, target_columns
 from tasks.data import Prepared, content_key, load_table, prepare, resolve_source
 from tasks.distributed import train_distributed
 from tasks.errors import FitflowError
+from tasks.gpu_slots import claimed_device
 from tasks.images import index_images
 from tasks.images_prepare import ImagesPrepared, prepare_images
 from tasks.kinds import detect_kind
@@ -146,3 +149,14 @@ build_loaders_task = task(build_loaders, name="build_loaders", cache_policy=NO_C
 train_model_task = task(train_model, name="train_model", cache_policy=NO_CACHE, tags=["training", "gpu"])
 evaluate_on_test_task = task(evaluate_on_test, name="evaluate_on_test", cache_policy=NO_CACHE)
 linear_baseline_task = task(linear_baseline, name="linear_baseline", cache_policy=NO_CACHE)
+
+
+@contextlib.contextmanager
+def on_own_device(config: TrainConfig) -> Iterator[TrainConfig]:
+    """The config with the device this run holds while the block runs: on a machine with several GPUs,
+    one no other run trains on (tasks/gpu_slots.py; the locks live in $FITFLOW_HOME/gpus)."""
+    with claimed_device(config.launch.device, fitflow_home() / "gpus", config.launch.strategy) as device:
+        if device == config.launch.device:
+            yield config
+        else:
+            yield config.model_copy(update={"launch": config.launch.model_copy(update={"device": device})})

@@ -44,7 +44,14 @@ from pydantic import BaseModel
 from flows.doctor import close_runs_of_flow_run
 from flows.environment import fitflow_home, tracking_uri
 from flows.registry import register_model_task
-from flows.steps import DataRecord, baseline_of_run, evaluate_on_test_task, load_and_prepare, train_model_task
+from flows.steps import (
+    DataRecord,
+    baseline_of_run,
+    evaluate_on_test_task,
+    load_and_prepare,
+    on_own_device,
+    train_model_task,
+)
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
 from tasks import search, system_metrics, tracking
@@ -264,20 +271,21 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
         # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves
         run.client.set_tag(run.run_id, "fitflow.worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning_callback = search.OptunaPruning(pruning.trial(), config.monitor)
-        loaders = build_loaders(config, prepared)
-        trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
-        tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
-        curve = trained.history.history[config.monitor]
-        value = curve[trained.best_epoch - 1]
-        state = "pruned" if pruning_callback.pruned_at else "complete"
-        run.client.set_tag(run.run_id, "fitflow.trial_state", state)
-        if pruning_callback.pruned_at:  # clearly bad: skip the test pass and the model, keep the curves in MLflow
-            run.client.set_tag(run.run_id, "fitflow.pruned_at_epoch", str(pruning_callback.pruned_at))
-            tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
-        else:
-            test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-            log_model(config, prepared, data, run, trained, test_metrics,
-                      baseline_of_run(config, data, prepared, loaders, trained))
+        with on_own_device(config) as config:  # several GPUs: trials at once train on different ones
+            loaders = build_loaders(config, prepared)
+            trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
+            tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
+            curve = trained.history.history[config.monitor]
+            value = curve[trained.best_epoch - 1]
+            state = "pruned" if pruning_callback.pruned_at else "complete"
+            run.client.set_tag(run.run_id, "fitflow.trial_state", state)
+            if pruning_callback.pruned_at:  # clearly bad: skip the test pass and the model, keep the curves in MLflow
+                run.client.set_tag(run.run_id, "fitflow.pruned_at_epoch", str(pruning_callback.pruned_at))
+                tracking.log_metrics(run.client, run.run_id, {f"best_{config.monitor}": value}, step=trained.best_epoch)
+            else:
+                test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
+                log_model(config, prepared, data, run, trained, test_metrics,
+                          baseline_of_run(config, data, prepared, loaders, trained))
     return {"run_id": run.run_id, "state": state, "value": value, "curve": curve}
 
 

@@ -36,6 +36,7 @@ from flows.steps import (
     build_loaders_task,
     evaluate_on_test_task,
     load_and_prepare,
+    on_own_device,
     retry_after_crash,
     run_step,
     train_model_task,
@@ -94,14 +95,15 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
         same = champion_of_same_inputs(config, data)
         if same is not None:
             return Completed(name="Unchanged", message=same.unchanged, data=same)
-    loaders = build_loaders_task(config, prepared)
-    run = start_run(config, prepared, data, resume=resume)
-    with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
-          system_metrics.sampled(run.client, run.run_id)):
-        trained = train_in_run(config, prepared, loaders, run)
-        test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
-        baseline = baseline_of_run(config, data, prepared, loaders, trained)
-        model_uri = log_model(config, prepared, data, run, trained, test_metrics, baseline)
+    with on_own_device(config) as config:  # several GPUs: one no other run trains on, until the model is logged
+        loaders = build_loaders_task(config, prepared)
+        run = start_run(config, prepared, data, resume=resume)
+        with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
+              system_metrics.sampled(run.client, run.run_id)):
+            trained = train_in_run(config, prepared, loaders, run)
+            test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
+            baseline = baseline_of_run(config, data, prepared, loaders, trained)
+            model_uri = log_model(config, prepared, data, run, trained, test_metrics, baseline)
     decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor,
                                     rescore=rescorer(config, prepared, data.frame if data.kind == "table" else None))
                 if config.register_model else None)
