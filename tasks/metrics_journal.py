@@ -18,6 +18,11 @@ answer and the cursor's update, resends a batch that is harmless: the journal ke
 timestamp, and MLflow's SQL stores drop a metric identical in key, step, timestamp and value
 (their primary key), so the resend adds no row.
 
+After a crash or a power loss: a torn last line (no newline) is cut when a writer opens the
+journal, so the next line is not glued onto it; a damaged line elsewhere is skipped with a
+warning; a damaged cursor counts as nothing delivered (the resend is harmless, as above). The
+cursor and the other small files are written through tasks/durable_files.py (fsync'd).
+
 Files in `<FITFLOW_HOME>/checkpoints/<run id>/`:
 
     metrics.jsonl      one line per epoch: {"step": 3, "timestamp": <ms>, "metrics": {"val_loss": 0.41, ...}},
@@ -30,6 +35,7 @@ Files in `<FITFLOW_HOME>/checkpoints/<run id>/`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -40,9 +46,11 @@ from filelock import FileLock
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks.durable_files import write_atomically
 from tasks.errors import TrackingError
 from tasks.mlflow_private import log_batch_once
 
+log = logging.getLogger("fitflow")
 REQUEST_TIMEOUT_S = 10  # one delivery try against a server that accepts connections but does not answer
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
@@ -71,9 +79,14 @@ class Journal:
         self.cursor = self.folder / "metrics.delivered"
         self.origin_path = self.folder / "tracking.json"
         self.end_path = self.folder / "run_end.json"
+        self.opened = False  # this writer has checked the journal's end (a torn line is cut once)
+        self.warned = False  # a damaged line was reported
 
     def append(self, *entries: Entry) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.opened:
+            self._cut_torn_tail()
+            self.opened = True
         lines = "".join(json.dumps({"step": e.step, "timestamp": e.timestamp, "metrics": e.metrics, "per": e.per}) + "\n"
                         for e in entries)
         with open(self.path, "a", encoding="utf-8") as file:
@@ -81,18 +94,60 @@ class Journal:
             file.flush()
             os.fsync(file.fileno())  # on disk before anything is sent: a crash loses no epoch
 
+    def _cut_torn_tail(self) -> None:
+        """Cut a last line without its newline: the previous writer was stopped while writing it (a kill,
+        power loss, a full disk). Left there, this writer's first line would be glued onto it and every
+        later read would fail. The one writer is the training process, so a line this one finds torn is
+        never still being written."""
+        try:
+            with open(self.path, "r+b") as file:
+                data = file.read()
+                whole = data.rfind(b"\n") + 1
+                if whole == len(data):
+                    return
+                file.truncate(whole)
+                file.flush()
+                os.fsync(file.fileno())
+        except FileNotFoundError:
+            return
+        log.warning("cut a torn last line (%d bytes, written when a previous attempt was stopped) from %s",
+                    len(data) - whole, self.path)
+
     def entries(self) -> list[Entry]:
+        """The journal's whole lines, as entries; a damaged line is skipped with a warning (once per Journal)."""
         if not self.path.exists():
             return []
-        text = self.path.read_text(encoding="utf-8")
+        text = self.path.read_text(encoding="utf-8", errors="replace")
         lines = text.splitlines()[: text.count("\n")]  # a line still being written has no newline yet
-        return [Entry(**json.loads(line)) for line in lines if line]
+        entries, damaged = [], []
+        for number, line in enumerate(lines, start=1):
+            try:
+                entries.append(Entry(**json.loads(line)))
+            except (ValueError, TypeError) as err:
+                damaged.append((number, err))
+        if damaged and not self.warned:
+            self.warned = True
+            number, err = damaged[0]
+            log.warning("metrics journal %s line %d is damaged (%s)%s; its epoch's metrics are not delivered, the "
+                        "other lines are", self.path, number, str(err)[:100],
+                        f" and {len(damaged) - 1} more line(s)" if len(damaged) > 1 else "")
+        return entries
 
     def delivered(self) -> int:
-        return int(self.cursor.read_text()) if self.cursor.exists() else 0
+        """How many entries MLflow has. A damaged cursor (power lost before the file reached the disk)
+        counts as none: delivery starts over, and MLflow stores a resent value once (see above)."""
+        try:
+            text = self.cursor.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return 0
+        if text.strip().isdigit() and text.strip().isascii():
+            return int(text)
+        log.warning("the delivery cursor %s is damaged (%r); sending the journal's metrics again from the start "
+                    "(MLflow keeps one copy of a value sent twice)", self.cursor, text[:40])
+        return 0
 
     def mark_delivered(self, count: int) -> None:
-        _write_atomically(self.cursor, str(count))
+        write_atomically(self.cursor, str(count))
 
     def pending(self) -> list[Entry]:
         return self.entries()[self.delivered():]
@@ -104,23 +159,16 @@ class Journal:
 
     def record_origin(self, run_id: str, tracking_uri: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.origin_path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+        write_atomically(self.origin_path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
 
     def origin(self) -> dict[str, str]:
         return json.loads(self.origin_path.read_text(encoding="utf-8"))
 
     def keep_end(self, status: str, end_time: int, tags: dict[str, str]) -> None:
-        _write_atomically(self.end_path, json.dumps({"status": status, "end_time": end_time, "tags": tags}))
+        write_atomically(self.end_path, json.dumps({"status": status, "end_time": end_time, "tags": tags}))
 
     def kept_end(self) -> dict | None:
         return json.loads(self.end_path.read_text(encoding="utf-8")) if self.end_path.exists() else None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)  # at fit start, before the first checkpoint made the folder
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def first_batch(entries: list[Entry]) -> list[Entry]:

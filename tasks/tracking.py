@@ -112,7 +112,7 @@ def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None)
         status = "FAILED" if isinstance(err, Exception) else "KILLED"
         error = redact_text(f"{type(err).__name__}: {err}")[:5000]  # MLflow's errors quote request URLs
         journal = metrics_journal.Journal(folder) if folder is not None else None
-        if journal is not None and journal.pending():
+        if journal is not None and _undelivered(journal):
             journal.keep_end(status, int(time.time() * 1000), {
                 "fitflow.error": error,
                 "fitflow.closed_by": "fitflow upload-metrics: the tracking server was unreachable when the run ended"})
@@ -122,6 +122,14 @@ def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None)
             client.set_tag(run_id, "fitflow.error", error)
             client.set_terminated(run_id, status)
         raise
+
+
+def _undelivered(journal: metrics_journal.Journal) -> bool:
+    try:
+        return bool(journal.pending())
+    except OSError as err:  # an unreadable journal must not keep the run from ending
+        log.warning("could not read the metrics journal %s (%s); ending the run on the server", journal.path, err)
+        return False
 
 
 @contextmanager

@@ -17,7 +17,7 @@ PAGE = REPO / "docs" / "reliability.md"
 # Files whose every test is a fault injection or a bad-input test: each must have its row.
 FAULT_FILES = ["test_resume.py", "test_checkpoints.py", "test_tracking_outage.py", "test_concurrency.py",
                "test_security.py", "test_properties.py", "test_model_loading.py",
-               "test_table_input.py"]
+               "test_table_input.py", "test_metrics_journal.py"]
 REFERENCE = re.compile(r"`tests/(test_\w+\.py)::(test_\w+)`")
 
 

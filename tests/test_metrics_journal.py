@@ -1,0 +1,108 @@
+"""The metrics journal after a crash: a torn last line, a damaged cursor, a damaged line.
+
+Real torch, a real MLflow store (sqlite in tmp_path), no Prefect: the journal, its delivery
+thread and the run's end as the training step and `fitflow upload-metrics` use them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+from tasks.callbacks import Callback
+from tasks.config import TrainConfig
+from tasks.data import load_table, prepare
+from tasks.metrics_journal import Delivery, Entry, Journal, sender, upload
+from tasks.trainer import Run, build_loaders, prep_spec, train_model
+
+
+class CrashAt(Callback):
+    """Raises after an epoch is journaled and checkpointed: a crash between two epochs."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, state) -> None:
+        if state.epoch == self.epoch:
+            raise RuntimeError(f"simulated crash after epoch {self.epoch}")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    config = TrainConfig()
+    return prepare(load_table(config.data), prep_spec(config))
+
+
+@pytest.fixture
+def run(mlflow_uri, tmp_path, monkeypatch) -> Run:
+    monkeypatch.setenv("FITFLOW_TRACKING_WAIT_S", "5")  # a local store answers at once; never wait long
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("journal")
+    run_id = client.create_run(experiment).info.run_id
+    return Run(client, run_id, experiment, tmp_path / "checkpoints" / run_id)
+
+
+def _train(config, prepared, run, extra=()):
+    return train_model(config, prepared, build_loaders(config, prepared), run, extra_callbacks=extra, progress=False)
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_a_torn_last_line_is_cut_on_open_and_the_rest_delivered(prepared, run):
+    config = TrainConfig(epochs=4, batch_size=32)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(config, prepared, run, extra=[CrashAt(2)])
+    journal = Journal(run.checkpoint_dir)
+    with open(journal.path, "ab") as file:  # the power went while epoch 3's line was being written
+        file.write(b'{"step": 3, "timestamp": 17000000')
+
+    _train(config, prepared, run)  # resumes from epoch 2: the next line must not be glued onto the torn one
+
+    assert [entry.step for entry in journal.entries()] == [1, 2, 3, 4]
+    assert journal.path.read_bytes().endswith(b"\n") and journal.delivered() == 4
+    for key in ("train_loss", "val_loss", "lr"):
+        assert _steps(run.client, run.run_id, key) == [1, 2, 3, 4], key
+    with open(journal.path, "ab") as file:  # torn again, then `fitflow upload-metrics`: nothing left to send
+        file.write(b'{"step": 5, "time')
+    assert upload(journal, run.client, run.run_id).sent == []
+
+
+def test_a_damaged_line_is_skipped_with_a_warning_and_the_run_still_ends_failed(run, caplog):
+    """A journal glued by an earlier fitflow (or damaged on disk) in the middle: the other lines are
+    delivered, and a failing run still ends FAILED (reading the journal must not fail its handler)."""
+    journal = Journal(run.checkpoint_dir)
+    journal.append(Entry(1, 1000, {"val_loss": 0.5}))
+    with open(journal.path, "ab") as file:
+        file.write(b'{"step": 2, "timestamp": 2{"step": 2, "timestamp": 2000, "metrics": {"val_loss": 0.4}}\n')
+    journal.append(Entry(3, 3000, {"val_loss": 0.3}))
+
+    assert [entry.step for entry in journal.entries()] == [1, 3]
+    assert any(f"{journal.path} line 2 is damaged" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="the training failed"):
+        with tracking.fail_on_error(run.client, run.run_id, run.checkpoint_dir):
+            raise ValueError("the training failed")
+    # the undelivered epochs were kept with the run's end; the upload sends them and ends the run
+    ended = upload(journal, run.client, run.run_id)
+    assert [entry.step for entry in ended.sent] == [1, 3] and ended.ended == "FAILED"
+    assert _steps(run.client, run.run_id, "val_loss") == [1, 3]
+    assert run.client.get_run(run.run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("cursor", ["", "  \n", "3\x00\x00", "-1", "garbage"])
+def test_a_damaged_cursor_resends_the_journal_once(run, caplog, cursor):
+    """An empty or unreadable `metrics.delivered` (power lost between its write and its rename before
+    writes were fsync'd): delivery starts over, and the store keeps one copy of each value."""
+    journal = Journal(run.checkpoint_dir)
+    journal.append(Entry(1, 1000, {"val_loss": 0.5}), Entry(2, 2000, {"val_loss": 0.4}))
+    assert upload(journal, run.client, run.run_id).sent
+    journal.cursor.write_text(cursor)
+
+    assert journal.delivered() == 0
+    assert any(f"{journal.cursor} is damaged" in r.getMessage() for r in caplog.records)
+    delivery = Delivery(journal, sender(run.client, run.run_id))
+    delivery.notify()
+    assert delivery.close(wait_s=30) == [] and journal.delivered() == 2
+    assert _steps(run.client, run.run_id, "val_loss") == [1, 2]  # sent again, stored once
