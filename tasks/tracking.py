@@ -103,7 +103,8 @@ def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None)
     With the run's checkpoint `folder`: if its metrics journal holds undelivered epochs, the
     tracking server was unreachable when training ended, so the end is kept in the journal too
     (asking the server would wait out MLflow's retries, minutes per call, and then fail);
-    `fitflow upload-metrics <run id>` records both once the server is back.
+    `fitflow upload-metrics <run id>` records both once the server is back. The same when the
+    server refuses or fails the calls that end the run.
     """
     try:
         yield
@@ -113,15 +114,24 @@ def fail_on_error(client: MlflowClient, run_id: str, folder: Path | None = None)
         error = redact_text(f"{type(err).__name__}: {err}")[:5000]  # MLflow's errors quote request URLs
         journal = metrics_journal.Journal(folder) if folder is not None else None
         if journal is not None and _undelivered(journal):
-            journal.keep_end(status, int(time.time() * 1000), {
-                "fitflow.error": error,
-                "fitflow.closed_by": "fitflow upload-metrics: the tracking server was unreachable when the run ended"})
-            log.warning("run %s ends %s once `fitflow upload-metrics %s` reaches the tracking server (kept in %s)",
-                        run_id, status, run_id, journal.end_path)
-        else:
+            _keep_end(journal, run_id, status, error, "the tracking server was unreachable when the run ended")
+            raise
+        try:
             client.set_tag(run_id, "fitflow.error", error)
             client.set_terminated(run_id, status)
+        except Exception as closing:  # noqa: BLE001 - the run's own error is the one to raise
+            reason = redact_text(f"{type(closing).__name__}: {closing}")[:300]
+            if journal is None:
+                log.warning("run %s could not be ended %s on the tracking server (%s)", run_id, status, reason)
+            else:
+                _keep_end(journal, run_id, status, error, f"the tracking server failed the run's end ({reason})")
         raise
+
+
+def _keep_end(journal: metrics_journal.Journal, run_id: str, status: str, error: str, why: str) -> None:
+    journal.keep_end(status, int(time.time() * 1000), {"fitflow.error": error, "fitflow.closed_by": f"fitflow upload-metrics: {why}"})
+    log.warning("run %s ends %s once `fitflow upload-metrics %s` reaches the tracking server (kept in %s)",
+                run_id, status, run_id, journal.end_path)
 
 
 def _undelivered(journal: metrics_journal.Journal) -> bool:
@@ -137,7 +147,7 @@ def finished_or_failed(client: MlflowClient, run_id: str, folder: Path | None = 
     """End the run FINISHED when the block completes, FAILED/KILLED when it raises (see fail_on_error)."""
     with fail_on_error(client, run_id, folder):
         yield
-    client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED")  # inside the guard: a run whose end fails ends FAILED, not RUNNING
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

@@ -219,3 +219,32 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     assert main(["upload-metrics", run_id]) == 0  # a second upload sends nothing again
     assert "sent epochs - of run" in capsys.readouterr().out
     assert_every_step_once(client, run_id, names, epochs)
+
+
+def test_a_run_whose_end_the_server_fails_is_not_left_running(server, home, monkeypatch, capsys):
+    """The server goes away after the last step, when only the run's end (FINISHED) is left to record:
+    the end is kept locally, and `fitflow upload-metrics` ends the run FAILED with the reason."""
+    from tasks import tracking
+    from tasks.metrics_journal import Entry, Journal
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each call fails at once, not after minutes
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("end-fails")).info.run_id
+    folder = home / "checkpoints" / run_id
+    journal = Journal(folder)
+    journal.record_origin(run_id, server.uri)
+    journal.append(Entry(1, 1000, {"val_loss": 0.5}))
+    journal.mark_delivered(1)
+
+    with pytest.raises(Exception, match="127.0.0.1"):  # the refused FINISHED call, raised after the end is kept
+        with tracking.finished_or_failed(client, run_id, folder):
+            server.stop()  # the block's work is done; the server is gone before the run's end is recorded
+    assert journal.kept_end()["status"] == "FAILED"
+
+    server.start()
+    assert client.get_run(run_id).info.status == "RUNNING"
+    capsys.readouterr()
+    assert main(["upload-metrics", run_id]) == 0
+    assert f"run {run_id} ended FAILED" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "the tracking server failed the run's end" in run.data.tags["fitflow.closed_by"]
