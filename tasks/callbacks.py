@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tasks.durable_files import atomic_file
 from tasks.errors import ConfigError
 
 log = logging.getLogger("fitflow")
@@ -137,11 +137,10 @@ class BestWeights(Callback):
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    """torch.save, atomically: write a partial file, then rename it over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)  # a crash never leaves a half-written checkpoint under the real name
+    """torch.save, atomically and durably (tasks/durable_files.py): a crash or a power loss never
+    leaves a half-written checkpoint under the real name; on return the file is on disk."""
+    with atomic_file(path) as file:
+        torch.save(checkpoint, file)
 
 
 class EarlyStopping(Callback):

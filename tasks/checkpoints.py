@@ -14,8 +14,11 @@ on, so a resumed run ends with the same weights, bit for bit on CPU, as one neve
   run id it belongs to.
 
 Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain containers only,
-never arbitrary pickled objects, so a tampered file cannot run code. A truncated or tampered
-file is a TrainingError naming the file and what to do, never a silent fresh start.
+never arbitrary pickled objects, so a tampered file cannot run code. A damaged newest file (cut
+short by a power loss or a full disk) falls back to the one before, with a warning; a tampered,
+foreign or incomplete one, or one that names no run or another run, is a TrainingError naming
+the file and what to do, never a silent fresh start. Files are fsync'd before the rename and
+the folder after it (tasks/durable_files.py), and the oldest is deleted only after that.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ FORMAT = 2  # 2: the global optimizer step
 _NAME = re.compile(r"^epoch-(\d+)\.pt$")
 
 
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint file that cannot be read (cut short, zero-filled, not a torch file)."""
+
+
 class Checkpoints(Callback):
     """Writes the full training state after every epoch; resumes from the newest one at the start.
 
@@ -50,15 +57,15 @@ class Checkpoints(Callback):
         self.directory, self.stateful, self.keep, self.run_id = Path(directory), stateful, keep, run_id
 
     def on_fit_start(self, state: FitState) -> None:
-        newest = latest_checkpoint(self.directory)
-        if newest is None:
+        found = newest_whole_checkpoint(self.directory)
+        if found is None:
             return
-        saved = load_checkpoint(newest)
-        if self.run_id is not None and saved.get("run_id") not in (None, self.run_id):
-            raise TrainingError(f"checkpoint {newest} belongs to run {saved['run_id']}, not {self.run_id}; "
+        path, saved = found
+        if saved["run_id"] != self.run_id:
+            raise TrainingError(f"checkpoint {path} belongs to run {saved['run_id']}, not {self.run_id}; "
                                 "move it away or resume that run")
-        restore(state, saved, self.stateful)
-        log.info("resumed from %s: epoch %d of %d", newest, state.epoch, state.epochs)
+        restore(state, saved, self.stateful, path)
+        log.info("resumed from %s: epoch %d of %d", path, state.epoch, state.epochs)
 
     def on_epoch_end(self, state: FitState) -> None:
         checkpoint = {
@@ -76,24 +83,32 @@ class Checkpoints(Callback):
             "rng": rng_state(),
         }
         save_checkpoint(self.directory / f"epoch-{state.epoch:05d}.pt", checkpoint)
+        # only now, with the new checkpoint on disk (fsync'd), may the ones it replaces go
         for old in checkpoint_files(self.directory)[: -self.keep]:
             old.unlink(missing_ok=True)
 
 
-def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback]) -> None:
+def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback], path: Path | None = None) -> None:
     """Put a checkpoint back: model, optimizer, scaler, callbacks, history and random generators."""
-    state.model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.scaler is not None and saved["scaler"]:
-        state.scaler.load_state_dict(saved["scaler"])
-    for name, callback in stateful.items():
+    for name in stateful:
         if name not in saved["callbacks"]:
             raise TrainingError(f"the checkpoint has no state for '{name}': it was written with another config; "
                                 "resume with the run's own config (fitflow resume <run id>)")
-        callback.load_state_dict(saved["callbacks"][name])
-    state.epoch, state.step, state.stop, state.logs = saved["epoch"], saved["step"], saved["stop"], dict(saved["logs"])
-    state.history[:] = [dict(logs) for logs in saved["history"]]
-    set_rng_state(saved["rng"])
+    try:
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scaler is not None and saved["scaler"]:
+            state.scaler.load_state_dict(saved["scaler"])
+        for name, callback in stateful.items():
+            callback.load_state_dict(saved["callbacks"][name])
+        state.epoch, state.step, state.stop, state.logs = saved["epoch"], saved["step"], saved["stop"], dict(saved["logs"])
+        state.history[:] = [dict(logs) for logs in saved["history"]]
+        set_rng_state(saved["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"checkpoint {path or ''} does not fit this run's model and settings "
+                            f"({type(err).__name__}: {reason}); resume with the run's own config "
+                            "(fitflow resume <run id>), or start a new run") from None
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -103,9 +118,27 @@ def checkpoint_files(directory: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
+def newest_whole_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that can be read, and its contents; None when there is none.
+
+    A damaged newest one (a power loss, a full disk) falls back to the one before, with a warning:
+    the resumed run trains that epoch again, to the same weights, and its metrics are not logged
+    twice (tasks/tracking.py MlflowMetrics). A foreign or tampered file is an error, never skipped.
+    """
     files = checkpoint_files(directory)
-    return files[-1] if files else None
+    for index in range(len(files) - 1, -1, -1):
+        try:
+            return files[index], load_checkpoint(files[index])
+        except DamagedCheckpoint as err:
+            if index == 0:
+                raise DamagedCheckpoint(f"{err}, and there is no earlier checkpoint to resume from; start a new run") from None
+            log.warning("%s; resuming from the one before it, %s", err, files[index - 1].name)
+    return None
+
+
+# What a checkpoint must hold, and of what type: anything else is refused with a clear error.
+_FIELDS = {"epoch": int, "step": int, "stop": bool, "logs": dict, "history": list, "model": dict, "optimizer": dict,
+           "scaler": dict, "callbacks": dict, "rng": dict}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -115,17 +148,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:  # weights_only refused a global: not a file fitflow wrote
         reason = str(err).strip().splitlines()[0][:200]
         raise TrainingError(f"refusing to load checkpoint {path}: it holds objects other than tensors and plain data "
-                            f"({reason}); delete it to resume from the previous epoch, or start a new run") from None
+                            f"({reason}); move it away to resume from the previous epoch, or start a new run") from None
     except (RuntimeError, EOFError, BadZipFile, OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"checkpoint {path} is damaged ({reason}); delete it to resume from the previous "
-                            "epoch, or start a new run") from None
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged ({reason})") from None
     if isinstance(saved, dict) and isinstance(saved.get("format"), int) and saved["format"] < FORMAT:
         raise TrainingError(f"checkpoint {path} was written by an earlier fitflow (format {saved['format']}; this one "
                             f"reads {FORMAT}); finish that run with the fitflow that started it, or start a new run")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise TrainingError(f"checkpoint {path} is not a fitflow epoch checkpoint (format {FORMAT}); "
-                            "delete it to resume from the previous epoch, or start a new run")
+                            "move it away to resume from the previous epoch, or start a new run")
+    if not isinstance(saved.get("run_id"), str):
+        raise TrainingError(f"checkpoint {path} names no run: it is not accepted for any run; "
+                            "move it away to resume from the previous epoch, or start a new run")
+    wrong = [name for name, kind in _FIELDS.items() if not isinstance(saved.get(name), kind)]
+    if wrong:
+        raise TrainingError(f"checkpoint {path} is not a whole fitflow epoch checkpoint ({', '.join(wrong)} missing or "
+                            "of the wrong type); move it away to resume from the previous epoch, or start a new run")
     return saved
 
 

@@ -230,23 +230,29 @@ class MlflowMetrics(Callback):
         self.journal = metrics_journal.Journal(folder)
         self.wait_s = _seconds("FITFLOW_TRACKING_WAIT_S", 30.0)
         self.delivery: metrics_journal.Delivery | None = None
+        self.journaled = 0  # the last epoch in the journal
 
     def on_fit_start(self, state: FitState) -> None:
         self.journal.record_origin(self.run_id, redact_uri(self.client.tracking_uri))  # never a password on disk
         self.journal.end_path.unlink(missing_ok=True)  # a resumed run is going again: its kept end is void
         epochs = [entry.step for entry in self.journal.entries() if entry.per == "epoch"]
-        if state.epoch > max(epochs, default=0):  # resumed from a checkpoint written just before a crash
+        self.journaled = max(epochs, default=0)
+        if state.epoch > self.journaled:  # resumed from a checkpoint written just before a crash
             self._append(state)
         self.delivery = metrics_journal.Delivery(self.journal, metrics_journal.sender(self.client, self.run_id))
         self.delivery.notify()  # epochs a previous attempt left undelivered
 
     def on_epoch_end(self, state: FitState) -> None:
-        self._append(state)
-        self.delivery.notify()
+        # Resumed from a checkpoint older than the journal (the newest was damaged, or moved away):
+        # the epochs trained again are in the journal already, with the same values.
+        if state.epoch > self.journaled:
+            self._append(state)
+            self.delivery.notify()
 
     def _append(self, state: FitState) -> None:
         logs = {**state.logs, "lr": state.optimizer.param_groups[0]["lr"]}
         self.journal.append(metrics_journal.Entry(state.epoch, int(time.time() * 1000), logs))
+        self.journaled = state.epoch
 
     def on_fit_end(self, state: FitState) -> None:
         if self.delivery is None:

@@ -108,14 +108,14 @@ def test_rng_state_round_trips_through_weights_only_files(tmp_path):
 
 
 def test_damaged_and_foreign_checkpoints_are_clear_errors(tmp_path, prepared):
-    config = TrainConfig(epochs=2)
+    config = TrainConfig(epochs=2, keep_checkpoints=1)  # no earlier checkpoint to fall back to
     run = _run(tmp_path, "d")
     _train(config, prepared, run)
     newest = checkpoint_files(run.checkpoint_dir)[-1]
 
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(TrainingError, match=r"epoch-00002.pt is damaged .*delete it to resume from the previous"):
+    with pytest.raises(TrainingError, match=r"epoch-00002.pt is damaged .*no earlier checkpoint to resume from"):
         _train(config, prepared, run)
 
     class Payload:  # what a tampered file would carry: a global that runs code when unpickled
@@ -134,6 +134,74 @@ def test_damaged_and_foreign_checkpoints_are_clear_errors(tmp_path, prepared):
     torch.save({"weights": torch.zeros(1)}, newest)
     with pytest.raises(TrainingError, match="not a fitflow epoch checkpoint"):
         _train(config, prepared, run)
+
+
+def _whole_checkpoint(tmp_path, prepared, name: str) -> tuple[Run, dict]:
+    run = _run(tmp_path, name)
+    _train(TrainConfig(epochs=1), prepared, run)
+    return run, load_checkpoint(checkpoint_files(run.checkpoint_dir)[-1])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda saved: saved.pop("optimizer"), r"not a whole fitflow epoch checkpoint \(optimizer missing"),
+    (lambda saved: saved.update(history={"val_loss": 1.0}), r"not a whole fitflow epoch checkpoint \(history"),
+    (lambda saved: saved.update(epoch="3"), r"not a whole fitflow epoch checkpoint \(epoch"),
+    (lambda saved: saved["rng"].pop("numpy"), "does not fit this run's model and settings \\(KeyError"),
+    (lambda saved: saved["model"].pop(next(iter(saved["model"]))), "does not fit this run's model and settings"),
+    (lambda saved: saved.pop("run_id"), "names no run: it is not accepted for any run"),
+    (lambda saved: saved.update(run_id=None), "names no run: it is not accepted for any run"),
+], ids=["no optimizer", "history not a list", "epoch not a number", "rng incomplete", "model incomplete",
+        "no run id", "run id None"])
+def test_a_checkpoint_of_the_wrong_structure_or_of_no_run_is_a_clear_error(tmp_path, prepared, change, message):
+    run, saved = _whole_checkpoint(tmp_path, prepared, "s")
+    change(saved)
+    torch.save(saved, checkpoint_files(run.checkpoint_dir)[-1])
+    with pytest.raises(TrainingError, match=message):
+        _train(TrainConfig(epochs=2), prepared, run)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, prepared, caplog):
+    config = TrainConfig(epochs=6, batch_size=32, dropout=0.3, keep_checkpoints=2)
+    whole = _train(config, prepared, _run(tmp_path, "g"))
+    crashed = _run(tmp_path, "h")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(config, prepared, crashed, extra=[CrashAt(4)])
+    newest = checkpoint_files(crashed.checkpoint_dir)[-1]
+    newest.write_bytes(b"\0" * 4096)  # the data never reached the disk: a zero-filled file under the real name
+
+    epochs = Epochs()
+    resumed = _train(config, prepared, crashed, extra=[epochs])
+    assert epochs.seen == [4, 5, 6]  # epoch 4 again, from epoch 3's checkpoint
+    assert any("epoch-00004.pt is damaged" in r.getMessage() and "resuming from the one before it, epoch-00003.pt"
+               in r.getMessage() for r in caplog.records)
+    assert resumed.history.history == whole.history.history
+    for key, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[key]), key
+
+
+def test_a_new_checkpoint_is_on_disk_before_the_one_it_replaces_is_deleted(tmp_path, prepared, monkeypatch):
+    """fsync of the file before its rename, of the folder after it, and only then the delete (keep_checkpoints 1):
+    a power loss at any point leaves one whole checkpoint. The real calls, recorded in the order they happen."""
+    calls: list[tuple[str, ...]] = []
+    real = {name: getattr(os, name) for name in ("fsync", "replace", "unlink")}
+
+    def fsync(descriptor):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        return real["fsync"](descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b, **kw: (calls.append(("replace", str(a), str(b))), real["replace"](a, b, **kw))[1])
+    monkeypatch.setattr(os, "unlink", lambda path, **kw: (calls.append(("unlink", str(path))), real["unlink"](path, **kw))[1])
+    run = _run(tmp_path, "k")
+    _train(TrainConfig(epochs=2, keep_checkpoints=1), prepared, run)
+
+    folder = str(run.checkpoint_dir)
+    first, second = f"{folder}/epoch-00001.pt", f"{folder}/epoch-00002.pt"
+    renamed = calls.index(("replace", second + ".partial", second))
+    deleted = calls.index(("unlink", first))
+    assert ("fsync", second + ".partial") in calls[:renamed]  # the data, before the name points at it
+    assert ("fsync", folder) in calls[renamed:deleted]  # the rename, before the old checkpoint goes
+    assert [p.name for p in checkpoint_files(run.checkpoint_dir)] == ["epoch-00002.pt"]
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, prepared):

@@ -70,6 +70,21 @@ def test_a_torn_last_line_is_cut_on_open_and_the_rest_delivered(prepared, run):
     assert upload(journal, run.client, run.run_id).sent == []
 
 
+def test_a_run_resumed_from_an_older_checkpoint_logs_each_epoch_once(prepared, run):
+    """The newest checkpoint was damaged (and skipped, or moved away as the error advises): the resumed
+    run trains that epoch again, and its metrics, already journaled, are not logged a second time."""
+    config = TrainConfig(epochs=4, batch_size=32, keep_checkpoints=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(config, prepared, run, extra=[CrashAt(3)])
+    (run.checkpoint_dir / "epoch-00003.pt").unlink()
+
+    _train(config, prepared, run)  # from epoch 2's checkpoint: epochs 3 and 4
+
+    assert [entry.step for entry in Journal(run.checkpoint_dir).entries()] == [1, 2, 3, 4]
+    for key in ("train_loss", "val_loss", "lr"):
+        assert _steps(run.client, run.run_id, key) == [1, 2, 3, 4], key
+
+
 def test_a_damaged_line_is_skipped_with_a_warning_and_the_run_still_ends_failed(run, caplog):
     """A journal glued by an earlier fitflow (or damaged on disk) in the middle: the other lines are
     delivered, and a failing run still ends FAILED (reading the journal must not fail its handler)."""
