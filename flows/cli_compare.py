@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.sweep_config import check_task_runner, load_sweep_config
 from tasks.config import load_config
 
 
@@ -56,6 +55,8 @@ def _environment() -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from flows.sweep_config import check_task_runner, load_sweep_config  # sweep code only for a sweep
+
     overrides = {"n_trials": args.n_trials, "parallelism": args.parallelism, "sampler": args.sampler,
                  "task_runner": args.task_runner, "cluster_address": args.cluster_address}
     config = load_sweep_config(args.config, **overrides)

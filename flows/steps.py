@@ -26,7 +26,6 @@ from tasks.baseline import Baseline, linear_baseline
 from tasks.callbacks import Callback
 from tasks.config import TrainConfig, target_columns
 from tasks.data import Prepared, content_key, load_table, prepare, resolve_source
-from tasks.distributed import train_distributed
 from tasks.errors import FitflowError
 from tasks.gpu_slots import claimed_device
 from tasks.images import index_images
@@ -83,6 +82,8 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     `given`: the Python API's own model, optimizer or loss objects (single process only).
     """
     if config.launch.strategy == "ddp":  # the ranks build their own loaders, on their shards
+        from tasks.distributed import train_distributed  # torch's elastic launcher: DDP runs only
+
         return train_distributed(config, prepared, run, extra_callbacks, progress)
     return train_single_process(config, prepared, loaders, run, extra_callbacks, progress, given=given)
 

@@ -28,7 +28,6 @@ from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from flows.doctor import close_runs_of_flow_run
 from flows.environment import artifact_location, fitflow_home, tracking_uri
-from flows.registry import register_model_task, unchanged_since_champion
 from flows.resume import config_of_run, reopen_run, unfinished_run_of_flow_run
 from flows.steps import (
     DataRecord,
@@ -48,13 +47,10 @@ from tasks.code_version import code_version_tags
 from tasks.config import RUN_ID_PATTERN, TrainConfig, as_flow_signature, check_run_id, describe_validation_error
 from tasks.data import Prepared
 from tasks.errors import ConfigError
-from tasks.image_plots import validation_plots
 from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.rescoring import rescorer
 from tasks.trainer import Given, Run, Trained, first_inputs
-from tasks.user_dataset import make_dataset_loaders
 
 log = logging.getLogger("fitflow")
 
@@ -104,9 +100,13 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
             test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
             baseline = baseline_of_run(config, data, prepared, loaders, trained)
             model_uri = log_model(config, prepared, data, run, trained, test_metrics, baseline)
-    decision = (register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor,
-                                    rescore=rescorer(config, prepared, data.frame if data.kind == "table" else None))
-                if config.register_model else None)
+    decision = None
+    if config.register_model:
+        from flows.registry import register_model_task  # registry code only for a run that registers
+        from tasks.rescoring import rescorer
+
+        decision = register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor,
+                                       rescore=rescorer(config, prepared, data.frame if data.kind == "table" else None))
     result = TrainResult(
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
         mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),
@@ -161,6 +161,8 @@ train_flow = flow(
 def champion_of_same_inputs(config: TrainConfig, data: DataRecord) -> TrainResult | None:
     """The champion of `config.register_model` as this run's result when it was trained on the same data
     (dataset digest) with the same hyperparameters; None when this run has something new to learn."""
+    from flows.registry import unchanged_since_champion
+
     uri = tracking_uri()
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
@@ -272,6 +274,8 @@ def log_trained_model(config: TrainConfig, prepared: Prepared, data: DataRecord,
     with tempfile.TemporaryDirectory() as tmp:
         plots = [plot_learning_curves(trained.history.history, Path(tmp) / "learning_curves.png")]
         if data.kind == "images":  # where the classes are confused, and the images it gets wrong
+            from tasks.image_plots import validation_plots
+
             plots += validation_plots(trained.model, prepared, Path(tmp))
         for png in plots:
             tracking.log_artifact(run.client, run.run_id, png, "plots")
@@ -292,6 +296,8 @@ def input_example(data: DataRecord, prepared) -> pd.DataFrame | np.ndarray | dic
         return pd.DataFrame({"path": prepared.val.paths[:3]})
     if data.kind == "arrays":  # the Python API's (x, y) (tasks/arrays.py)
         return prepared.val.features[:3]
+    from tasks.user_dataset import make_dataset_loaders
+
     x = first_inputs(make_dataset_loaders(prepared, batch_size=3).val)
     if isinstance(x, dict):
         return {name: value.numpy() for name, value in x.items()}

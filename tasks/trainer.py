@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -23,10 +23,8 @@ from tasks.checkpoints import Checkpoints
 from tasks.compile import PER_STEP_SCHEDULERS, balanced_class_weights, make_loss, make_optimizer, make_scheduler
 from tasks.config import TrainConfig
 from tasks.data import Prepared, PrepSpec
-from tasks.ddp import AgreeToStop, GlobalTrainLoss, Rank, RankSeed
 from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError
-from tasks.images_loaders import make_image_loaders
 from tasks.images_prepare import ImagesPrepared
 from tasks.labels import balanced_pos_weight
 from tasks.loaders import Loaders, make_loaders
@@ -35,6 +33,9 @@ from tasks.models import build_model, check_outputs, class_path, load_pretrained
 from tasks.training import History, evaluate, fit, optimizer_steps, seed_everything, to_device
 from tasks.user_code import UserMetric, user_callbacks, user_metrics
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
+
+if TYPE_CHECKING:
+    from tasks.ddp import Rank
 
 log = logging.getLogger("fitflow")
 
@@ -152,6 +153,8 @@ def build_loaders(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
     shard = {"rank": rank.rank, "world_size": rank.world_size} if rank is not None else {}
     common = {"num_workers": launch.num_workers, "seed": config.seed, **shard}
     if isinstance(prepared, ImagesPrepared):
+        from tasks.images_loaders import make_image_loaders  # torchvision (augmentations): about 2 s to import
+
         return make_image_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda",
                                   augment=config.augment, cache=launch.image_cache, **common)
     if isinstance(prepared, UserDatasets):
@@ -185,6 +188,8 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     `rank`: this process is one rank of a DDP run (tasks/distributed.py starts them).
     `given`: the caller's own model, optimizer or loss (the Python API), each instead of the config's.
     """
+    if rank is not None:
+        from tasks.ddp import AgreeToStop, GlobalTrainLoss, RankSeed  # DDP
     given = given or Given()
     metrics = task_metrics(prepared, your_metrics(config, given))
     check_monitor(config, prepared, metrics.extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,28 @@ def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("fitflow: error: data file not found")
+
+
+# Code a plain `fitflow train` on a table has no use for: the registry (register_model), sweeps,
+# DDP (strategy ddp; torch's elastic launcher), image loading and plots (torchvision's augmentations).
+NOT_FOR_A_PLAIN_RUN = ("flows.registry", "tasks.rescoring", "flows.sweep", "flows.sweep_config", "tasks.ddp",
+                       "tasks.distributed", "torch.distributed.elastic", "tasks.images_loaders", "tasks.images_augment",
+                       "tasks.image_plots")
+
+
+@pytest.mark.slow
+def test_a_plain_train_run_imports_no_registry_sweep_ddp_or_image_code(tmp_path, prefect_server):
+    """Each import is paid by every `fitflow train` (docs/benchmarks.md itemises them): the command
+    imports what its run needs, and a plain run on a table needs none of these."""
+    from prefect.settings import PREFECT_API_URL
+
+    code = ("import json, sys\nfrom flows.cli import main\n"
+            "code = main(['train', '--epochs', '1', '--experiment', 'imports'])\n"
+            f"print(json.dumps([code, sorted(m for m in {NOT_FOR_A_PLAIN_RUN!r} if m in sys.modules)]))")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, []]
 
 
 def test_help_documents_the_fields():
