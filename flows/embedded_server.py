@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flows.environment import fitflow_home, running_stack
 from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
 from tasks.errors import ServerError
 
@@ -40,11 +41,18 @@ def prefect_server_starting() -> Iterator[RunOnServer]:
     """Start this command's embedded Prefect server in the background; yields `run(fn, *args)`,
     which waits for the server, then calls `fn(*args)` with the Prefect API pointed at it.
 
-    With PREFECT_API_URL set there is nothing to start and `run` calls `fn` at once. Call after
-    `configure_environment()` (it sets the Prefect home the server uses). On exit the server stops.
+    With PREFECT_API_URL set there is nothing to start and `run` calls `fn` at once (without
+    heartbeats when it is the server of `fitflow up`). Call after `configure_environment()` (it
+    sets the Prefect home the server uses, and the API URL of a running `fitflow up`). On exit
+    the server stops.
     """
-    if os.environ.get("PREFECT_API_URL"):
-        yield lambda fn, *args: fn(*args)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url:
+        stack = running_stack(fitflow_home())
+        if stack is not None and stack["prefect_api_url"] == api_url:  # fitflow up's server: as the embedded one
+            yield lambda fn, *args: _without_heartbeats(api_url, fn, *args)
+        else:  # a team server, used as it is: its automations may watch heartbeats
+            yield lambda fn, *args: fn(*args)
         return
     from flows.prefect_database import migrate_embedded_prefect_database
 
@@ -135,8 +143,9 @@ def _healthy(api_url: str) -> bool:
 
 def _without_heartbeats(api_url: str, fn: Callable[..., T], *args: Any) -> T:
     """Run on the server at `api_url`, without flow-run heartbeats: nothing watches them on a
-    server that dies with this process, and ending the heartbeat thread costs each flow about
-    1 s of pure waiting."""
+    server that dies with this process, nor on `fitflow up`'s (none of fitflow's automations
+    reads them), and ending the heartbeat thread costs each flow up to 1 s of pure waiting (it
+    sleeps in 1 s steps)."""
     from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 

@@ -107,3 +107,19 @@ def test_with_prefect_api_url_set_nothing_is_started(home, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == "http://127.0.0.1:9/api"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flows_on_the_local_stack_send_no_heartbeats_and_on_a_team_server_keep_prefects_default(tmp_path):
+    """Nothing reads heartbeats on `fitflow up`'s server (as on the embedded one), and ending the
+    heartbeat thread cost each `fitflow train` up to 1 s; a team server's automations may read them."""
+    code = ("import json\nfrom flows.embedded_server import prefect_server_starting\n"
+            "from prefect.settings import get_current_settings\n"
+            "with prefect_server_starting() as on_server:\n"
+            "    print(json.dumps(on_server(lambda: get_current_settings().flows.heartbeat_frequency)))\n")
+    url = "http://127.0.0.1:9/api"  # nothing is called: the settings the flow would run under
+    (tmp_path / "stack.json").write_text(json.dumps({"pid": os.getpid(), "prefect_api_url": url}))  # `fitflow up` lives
+    local = _run([sys.executable, "-c", code], tmp_path, PREFECT_API_URL=url)
+    team = _run([sys.executable, "-c", code], tmp_path, PREFECT_API_URL="http://127.0.0.1:8/api")
+    assert local.returncode == 0 and team.returncode == 0, local.stderr[-2000:] + team.stderr[-2000:]
+    assert json.loads(local.stdout) is None
+    assert json.loads(team.stdout) == 180  # Prefect's default
