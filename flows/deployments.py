@@ -82,19 +82,42 @@ def serve(limit: int = 1) -> None:
     prefect.serve(*runner_deployments(deployment_specs()), limit=limit)
 
 
+# Job variables a flow run may not set: `command` is what the worker runs, `env` what it runs with.
+# Anyone with Prefect API access could otherwise run any command on a worker, with its credentials.
+LOCKED_JOB_VARIABLES = ("command", "env")
+
+
+def locked_job_template() -> dict[str, Any]:
+    """The process worker's base job template without the `command` and `env` job variables: the
+    server rejects a deployment or flow run that sets them (unknown variables are refused), and the
+    worker's job configuration no longer reads them, so flow runs start with the worker's own
+    command and environment."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    for name in LOCKED_JOB_VARIABLES:
+        del template["job_configuration"][name]
+        del template["variables"]["properties"][name]
+    template["variables"]["additionalProperties"] = False
+    return template
+
+
 def setup(gpus: int = 1, notify_url: str | None = None, notify_block: str | None = None) -> None:
-    """Create or update the work pool and the "gpu" tag limit: one training run per GPU; with a
-    notification target, the alert automations too (flows/alerts.py)."""
+    """Create or update the work pool (its job template locked: `locked_job_template`) and the "gpu"
+    tag limit: one training run per GPU; with a notification target, the alert automations too
+    (flows/alerts.py)."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
     require_server()
+    template = locked_job_template()
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=GPU_POOL, type="process", concurrency_limit=gpus))
+            client.create_work_pool(WorkPoolCreate(name=GPU_POOL, type="process", concurrency_limit=gpus,
+                                                   base_job_template=template))
         except ObjectAlreadyExists:
-            client.update_work_pool(GPU_POOL, WorkPoolUpdate(concurrency_limit=gpus))
+            client.update_work_pool(GPU_POOL, WorkPoolUpdate(concurrency_limit=gpus, base_job_template=template))
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)  # creates or updates
         if notify_url or notify_block:
             from flows.alerts import create_alerts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -212,6 +213,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
             **code_version_tags()}
     if from_python:
         tags.update({"fitflow.entry": "python", "mlflow.source.name": "fitflow (Python API)"})
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # the account that logs it: the UI's "User" of the run
+        tags["mlflow.user"] = os.environ["MLFLOW_TRACKING_USERNAME"]
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if flow_run.id:

@@ -8,6 +8,10 @@ and runs the init scripts that compose mounts into /docker-entrypoint-initdb.d; 
 runs behind the MLflow image's entrypoint script. Services start in compose's order, each once
 the services it depends on answer their health checks, and `TeamStack.close()` stops every
 process it started, children included.
+
+Every command line the stack runs is kept (`command_lines`), the psql calls of the init scripts
+included (a `psql` on PATH that notes its arguments, then runs the real one), so a test can check
+that no secret is ever an argument.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 MLFLOW_ENTRYPOINT = REPO / "docker" / "mlflow" / "entrypoint.sh"
+MLFLOW_WORKER_ACCOUNT = REPO / "docker" / "mlflow" / "worker_account.py"
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180  # cold PostgreSQL migrations of both servers on 2 shared cores
 
@@ -155,6 +160,7 @@ class TeamStack:
     compose: dict = field(default_factory=load_compose)
     ports: dict[str, int] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    command_lines: list[str] = field(default_factory=list)
     _pg_data: Path | None = None
     _pg_ctl: Path | None = None
     _run_as: str | None = None
@@ -174,7 +180,20 @@ class TeamStack:
 
     @property
     def mlflow_credentials(self) -> tuple[str, str]:
+        """The MLflow admin's."""
         return self.variables["MLFLOW_ADMIN_USERNAME"], self.variables["MLFLOW_ADMIN_PASSWORD"]
+
+    @property
+    def worker_credentials(self) -> tuple[str, str]:
+        """The worker's own MLflow account."""
+        return self.variables["MLFLOW_WORKER_USERNAME"], self.variables["MLFLOW_WORKER_PASSWORD"]
+
+    def secrets(self) -> dict[str, str]:
+        """The secret values of .env, by name: what must never be an argument of a process."""
+        values = {name: value for name, value in self.variables.items()
+                  if re.search(r"PASSWORD|SECRET|AUTH_STRING", name) and value}
+        values["PREFECT_AUTH_STRING"] = self.prefect_auth.partition(":")[2]  # the user name is no secret
+        return values
 
     def client_env(self) -> dict[str, str]:
         """Environment of a CLI on the host: the compose worker's, pointed at the loopback ports."""
@@ -191,8 +210,17 @@ class TeamStack:
         return mapping
 
     def _path_map(self) -> dict[str, Path]:
-        """Container paths -> native ones: the image's work dir is the repository."""
-        return {"/app": REPO, "/var/lib/fitflow": self.root / "fitflow-state", "/mlartifacts": self.root / "mlartifacts"}
+        """Container paths -> native ones: the image's work dir is the repository; files the images copy in."""
+        return {"/app": REPO, "/var/lib/fitflow": self.root / "fitflow-state", "/mlartifacts": self.root / "mlartifacts",
+                "/usr/local/bin/mlflow-worker-account": MLFLOW_WORKER_ACCOUNT}
+
+    def _mounted(self, service: str, path: str) -> Path:
+        """A file that compose mounts into the service's container, in the repository."""
+        for volume in self.compose["services"][service].get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if target == path:
+                return (REPO / source).resolve()
+        raise LookupError(f"docker-compose.yml mounts nothing at {path} in {service}")
 
     def container_port(self, service: str) -> int | None:
         """The container side of the service's published port, or the port its healthcheck uses."""
@@ -222,8 +250,9 @@ class TeamStack:
         return env
 
     def service_argv(self, service: str, **options: str) -> list[str]:
-        """The service's command, natively; `options` replace the values of flags (--host ...)."""
-        argv = [self._native(str(arg)) for arg in self.compose["services"][service]["command"]]
+        """The service's entrypoint and command, natively; `options` replace the values of flags (--host ...)."""
+        spec = self.compose["services"][service]
+        argv = [self._native(str(arg)) for arg in [*spec.get("entrypoint", []), *spec.get("command", [])]]
         for flag, value in options.items():
             argv[argv.index(flag) + 1] = value
         return argv
@@ -235,6 +264,7 @@ class TeamStack:
 
     # --- processes -----------------------------------------------------------------------
     def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = REPO, user: str | None = None) -> Process:
+        self.command_lines.append(" ".join(argv))
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -246,6 +276,7 @@ class TeamStack:
 
     def run(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 300,
             user: str | None = None) -> subprocess.CompletedProcess:
+        self.command_lines.append(" ".join(argv))
         result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL, user=user)
         log = self.root / "logs" / f"{name}.log"
@@ -260,6 +291,7 @@ class TeamStack:
 
     # --- the services, in compose's order ------------------------------------------------
     def start(self) -> TeamStack:
+        self.check_env()
         for name in ("postgres", "prefect-server", "mlflow"):
             self.ports[name] = free_port()
         self.variables.setdefault("PREFECT_PORT", str(self.ports["prefect-server"]))
@@ -271,8 +303,16 @@ class TeamStack:
         mlflow = self.start_mlflow()
         self.wait_http(prefect, self.healthcheck_url("prefect-server"))
         self.wait_http(mlflow, self.healthcheck_url("mlflow"))
+        self.run("mlflow-worker-account", self.service_argv("mlflow-worker-account"),
+                 self.service_env("mlflow-worker-account"), cwd=self.root)
         self.run_deployments()
         return self
+
+    def check_env(self) -> None:
+        """compose's first service: its script refuses example values (RuntimeError with its line)."""
+        script = self._mounted("check-env", "/check-env.sh")
+        argv = [str(script) if arg == "/check-env.sh" else arg for arg in self.service_argv("check-env")]
+        self.run("check-env", argv, self.service_env("check-env"), cwd=self.root)
 
     def start_postgres(self) -> None:
         initdb, pg_ctl, pg_isready = postgres_bin("initdb"), postgres_bin("pg_ctl"), postgres_bin("pg_isready")
@@ -300,22 +340,32 @@ class TeamStack:
         self.run("pg_ctl-start", [str(pg_ctl), "start", "--pgdata", str(data), "--wait", "--timeout", "120",
                                   "--log", str(self.root / "postgres.log"), "--options", options],
                  server_env, cwd=self.root, user=self._run_as)
-        # The image's entrypoint: each init script, against the server's socket as the superuser.
+        # The image's entrypoint: each init script, against the server's socket as the superuser,
+        # with a psql that notes its arguments first
         init_env = {**env, "PGHOST": str(sockets), "PGPORT": str(self.ports["postgres"])}
+        shim = self._noting_psql()
         for script in sorted(self.initdb_dir().glob("*.sh")):
-            self.run(f"initdb-{script.stem}", ["bash", str(script)], init_env, cwd=self.root)
+            self.run(f"initdb-{script.stem}", ["bash", str(script)],
+                     {**init_env, "PATH": f"{shim}{os.pathsep}{init_env['PATH']}"}, cwd=self.root)
+        self.command_lines.extend((shim / "calls").read_text().splitlines())
         # compose's healthcheck command, over TCP
         test = self.compose["services"]["postgres"]["healthcheck"]["test"]
         assert test[0] == "CMD-SHELL"
         self.run("postgres-healthcheck", ["sh", "-c", test[1].replace("$$", "$")],
                  {**init_env, "PGHOST": "127.0.0.1"}, cwd=self.root)
 
+    def _noting_psql(self) -> Path:
+        """A folder with a `psql` that appends its command line to `calls` there, then runs the real psql."""
+        real = postgres_bin("psql")
+        shim = self.root / "psql-shim"
+        shim.mkdir()
+        (shim / "calls").touch()
+        (shim / "psql").write_text(f'#!/bin/sh\nprintf "psql %s\\n" "$*" >> "{shim}/calls"\nexec "{real}" "$@"\n')
+        (shim / "psql").chmod(0o755)
+        return shim
+
     def initdb_dir(self) -> Path:
-        for volume in self.compose["services"]["postgres"]["volumes"]:
-            source, target = volume.split(":")[:2]
-            if target == "/docker-entrypoint-initdb.d":
-                return (REPO / source).resolve()
-        raise LookupError("docker-compose.yml mounts no /docker-entrypoint-initdb.d")
+        return self._mounted("postgres", "/docker-entrypoint-initdb.d")
 
     def start_prefect_server(self) -> Process:
         env = self.service_env("prefect-server", PREFECT_HOME=str(self.root / "prefect-server-home"))
@@ -361,23 +411,33 @@ class TeamStack:
             raise RuntimeError("; ".join(errors))
 
 
+# In every secret: the characters that end a URI's user info, separate its parts, or start an
+# escape in a URI and in MLflow's ini file
+SECRET_SPECIALS = "@:/%"
+
+
 def stack_variables() -> dict[str, str]:
-    """.env for a test stack: .env.example's settings with fresh random secrets."""
+    """.env for a test stack: .env.example's settings with fresh random secrets, each holding SECRET_SPECIALS."""
     variables = read_env_file(REPO / ".env.example")
     for key, value in variables.items():
         if "change-me" in value:
-            variables[key] = ("admin:" if key == "PREFECT_AUTH_STRING" else "") + "t" + secrets.token_hex(12)
+            variables[key] = ("admin:" if key == "PREFECT_AUTH_STRING" else "") + "t" + secrets.token_hex(8) + SECRET_SPECIALS
     return variables
 
 
 class started_stack(ExitStack):
-    """`with started_stack() as stack:` a TeamStack in a temporary directory, closed and removed after."""
+    """`with started_stack(**settings) as stack:` a TeamStack in a temporary directory (`settings` on top of
+    `stack_variables()`, as lines added to .env), closed and removed after."""
+
+    def __init__(self, **settings: str):
+        super().__init__()
+        self.settings = settings
 
     def __enter__(self) -> TeamStack:
         super().__enter__()
         root = Path(tempfile.mkdtemp(prefix="fitflow-stack-"))
         self.callback(shutil.rmtree, root, ignore_errors=True)
-        stack = TeamStack(root=root, variables=stack_variables())
+        stack = TeamStack(root=root, variables={**stack_variables(), **self.settings})
         self.callback(stack.close)
         try:
             return stack.start()

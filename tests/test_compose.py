@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from importlib.metadata import version
 from importlib.resources import files
 
@@ -20,7 +21,16 @@ import click
 import jsonschema
 import pytest
 import yaml
-from stack import COMPOSE_FILE, MLFLOW_ENTRYPOINT, REPO, InterpolationError, interpolate, load_compose, read_env_file
+from stack import (
+    COMPOSE_FILE,
+    MLFLOW_ENTRYPOINT,
+    REPO,
+    SECRET_SPECIALS,
+    InterpolationError,
+    interpolate,
+    load_compose,
+    read_env_file,
+)
 
 ENV_EXAMPLE = read_env_file(REPO / ".env.example")
 COMPOSE = load_compose()
@@ -67,15 +77,97 @@ def _environment_items():
             yield name, key, str(value)
 
 
-def test_every_credential_comes_from_env():
-    secret_key = re.compile(r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY|DATABASE_URI|CONNECTION_URL")
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY")
+SECRETS_OF_ENV = sorted(name for name, value in ENV_EXAMPLE.items() if "change-me" in value)
+
+
+def _argv(service: str) -> list[str]:
+    spec = SERVICES[service]
+    return [str(arg) for arg in [*(spec.get("entrypoint") or []), *(spec.get("command") or [])]]
+
+
+def test_every_credential_comes_from_env_through_the_environment_only():
+    """From .env, into a variable of the environment: never written into this file, never an argument
+    (any user of the machine sees arguments in `ps`), never inside a URI (a password holding `@ : / %`
+    breaks a URI, and compose cannot percent-encode: PostgreSQL clients read PGPASSWORD instead)."""
     for service, key, value in _environment_items():
-        if secret_key.search(key):
+        if SECRET_KEY.search(key):
             assert _REFERENCE.search(value), f"{service}.{key} is a credential written into docker-compose.yml"
-    for service, spec in SERVICES.items():  # a URI with a password in a command, too
-        for arg in spec.get("command") or []:
-            for password in re.findall(r"://[^:/@]+:([^@]+)@", str(arg)):
-                assert password.startswith("${"), f"{service}: a password written into its command: {arg}"
+        assert not re.search(r"://[^/@\s]+:[^@\s]*@", value), f"{service}.{key}: a password inside a URI: {value}"
+    secret_reference = re.compile(r"\$\{(" + "|".join(SECRETS_OF_ENV) + r")\b")
+    for service in SERVICES:
+        for arg in _argv(service):
+            assert not secret_reference.search(arg), f"{service}: a secret on its command line: {arg}"
+            assert not re.search(r"://[^/@\s]+:[^@\s]*@", arg), f"{service}: a password inside a URI: {arg}"
+    for key in ("PREFECT_SERVER_DATABASE_CONNECTION_URL",):
+        assert "@postgres:5432/" in SERVICES["prefect-server"]["environment"][key]
+    assert SERVICES["prefect-server"]["environment"]["PGPASSWORD"].startswith("${PREFECT_DB_PASSWORD:?")
+    assert SERVICES["mlflow"]["environment"]["PGPASSWORD"].startswith("${MLFLOW_DB_PASSWORD:?")
+
+
+def test_the_init_script_passes_no_password_as_an_argument():
+    """psql reads the passwords with \\getenv; the script expands them only in its own `:?` checks."""
+    for script in sorted((REPO / "docker" / "postgres" / "initdb").glob("*.sh")):
+        for line in script.read_text().splitlines():
+            if re.search(r"\$\{?(PREFECT|MLFLOW)_DB_PASSWORD", line):
+                assert re.fullmatch(r': "\$\{\w+_DB_PASSWORD:\?[^}]*\}"', line.strip()), f"{script.name}: {line}"
+        text = script.read_text()
+        assert "\\getenv prefect_password PREFECT_DB_PASSWORD" in text and "\\getenv mlflow_password MLFLOW_DB_PASSWORD" in text
+
+
+def _check_env(values: dict[str, str]) -> subprocess.CompletedProcess:
+    """docker/check-env.sh with the environment compose gives the check-env service for `values` (.env)."""
+    env = {key: interpolate(str(value), values) for key, value in SERVICES["check-env"]["environment"].items()}
+    return subprocess.run(["sh", str(REPO / "docker" / "check-env.sh")], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_example_values_of_env_refuse_to_start_the_stack():
+    check = SERVICES["check-env"]
+    assert "./docker/check-env.sh:/check-env.sh:ro" in check["volumes"] and check["entrypoint"] == ["sh", "/check-env.sh"]
+    assert set(SECRETS_OF_ENV) <= check["environment"].keys(), "a secret of .env.example the check never sees"
+    # first: PostgreSQL (and so everything after it) starts only once the check passed
+    assert SERVICES["postgres"]["depends_on"] == {"check-env": {"condition": "service_completed_successfully"}}
+    refused = _check_env(ENV_EXAMPLE)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused
+    assert all(name in refused.stderr for name in SECRETS_OF_ENV) and "openssl rand" in refused.stderr
+    one_left = {**ENV_EXAMPLE, **{name: f"own-{name}{SECRET_SPECIALS}" for name in SECRETS_OF_ENV[1:]}}
+    refused = _check_env(one_left)
+    assert refused.returncode == 2 and SECRETS_OF_ENV[0] in refused.stderr and SECRETS_OF_ENV[1] not in refused.stderr
+    edited = {**ENV_EXAMPLE, **{name: f"own-{name}{SECRET_SPECIALS}" for name in SECRETS_OF_ENV}}
+    assert _check_env(edited).returncode == 0
+
+
+def test_the_basic_auth_ini_keeps_a_percent_encoded_password(tmp_path):
+    """The entrypoint writes the auth store's URI into MLflow's ini, whose parser reads `%` as the start of
+    an interpolation: MLflow's own reader gets the URI back exactly, `%40%3A%2F%25` included."""
+    uri = "postgresql+psycopg2://mlflow:p%40%3A%2F%25w@postgres:5432/mlflow_auth"
+    env = {"PATH": os.environ["PATH"], "MLFLOW_AUTH_DATABASE_URI": uri, "MLFLOW_AUTH_ADMIN_PASSWORD": "a@:/%",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "k", "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic-auth.ini")}
+    read = subprocess.run(["sh", str(MLFLOW_ENTRYPOINT), sys.executable, "-c",
+                           "from mlflow.server.auth.config import read_auth_config as r; c = r();"
+                           " print(c.database_uri); print(c.admin_password)"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert read.stdout.splitlines() == [uri, "a@:/%"]
+
+
+def test_the_worker_signs_in_to_mlflow_with_its_own_account():
+    """Not the admin's: the admin's password reaches only the MLflow server, the job that makes the
+    worker's account, and the check of .env."""
+    for worker in WORKERS:
+        env = SERVICES[worker]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USERNAME:-fitflow-worker}"
+        assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_WORKER_PASSWORD:?")
+        assert SERVICES[worker]["depends_on"]["mlflow-worker-account"] == {"condition": "service_completed_successfully"}
+    holders = sorted(service for service, _, value in _environment_items() if "MLFLOW_ADMIN_PASSWORD" in value)
+    assert holders == ["check-env", "mlflow", "mlflow-worker-account"]
+    account = SERVICES["mlflow-worker-account"]
+    assert account["build"] == SERVICES["mlflow"]["build"] and account["image"] == SERVICES["mlflow"]["image"]
+    assert account["entrypoint"] == ["python", "/usr/local/bin/mlflow-worker-account"]
+    dockerfile = (REPO / "docker" / "mlflow" / "Dockerfile").read_text()
+    assert "COPY --chmod=644 worker_account.py /usr/local/bin/mlflow-worker-account" in dockerfile
+    assert interpolate(account["environment"]["MLFLOW_WORKER_USERNAME"], ENV_EXAMPLE) != ENV_EXAMPLE["MLFLOW_ADMIN_USERNAME"]
 
 
 def test_every_required_variable_is_in_env_example_and_env_is_not_committed():
@@ -107,9 +199,12 @@ def test_services_start_in_order_once_their_dependencies_are_healthy():
     expected = {
         "prefect-server": {"postgres": "service_healthy"},
         "mlflow": {"postgres": "service_healthy"},
+        "postgres": {"check-env": "service_completed_successfully"},
+        "mlflow-worker-account": {"mlflow": "service_healthy"},
         "setup": {"prefect-server": "service_healthy"},
         "deployments": {"setup": "service_completed_successfully"},
         "worker": {"prefect-server": "service_healthy", "mlflow": "service_healthy",
+                   "mlflow-worker-account": "service_completed_successfully",
                    "deployments": "service_completed_successfully"},
     }
     expected["worker-cpu"] = expected["worker"]
@@ -136,10 +231,10 @@ def test_postgres_has_separate_databases_from_an_init_script_and_a_named_volume(
     for statement in ("CREATE DATABASE prefect OWNER prefect", "CREATE DATABASE mlflow OWNER mlflow",
                       "CREATE ROLE prefect LOGIN", "CREATE ROLE mlflow LOGIN"):
         assert statement in sql
-    assert "@postgres:5432/prefect" in SERVICES["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
-    assert "postgresql+asyncpg://prefect:" in SERVICES["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
-    assert any(arg.startswith("postgresql+psycopg2://mlflow:") and arg.endswith("@postgres:5432/mlflow")
-               for arg in SERVICES["mlflow"]["command"])
+    url = SERVICES["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    assert url == "postgresql+asyncpg://prefect@postgres:5432/prefect"
+    assert "postgresql+psycopg2://mlflow@postgres:5432/mlflow" in SERVICES["mlflow"]["command"]
+    assert SERVICES["mlflow"]["environment"]["MLFLOW_AUTH_DATABASE_URI"] == "postgresql+psycopg2://mlflow@postgres:5432/mlflow_auth"
 
 
 def _option(argv: list[str], flag: str) -> str:

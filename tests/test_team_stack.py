@@ -3,7 +3,10 @@ the MLflow server with basic-auth and artifact serving, the deployments of prefe
 worker of the GPU work pool (tests/stack.py starts them as compose would, on 127.0.0.1).
 
 A run triggered through the API and one triggered with `prefect deployment run --param ...` both
-complete, and the MLflow server holds both with their metrics and model; a scheduled run fires.
+complete, and the MLflow server holds both with their metrics and model, owned by the worker's own
+(non-admin) MLflow account; a scheduled run fires; a failed run reaches the alert webhook of .env's
+FITFLOW_NOTIFY_URL (a receiver on loopback). The secrets hold `@ : / %` and are on no command line;
+flow runs cannot set the worker's command or environment; .env.example's values are refused.
 CI runs this (`.ci/run` installs PostgreSQL); deselect it locally with -m "not integration".
 """
 
@@ -15,15 +18,18 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+import psutil
 import pytest
-from stack import REPO, TeamStack, postgres_bin, started_stack
+from stack import REPO, SECRET_SPECIALS, TeamStack, postgres_bin, read_env_file, started_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,14 +38,61 @@ EXPERIMENT = "team-stack"
 RUN_DEADLINE_S = 900  # a deadline for a hung run, not a timing assertion
 
 
-@pytest.fixture(scope="module")
-def team_stack():
+class Webhook:
+    """The alerts' receiver, on loopback: keeps each JSON body; `wait_for` wakes on each delivery."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.delivered = threading.Condition()
+        webhook = self
+
+        class Hook(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+                with webhook.delivered:
+                    webhook.bodies.append(body)
+                    webhook.delivered.notify_all()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, *words: str) -> str:
+        """The first message holding every word; waits on deliveries (the deadline bounds a hang only)."""
+        def found() -> str | None:
+            return next((b["text"] for b in self.bodies if all(w in b["text"] for w in words)), None)
+
+        with self.delivered:
+            self.delivered.wait_for(found, timeout=RUN_DEADLINE_S)
+            message = found()
+        assert message, f"no alert with {words} within {RUN_DEADLINE_S} s; received {self.bodies}"
+        return message
+
+
+def _require_postgres() -> None:
     if postgres_bin("initdb") is None:
         message = "PostgreSQL's server programs are missing (apt-get install postgresql)"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI installs them (.ci/run); never skip there
         pytest.skip(message)
-    with started_stack() as stack:
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    receiver = Webhook()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def team_stack(webhook):
+    _require_postgres()
+    with started_stack(FITFLOW_NOTIFY_URL=webhook.url) as stack:  # .env with the alerts' webhook set
         yield stack
 
 
@@ -151,6 +204,87 @@ def test_prefect_and_mlflow_roles_cannot_open_each_others_database(team_stack: T
             psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname=other)
 
 
+def test_the_stack_runs_on_secrets_holding_uri_and_ini_special_characters(team_stack: TeamStack):
+    """Every service above answered with these: no URI broke on `@ : / %`, nor MLflow's ini on `%`."""
+    for name, value in team_stack.secrets().items():
+        assert value.endswith(SECRET_SPECIALS), name
+
+
+def test_no_secret_is_ever_on_a_command_line(team_stack: TeamStack, worker):
+    """What `ps` shows every user of the machine: each command the stack ran (the init scripts' psql
+    calls too) and every process running now, the servers' own workers included."""
+    assert any(line.startswith("psql ") for line in team_stack.command_lines), "the init script's psql was not seen"
+    running = []
+    for process in team_stack.processes:
+        try:
+            family = [psutil.Process(process.popen.pid), *psutil.Process(process.popen.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in family:
+            try:
+                running.append(" ".join(proc.cmdline()))
+            except psutil.NoSuchProcess:
+                pass
+    assert any("mlflow" in line and "server" in line for line in running), running
+    for name, secret in team_stack.secrets().items():
+        shown = [line for line in [*team_stack.command_lines, *running] if secret in line]
+        assert not shown, f"{name} is on a command line: {shown[0]}"
+
+
+def test_the_stack_refuses_to_start_on_the_example_values(tmp_path):
+    """.env copied from .env.example and left as it is: one line naming each secret, nothing started."""
+    stack = TeamStack(root=tmp_path, variables=read_env_file(REPO / ".env.example"))
+    with pytest.raises(RuntimeError) as refused:
+        stack.start()
+    line = next(line for line in str(refused.value).splitlines() if line.startswith("error:"))
+    assert "still has the example value" in line and "openssl rand" in line
+    for name in ("POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_AUTH_STRING",
+                 "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert name in line
+    assert stack.processes == [] and not (tmp_path / "pgdata").exists()
+
+
+def test_flow_runs_cannot_set_the_workers_command_or_environment(team_stack: TeamStack, worker, prefect, mlflow_client):
+    """The work pool's job template has no `command` or `env` variable (anything else would run on the
+    worker, with its credentials): the API refuses a flow run that sets one; a deployment that carries
+    them (Prefect checks a deployment's variables only when its pool changes) gets none of its runs
+    created, and a run created before they were set runs the flow, with the worker's own environment."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
+
+    deployment = prefect.read_deployment_by_name(DEPLOYMENT)
+    pool = prefect.read_work_pool(deployment.work_pool_name)
+    assert not {"command", "env"} & (pool.base_job_template["variables"]["properties"].keys()
+                                     | pool.base_job_template["job_configuration"].keys())
+    marker = team_stack.root / "ran-a-command-of-the-api-user"
+    admin, admin_password = team_stack.mlflow_credentials
+    overrides = {"command": f"touch {marker}",
+                 "env": {"MLFLOW_TRACKING_USERNAME": admin, "MLFLOW_TRACKING_PASSWORD": admin_password}}
+    for name, value in overrides.items():
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            prefect.create_flow_run_from_deployment(deployment.id, parameters={"epochs": 1}, job_variables={name: value})
+        assert refused.value.response.status_code == 422, refused.value.response.text
+
+    # a run waiting on the calendar; then the deployment gets the overrides; then the run is due
+    waiting = prefect.create_flow_run_from_deployment(
+        deployment.id, parameters={"epochs": 1, "experiment": f"{EXPERIMENT}-locked"},
+        state=Scheduled(scheduled_time=datetime.now(ZoneInfo("UTC")) + timedelta(days=1)))
+    prefect.update_deployment(deployment.id, DeploymentUpdate(job_variables=overrides))
+    try:
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            prefect.create_flow_run_from_deployment(deployment.id, parameters={"epochs": 1})
+        assert refused.value.response.status_code == 422, refused.value.response.text
+        prefect.set_flow_run_state(waiting.id, Scheduled(scheduled_time=datetime.now(ZoneInfo("UTC"))), force=True)
+        flow_run = wait_for_final_state(prefect, waiting.id, team_stack)
+    finally:
+        prefect.update_deployment(deployment.id, DeploymentUpdate(job_variables={}))
+    assert flow_run.state.is_completed(), f"{flow_run.state.name}: {flow_run.state.message}"
+    assert not marker.exists(), "the worker ran the command a job variable gave it"
+    run = mlflow_run_of(mlflow_client, flow_run.id)
+    assert run.info.user_id == team_stack.worker_credentials[0], "the flow run signed in with the env a job variable gave it"
+
+
 # --- runs triggered through the API and the CLI ------------------------------------------------------
 def test_runs_triggered_through_the_api_and_the_cli_complete_and_are_tracked(team_stack, worker, prefect, mlflow_client):
     from prefect.deployments import run_deployment
@@ -172,6 +306,7 @@ def test_runs_triggered_through_the_api_and_the_cli_complete_and_are_tracked(tea
     api_mlflow, api_model = assert_tracked(mlflow_client, finished["api"], epochs=2, experiment=EXPERIMENT)
     cli_mlflow, _ = assert_tracked(mlflow_client, finished["cli"], epochs=3, experiment=EXPERIMENT)
     assert (api_mlflow.info.run_name, cli_mlflow.info.run_name) == ("from-api", "from-cli")
+    assert_owned_by_the_worker_account(team_stack, mlflow_client, api_mlflow)
     print(f"\nflow runs {api_run.id} (API), {cli_run_id} (CLI) -> MLflow runs "
           f"{api_mlflow.info.run_id}, {cli_mlflow.info.run_id}; model {api_model}")
 
@@ -189,6 +324,41 @@ def test_runs_triggered_through_the_api_and_the_cli_complete_and_are_tracked(tea
     assert load.returncode == 0, load.stderr[-3000:]
     predictions = json.loads(load.stdout.strip().splitlines()[-1])
     assert len(predictions) == 4 and set(predictions) <= {"benign", "malignant"}  # the original labels
+
+
+def assert_owned_by_the_worker_account(team_stack: TeamStack, mlflow_client, run) -> None:
+    """The worker signed in as its own account: the run is its own, as is the experiment it created
+    (basic-auth's MANAGE for a creator); the account is no admin and cannot act as one."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    worker_user, worker_password = team_stack.worker_credentials
+    assert worker_user != team_stack.mlflow_credentials[0]
+    assert run.info.user_id == worker_user
+    auth = get_app_client("basic-auth", tracking_uri=team_stack.mlflow_uri)  # as the admin (mlflow_client's env)
+    assert auth.get_user(worker_user).is_admin is False
+    assert auth.get_user_permission(worker_user, "experiment", run.info.experiment_id).permission == "MANAGE"
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = worker_user, worker_password
+    with pytest.raises(MlflowException, match="403|PERMISSION_DENIED|Permission denied"):
+        auth.update_user_admin(worker_user, True)  # signed in as the worker: it cannot make itself admin
+
+
+# --- alerts ------------------------------------------------------------------------------------------
+def test_a_failed_run_reaches_the_alert_webhook_of_the_env_file(team_stack, worker, prefect, mlflow_client, webhook):
+    """FITFLOW_NOTIFY_URL in .env: the setup job created the alerts; a run of the deployment that fails
+    (a monitor this task does not log, after its MLflow run started) sends one naming both runs and the reason."""
+    from prefect.deployments import run_deployment
+
+    names = sorted(a.name for a in prefect.read_automations() if a.name.startswith("fitflow:"))  # not the deployments' triggers
+    assert names == ["fitflow: champion changed", "fitflow: drift detected", "fitflow: flow run failed"]
+    failing = run_deployment(DEPLOYMENT, parameters={"epochs": 1, "experiment": f"{EXPERIMENT}-alerts",
+                                                     "monitor": "val_r2"}, timeout=0, client=prefect)
+    flow_run = wait_for_final_state(prefect, failing.id, team_stack)
+    assert flow_run.state.is_failed(), flow_run.state
+    run = mlflow_run_of(mlflow_client, flow_run.id)
+    assert run.info.status == "FAILED"
+    message = webhook.wait_for(flow_run.name, run.info.run_id)
+    assert "flow 'train'" in message and "Failed" in message and "monitor 'val_r2'" in message, message
 
 
 # --- schedules ---------------------------------------------------------------------------------------

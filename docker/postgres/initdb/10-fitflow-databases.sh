@@ -10,9 +10,11 @@ set -euo pipefail
 : "${PREFECT_DB_PASSWORD:?set PREFECT_DB_PASSWORD in .env}"
 : "${MLFLOW_DB_PASSWORD:?set MLFLOW_DB_PASSWORD in .env}"
 
-# psql variables (:'name') quote the passwords as SQL literals.
-psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-postgres}" \
-    -v prefect_password="$PREFECT_DB_PASSWORD" -v mlflow_password="$MLFLOW_DB_PASSWORD" <<'SQL'
+# psql reads the passwords from the environment (\getenv): an argument would show them to anyone
+# on the machine (ps); psql variables (:'name') quote them as SQL literals, any character included.
+psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER:-postgres}" --dbname "${POSTGRES_DB:-postgres}" <<'SQL'
+\getenv prefect_password PREFECT_DB_PASSWORD
+\getenv mlflow_password MLFLOW_DB_PASSWORD
 CREATE ROLE prefect LOGIN PASSWORD :'prefect_password';
 CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_password';
 CREATE DATABASE prefect OWNER prefect;
