@@ -116,7 +116,12 @@ class BestWeights(Callback):
 
     def on_epoch_end(self, state: FitState) -> None:
         if self.monitor.update(state.logs, state.epoch):
-            self.best_state = copy.deepcopy(state.model.state_dict())
+            weights = state.model.state_dict()
+            if _same_layout(self.best_state, weights):  # into the copy kept so far: no allocation per better epoch
+                for key, tensor in weights.items():
+                    self.best_state[key].copy_(tensor)
+            else:
+                self.best_state = copy.deepcopy(weights)
 
     def on_fit_end(self, state: FitState) -> None:
         if self.best_state is None:
@@ -134,6 +139,13 @@ class BestWeights(Callback):
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.monitor.load_state_dict(saved["monitor"])
         self.best_state = saved["best_state"]
+
+
+def _same_layout(kept: dict[str, Any] | None, weights: dict[str, Any]) -> bool:
+    """Whether `weights` can be copied into `kept` tensor by tensor (same keys, shapes and dtypes)."""
+    return kept is not None and kept.keys() == weights.keys() and all(
+        isinstance(t, torch.Tensor) and isinstance(kept[k], torch.Tensor) and kept[k].shape == t.shape
+        and kept[k].dtype == t.dtype for k, t in weights.items())
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:

@@ -1,8 +1,14 @@
 """Epoch checkpoints that a killed run resumes from exactly.
 
 After every epoch `Checkpoints` writes `epoch-NNNNN.pt` (atomically: a partial file renamed
-into place) and keeps the newest `keep`. A checkpoint holds everything the next epoch depends
-on, so a resumed run ends with the same weights, bit for bit on CPU, as one never stopped:
+into place) and keeps the newest `keep`. The training thread only copies the state into CPU
+buffers kept from the last epoch (a memory copy); a writer thread serialises and writes it while
+the next epoch trains, one write at a time: each epoch end first waits for the previous write, and
+so does the end of `fit`. A checkpoint under its real name is always whole, and it is the state
+at its epoch's end. A run killed while a write is in flight resumes from the epoch before (its
+metrics journal may already hold the epoch being written: tasks/tracking.py sends each epoch
+once). A checkpoint holds everything the next epoch depends on, so a resumed run ends with the
+same weights, bit for bit on CPU, as one never stopped:
 
 - model, optimizer and AMP scaler state; the callbacks' state (best score and best weights,
   patience left, the LR scheduler), through their `state_dict`;
@@ -23,10 +29,13 @@ the folder after it (tasks/durable_files.py), and the oldest is deleted only aft
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 import random
 import re
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from zipfile import BadZipFile
@@ -55,6 +64,7 @@ class Checkpoints(Callback):
     def __init__(self, directory: str | Path, stateful: dict[str, Callback], keep: int = 2,
                  run_id: str | None = None) -> None:
         self.directory, self.stateful, self.keep, self.run_id = Path(directory), stateful, keep, run_id
+        self.writer = CheckpointWriter()
 
     def on_fit_start(self, state: FitState) -> None:
         found = newest_whole_checkpoint(self.directory)
@@ -82,10 +92,77 @@ class Checkpoints(Callback):
             "callbacks": {name: callback.state_dict() for name, callback in self.stateful.items()},
             "rng": rng_state(),
         }
-        save_checkpoint(self.directory / f"epoch-{state.epoch:05d}.pt", checkpoint)
-        # only now, with the new checkpoint on disk (fsync'd), may the ones it replaces go
+        self.writer.write(self.directory / f"epoch-{state.epoch:05d}.pt", checkpoint, self._drop_old)
+
+    def _drop_old(self) -> None:
+        """On the writer thread, once the new checkpoint is in place: only then is an old one deleted."""
         for old in checkpoint_files(self.directory)[: -self.keep]:
             old.unlink(missing_ok=True)
+
+    def on_fit_end(self, state: FitState) -> None:
+        failing = sys.exc_info()[1] is not None  # fit's `finally`: training raised, this must not hide it
+        try:
+            self.writer.close()
+        except Exception as err:
+            if not failing:
+                raise
+            log.warning("the checkpoint of epoch %d was not written: %s", state.epoch, err)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, one at a time, from a copy of the state.
+
+    `write` waits for the previous write (raising its error, if it failed), copies every tensor of
+    the checkpoint into CPU buffers it reuses from write to write (plain data is deep-copied), and
+    hands the copy to the thread: training may change the model and optimizer the moment `write`
+    returns. `close` waits for the last write.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.executor: ThreadPoolExecutor | None = None
+        self.pending: Future | None = None
+
+    def write(self, path: Path, checkpoint: dict[str, Any], then=None) -> None:
+        self.wait()  # the buffers are free again, and a failed write stops training here
+        snapshot = _copy_into(checkpoint, self.buffers, ())
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fitflow-checkpoint-writer")
+        self.pending = self.executor.submit(self._write, path, snapshot, then)
+
+    @staticmethod
+    def _write(path: Path, snapshot: dict[str, Any], then) -> None:
+        save_checkpoint(path, snapshot)
+        if then is not None:
+            then()
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+                self.executor = None
+
+
+def _copy_into(value: Any, buffers: dict[tuple, torch.Tensor], key: tuple) -> Any:
+    """`value` with every tensor copied into `buffers[key path]` (on the CPU; allocated when the
+    shape or dtype is new), containers rebuilt and other data deep-copied."""
+    if isinstance(value, torch.Tensor):
+        buffer = buffers.get(key)
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = buffers[key] = torch.empty(value.shape, dtype=value.dtype)
+        return buffer.copy_(value.detach())
+    if type(value) is dict:
+        return {k: _copy_into(v, buffers, (*key, k)) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_copy_into(v, buffers, (*key, i)) for i, v in enumerate(value))
+    return copy.deepcopy(value)
 
 
 def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback], path: Path | None = None) -> None:

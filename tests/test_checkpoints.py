@@ -6,9 +6,14 @@ Real torch, no Prefect, no MLflow. The killed-process version (SIGKILL of `fitfl
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +215,103 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, prepared):
     other = Run(client=None, run_id="f" * 32, experiment_id="0", checkpoint_dir=tmp_path / "e")
     with pytest.raises(TrainingError, match="belongs to run e0+, not f+"):
         _train(config, prepared, other)
+
+
+class MoveOnWhileWriting(Callback):
+    """Holds the checkpoint writer thread inside epoch `epoch`'s write until this training thread has
+    taken an optimizer step of the next epoch: the weights the write must not see. Records the
+    state at every epoch end (after the checkpoint callback) to compare the file with."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.moved_on = epoch, threading.Event()
+        self.states: dict[int, dict] = {}
+        self.held = False
+
+    def on_epoch_end(self, state) -> None:
+        self.states[state.epoch] = copy.deepcopy({"model": state.model.state_dict(),
+                                                  "optimizer": state.optimizer.state_dict()})
+
+    def on_train_batch_end(self, state, batch, loss) -> None:
+        if state.epoch == self.epoch + 1 and batch == 1:
+            self.moved_on.set()
+
+    def hold(self, save):
+        def held_save(path, checkpoint):
+            if path.name == f"epoch-{self.epoch:05d}.pt":
+                # bounded only so that a writer on the training thread (no thread) fails instead of hanging
+                self.held = self.moved_on.wait(60)
+            return save(path, checkpoint)
+        return held_save
+
+
+def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_path, prepared, monkeypatch):
+    from tasks import checkpoints
+
+    probe = MoveOnWhileWriting(epoch=2)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", probe.hold(checkpoints.save_checkpoint))
+    run = _run(tmp_path, "g")
+    _train(TrainConfig(epochs=3, batch_size=32, patience=0), prepared, run, extra=[probe])
+
+    assert probe.held  # epoch 2 was written while epoch 3 trained, after its first steps changed the weights
+    for epoch in (2, 3):
+        saved = load_checkpoint(run.checkpoint_dir / f"epoch-{epoch:05d}.pt")
+        expected = probe.states[epoch]
+        assert saved["epoch"] == epoch
+        for key, tensor in expected["model"].items():
+            assert torch.equal(saved["model"][key], tensor), (epoch, key)
+        for index, values in expected["optimizer"]["state"].items():
+            for name, value in values.items():
+                assert torch.equal(torch.as_tensor(saved["optimizer"]["state"][index][name]), torch.as_tensor(value))
+    assert not torch.equal(probe.states[2]["model"]["0.weight"], probe.states[3]["model"]["0.weight"])
+
+
+CRASH_IN_A_WRITE = """
+import io, os, sys
+import torch
+from tasks.config import TrainConfig
+from tasks.data import load_table, prepare
+from tasks.trainer import Run, build_loaders, prep_spec, train_model
+
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):  # the process dies halfway through writing epoch 3's file
+    name = os.path.basename(str(getattr(f, "name", f)))
+    if name.startswith("epoch-00003"):
+        data = io.BytesIO()
+        real_save(obj, data, *args, **kwargs)
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as out:
+            out.write(data.getvalue()[: len(data.getvalue()) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        os._exit(3)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+config = TrainConfig(**{config!r})
+prepared = prepare(load_table(config.data), prep_spec(config))
+run = Run(client=None, run_id="c" * 32, experiment_id="0", checkpoint_dir=__import__("pathlib").Path(sys.argv[1]))
+train_model(config, prepared, build_loaders(config, prepared), run, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_inside_a_checkpoint_write_resumes_from_the_epoch_before(tmp_path, prepared):
+    settings = {"epochs": 5, "batch_size": 32, "patience": 0, "scheduler": "cosine", "dropout": 0.2, "keep_checkpoints": 3}
+    config = TrainConfig(**settings)
+    whole = _train(config, prepared, _run(tmp_path, "a"))
+
+    folder = tmp_path / ("c" * 32)
+    script = CRASH_IN_A_WRITE.format(config=settings)
+    died = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == 3, died.stderr[-3000:]
+    assert [p.name for p in checkpoint_files(folder)] == ["epoch-00001.pt", "epoch-00002.pt"]  # no torn file among them
+    epochs = Epochs()
+    resumed = _train(config, prepared, Run(client=None, run_id="c" * 32, experiment_id="0", checkpoint_dir=folder),
+                     extra=[epochs])
+
+    assert epochs.seen == [3, 4, 5]
+    assert resumed.history.history == whole.history.history
+    for key, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[key]), key
+
