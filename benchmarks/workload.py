@@ -70,6 +70,44 @@ def tutorial_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dat
 def best_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
                batch: int = BATCH) -> float:
     """The best hand-written loop: batch gather, losses summed on device, one sync per epoch."""
+    total = _train_pass(model, optimizer, data, generator, batch)
+    model.eval()
+    correct, val_loss = torch.zeros(()), torch.zeros(())
+    with torch.inference_mode():
+        for start in range(0, len(data.y_val), 1024):
+            x, y = data.x_val[start : start + 1024], data.y_val[start : start + 1024]
+            out = model(x)
+            val_loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(dim=1) == y).sum()
+    float(total), float(val_loss)
+    return float(correct) / len(data.y_val)
+
+
+def metrics_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
+                  batch: int = BATCH) -> dict[str, float]:
+    """The best hand loop that also computes what fitflow logs, by hand, once per epoch: train and
+    validation loss, then accuracy, macro-F1 and the exact AUROC over the whole validation split
+    (torchmetrics' functional forms, one call each on the kept outputs)."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc, multiclass_f1_score
+
+    total = _train_pass(model, optimizer, data, generator, batch)
+    model.eval()
+    outputs, val_loss = [], torch.zeros(())
+    with torch.inference_mode():
+        for start in range(0, len(data.y_val), 1024):
+            x, y = data.x_val[start : start + 1024], data.y_val[start : start + 1024]
+            out = model(x)
+            val_loss += F.cross_entropy(out, y, reduction="sum")
+            outputs.append(out)
+        probs = torch.cat(outputs).softmax(dim=1)
+        return {"train_loss": float(total) * batch / len(data.y), "val_loss": float(val_loss) / len(data.y_val),
+                "accuracy": float(multiclass_accuracy(probs, data.y_val, CLASSES, average="micro")),
+                "f1_macro": float(multiclass_f1_score(probs, data.y_val, CLASSES, average="macro")),
+                "auroc": float(multiclass_auroc(probs, data.y_val, CLASSES))}
+
+
+def _train_pass(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
+                batch: int) -> torch.Tensor:
     model.train()
     order = torch.randperm(len(data.y), generator=generator)
     total = torch.zeros(())
@@ -81,16 +119,7 @@ def best_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, g
         loss.backward()
         optimizer.step()
         total += loss.detach()
-    model.eval()
-    correct, val_loss = torch.zeros(()), torch.zeros(())
-    with torch.inference_mode():
-        for start in range(0, len(data.y_val), 1024):
-            x, y = data.x_val[start : start + 1024], data.y_val[start : start + 1024]
-            out = model(x)
-            val_loss += F.cross_entropy(out, y, reduction="sum")
-            correct += (out.argmax(dim=1) == y).sum()
-    float(total), float(val_loss)
-    return float(correct) / len(data.y_val)
+    return total
 
 
 class FitflowRunner:

@@ -27,6 +27,8 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
     written.unlink()
     names = [r["name"] for r in report["results"]]
     for expected in ("loader N=10,000 batch=256", "epoch vs tutorial loop", "epoch vs best hand loop",
+                     "epoch vs hand loop with fused Adam and the same metrics", "where the epoch goes: Checkpoints",
+                     "metrics over the validation split (1k rows): auroc",
                      "epoch with MLflow logging vs without", "model logging", "threads", "prepare 20,000 rows",
                      "epoch time", "prepare 4k vs 2k rows", "image loader",
                      "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit",
