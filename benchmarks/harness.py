@@ -43,8 +43,13 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def compare(name: str, baseline: tuple[str, Callable[[], object]], candidate: tuple[str, Callable[[], object]],
-            rounds: int, warmup: bool = True, target: str = "", note: str = "") -> Comparison:
-    """Time candidate/baseline in `rounds` interleaved pairs (after one untimed warm-up of each)."""
+            rounds: int, warmup: bool = True, target: str = "", note: str = "",
+            measure: Callable[[Callable[[], object]], float] = timed) -> Comparison:
+    """Time candidate/baseline in `rounds` interleaved pairs (after one untimed warm-up of each).
+
+    `measure(fn)`: the seconds of one call; by default its wall time, or e.g. the time of the part
+    of it that the figure is about, as `fn` reports it.
+    """
     result = Comparison(name, baseline[0], candidate[0], target=target, note=note)
     if warmup:
         baseline[1]()
@@ -52,7 +57,7 @@ def compare(name: str, baseline: tuple[str, Callable[[], object]], candidate: tu
     for i in range(rounds):
         # alternate which goes first, so a drift within the round favours neither side
         first, second = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
-        times = {first[0]: timed(first[1]), second[0]: timed(second[1])}
+        times = {first[0]: measure(first[1]), second[0]: measure(second[1])}
         result.baseline_s.append(times[baseline[0]])
         result.candidate_s.append(times[candidate[0]])
         result.ratios.append(times[candidate[0]] / times[baseline[0]])
