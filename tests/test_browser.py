@@ -1,16 +1,20 @@
-"""The UI path in a real browser: a custom run started from the Prefect UI's form, followed to
-Completed there, then found in the MLflow UI with the parameters given in the form.
+"""The UI path in a real browser, on the stack a user starts on one machine with `fitflow up` (a
+Prefect server with its UI, an MLflow server with its UI, `fitflow serve`; free loopback ports):
 
-Playwright drives Debian's Chromium (never a browser that Playwright downloads). The services are
-the ones a user starts on one machine: `prefect server start` (with its UI), `fitflow serve` and
-`mlflow server` on the same sqlite store the runs write to, each on a free loopback port. Screenshots
-of both UIs go to test-artifacts/browser/ (git ignores it). CI runs this (`.ci/run`
-installs chromium); deselect it locally with -m "not browser".
+- a custom run started from the Prefect UI's form, followed to Completed there, then found in the
+  MLflow UI of `fitflow up` with the parameters given in the form;
+- a `fitflow train` from a terminal, which finds the stack by itself, shown in that MLflow UI;
+- the automations `fitflow setup --notify-url` creates, listed in the Prefect UI's Automations page.
+
+Playwright drives Debian's Chromium (never a browser that Playwright downloads). Screenshots of
+both UIs go to test-artifacts/browser/ (git ignores it). CI runs this (`.ci/run` installs
+chromium); deselect it locally with -m "not browser".
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -46,17 +50,19 @@ def _require(found: bool, message: str) -> None:
 
 
 class UiStack:
-    """A Prefect server with its UI, `fitflow serve` against it, and an MLflow server."""
+    """`fitflow up` on free loopback ports, with its own FITFLOW_HOME; `fitflow down` stops it."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.home = root / "fitflow-home"
         self.processes: list[Process] = []
         self.prefect_url = f"http://127.0.0.1:{free_port()}"
         self.mlflow_url = f"http://127.0.0.1:{free_port()}"
-        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        self.env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                    "PREFECT_HOME": str(root / "prefect-home"), "FITFLOW_HOME": str(root / "fitflow-home"),
-                    "FITFLOW_REPO": str(REPO), "MLFLOW_TRACKING_URI": self.tracking_uri}
+        self.tracking_uri = self.mlflow_url
+        # fitflow finds the stack through FITFLOW_HOME's stack.json; explicit settings would win over it
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
+        self.env = {**inherited, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                    "FITFLOW_HOME": str(self.home), "FITFLOW_REPO": str(REPO)}
 
     def spawn(self, name: str, argv: list[str], cwd: Path, **env: str) -> Process:
         log = self.root / f"{name}.log"
@@ -66,26 +72,30 @@ class UiStack:
         self.processes.append(process)
         return process
 
+    def fitflow(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "fitflow"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=RUN_DEADLINE_S)
+
     def start(self) -> UiStack:
-        port = self.prefect_url.rsplit(":", 1)[1]
-        # The UI calls the API at PREFECT_UI_API_URL, which otherwise names the default port 4200.
-        prefect = self.spawn("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                                "--port", port], self.root, PREFECT_UI_API_URL=f"{self.prefect_url}/api")
-        mlflow = self.spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", self.tracking_uri,
-                                       "--host", "127.0.0.1", "--port", self.mlflow_url.rsplit(":", 1)[1],
-                                       "--workers", "1"], self.root, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        wait_http(prefect, f"{self.prefect_url}/api/health")
-        wait_http(mlflow, f"{self.mlflow_url}/health")  # it has created the store's tables by now
-        serve = self.spawn("serve", [str(BIN / "fitflow"), "serve"], REPO, PREFECT_API_URL=f"{self.prefect_url}/api")
-        wait_http(serve, f"{self.prefect_url}/api/deployments/name/train/default")
+        self.home.mkdir()
+        up = self.spawn("up", [str(BIN / "fitflow"), "up", "--prefect-port", self.prefect_url.rsplit(":", 1)[1],
+                               "--mlflow-port", self.mlflow_url.rsplit(":", 1)[1]], REPO)
+        wait_http(up, f"{self.mlflow_url}/health", START_TIMEOUT_S)
+        wait_http(up, f"{self.prefect_url}/api/deployments/name/train/default", START_TIMEOUT_S)  # serve registered them
+        stack = json.loads((self.home / "stack.json").read_text())
+        assert (stack["prefect_ui_url"], stack["mlflow_url"]) == (self.prefect_url, self.mlflow_url)
         return self
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}.log\n{p.log_tail(3000)}" for p in self.processes)
+        logs = sorted((self.home / "logs").glob("*.log")) if (self.home / "logs").exists() else []
+        return "\n".join([f"--- {p.name}.log\n{p.log_tail(3000)}" for p in self.processes]
+                         + [f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in logs])
 
     def close(self) -> None:
+        if self.home.exists():
+            self.fitflow("down")
         for process in reversed(self.processes):
-            process.stop()  # SIGTERM to it and its children, then SIGKILL to what is left
+            process.stop()  # `up` has exited after down; anything left: SIGTERM, then SIGKILL
         self.processes.clear()
 
 
@@ -168,7 +178,7 @@ def wait_until_completed(page, deadline_s: float, logs) -> str:
     return tag.split(":", 1)[1]
 
 
-def find_mlflow_run(page, mlflow_url: str, experiment: str, run_id: str) -> dict[str, str]:
+def find_mlflow_run(page, mlflow_url: str, experiment: str, run_id: str, screenshot: str = "mlflow-run.png") -> dict[str, str]:
     """Experiments -> `experiment` -> the run; return the Parameters table as shown."""
     page.goto(f"{mlflow_url}/#/experiments")
     page.get_by_text("Model training", exact=True).click()  # the runs view, not GenAI's traces
@@ -187,7 +197,7 @@ def find_mlflow_run(page, mlflow_url: str, experiment: str, run_id: str) -> dict
     if close_assistant.count() == 1:  # the MLflow Assistant side panel would hide half the page
         close_assistant.click()
     params.get_by_role("cell", name="epochs", exact=True).evaluate("el => el.scrollIntoView({block: 'center'})")
-    _screenshot(page, "mlflow-run.png")
+    _screenshot(page, screenshot)
     return shown
 
 
@@ -206,3 +216,44 @@ def test_custom_run_from_prefect_ui_shows_up_in_mlflow_ui(ui_stack, page):
     # The run the MLflow UI showed is the one this flow run logged.
     run = MlflowClient(ui_stack.tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["prefect.flow_run_id"] == flow_run_id
+
+
+def test_a_terminal_run_shows_in_the_mlflow_ui_of_fitflow_up(ui_stack, page):
+    """`fitflow train` in a terminal finds the stack (no server of its own): its run is in the MLflow UI
+    that `fitflow up` serves, linked to a flow run of the stack's Prefect server."""
+    experiment = f"terminal-{uuid4().hex[:8]}"
+    trained = ui_stack.fitflow("train", "--epochs", "2", "--experiment", experiment)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    client = MlflowClient(ui_stack.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    try:
+        shown = find_mlflow_run(page, ui_stack.mlflow_url, experiment, run.info.run_id, "mlflow-up-terminal-run.png")
+    except Exception:
+        _screenshot(page, "failure-terminal-run.png")
+        raise
+    assert shown["epochs"] == "2" and shown["experiment"] == experiment, shown
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"{ui_stack.prefect_url}/api"}), get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(run.data.tags["prefect.flow_run_id"])  # on the stack's server
+    assert flow_run.state.is_completed() and f"mlflow_run_id:{run.info.run_id}" in flow_run.tags
+
+
+def test_the_prefect_ui_lists_the_automations_fitflow_setup_creates(ui_stack, page):
+    """`fitflow setup --notify-url` against the stack of `fitflow up`: the Automations page shows each alert."""
+    done = ui_stack.fitflow("setup", "--notify-url", "http://127.0.0.1:9/fitflow-alerts")
+    assert done.returncode == 0, done.stderr[-3000:]
+    from flows.alerts import automations
+
+    names = [automation.name for automation in automations(block_id=uuid4())]
+    assert len(names) == 3
+    try:
+        page.goto(f"{ui_stack.prefect_url}/automations")
+        for name in names:
+            page.get_by_text(name, exact=True).first.wait_for()
+        _screenshot(page, "prefect-automations.png")
+    except Exception:
+        _screenshot(page, "failure-automations.png")
+        raise
+
