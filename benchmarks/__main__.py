@@ -32,9 +32,10 @@ SUITE = {
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
     "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=2),
                   lambda t, p: t.lightning_ratio(5_000, 1_000, epochs=1, rounds=1)),
-    "end-to-end": (lambda t, p: p.end_to_end(rounds=2, epochs=10), None),
-    # issue #15: warm `fitflow train` with `fitflow up` and without, against a script of torch + MLflow only
-    "stack": (lambda t, p: p.end_to_end_with_the_stack(rounds=3, epochs=10), None),
+    # issues #15, #17: warm `fitflow train` on the small table against a script of torch + pandas + MLflow only
+    # (pipeline.BARE_SCRIPT), without `fitflow up` (and peak memory on 1M rows) and with it
+    "end-to-end": (lambda t, p: p.end_to_end(rounds=3, epochs=30, memory_rows=1_000_000), None),
+    "stack": (lambda t, p: p.end_to_end_with_the_stack(rounds=3, epochs=30), None),
     "prepare": (lambda t, p: p.prepare_cost(1_000_000), lambda t, p: p.prepare_cost(20_000)),
     "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),
                               p.prepare_scaling(rounds=1, sizes=(100_000, 1_000_000))],

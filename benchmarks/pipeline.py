@@ -75,50 +75,128 @@ def prepare_scaling(rounds: int, sizes: tuple[int, int]) -> Comparison:
                    (f"{sizes[1] // 1000}k", lambda: prepare(large, spec)), rounds, target=f"~{sizes[1] / sizes[0]:.0f} (linear)")
 
 
+# What a PyTorch user writes by hand for fitflow's default run on a table, without fitflow or
+# Prefect (torch, numpy, pandas and MLflow only): read the CSV, one-hot the text columns, split
+# 70/15/15, standardise on the training rows, fitflow's default MLP (64-32, ReLU, dropout 0.1),
+# Adam (lr 1e-3, weight decay 0.01), batches of 64; logged to MLflow: the hyperparameters, per
+# epoch the training loss and the validation loss, accuracy, macro F1 and AUROC (by hand, in
+# torch), the same four on the test rows, and the model (MLflow's pytorch flavor, input example).
+# argv: data target epochs tracking-uri
 BARE_SCRIPT = """
-import sys, tempfile, pandas as pd, mlflow
-from mlflow.tracking import MlflowClient
-from tasks.config import TrainConfig
-from tasks.trainer import Run, build_loaders, evaluate_on_test, prep_spec, train_model
-from tasks import tracking
-from tasks.data import load_table, prepare
-config = TrainConfig(epochs=int(sys.argv[1]), patience=0)
-uri = sys.argv[2]
-mlflow.set_tracking_uri(uri); tracking.prepare_store(uri)
-client = MlflowClient(uri)
-table = load_table(config.data); prepared = prepare(table, prep_spec(config)); loaders = build_loaders(config, prepared)
-run_id = client.create_run(tracking.experiment_id(client, "bare")).info.run_id
-tracking.log_params(client, run_id, config.params())
-tracking.log_dataset(client, run_id, table, config.data, config.target, "breast_cancer")
-run = Run(client, run_id, "0", __import__("pathlib").Path(tempfile.mkdtemp()))
-trained = train_model(config, prepared, loaders, run)
-tracking.log_metrics(client, run_id, evaluate_on_test(config, prepared, loaders, trained), step=trained.best_epoch)
-tracking.log_pyfunc_model(client, run_id, trained.model, trained.spec, prepared.preprocessor,
-                          table.drop(columns=[config.target]).head(5))
-client.set_terminated(run_id, "FINISHED")
+import sys, mlflow, mlflow.pytorch, numpy as np, pandas as pd, torch
+from torch import nn
+data, target, epochs, uri = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+mlflow.set_tracking_uri(uri); mlflow.set_experiment("bare")
+table = pd.read_csv(data)
+classes, y = np.unique(table.pop(target).astype(str), return_inverse=True)
+x = pd.get_dummies(table, dtype=np.float32).to_numpy(np.float32)
+rng = np.random.default_rng(42); order = rng.permutation(len(x)); n_test = n_val = round(len(x) * 0.15)
+test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+x = np.nan_to_num((x - x[train].mean(0)) / (x[train].std(0) + 1e-8))
+X, Y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+torch.manual_seed(42)
+model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1),
+                      nn.Linear(32, len(classes)))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.01); loss_fn = nn.CrossEntropyLoss()
+def scores(rows):
+    model.eval()
+    with torch.no_grad():
+        out, truth = model(X[rows]), Y[rows]
+        prob = out.softmax(1); pred = prob.argmax(1); f1, auroc = [], []
+        for c in range(len(classes)):  # one class against the rest; AUROC as the share of pairs ranked right
+            hit, pos = pred == c, truth == c
+            f1.append(2 * (hit & pos).sum() / (hit.sum() + pos.sum()).clamp(min=1))
+            ranks = prob[:, c].argsort().argsort().double() + 1; n_pos = pos.sum(); n_neg = len(truth) - n_pos
+            auroc.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return {"loss": loss_fn(out, truth).item(), "accuracy": (pred == truth).float().mean().item(),
+                "f1_macro": torch.stack(f1).mean().item(), "auroc": torch.stack(auroc).mean().item()}
+with mlflow.start_run():
+    mlflow.log_params({"data": data, "target": target, "epochs": epochs, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
+                       "weight_decay": 0.01, "hidden_sizes": "[64, 32]", "dropout": 0.1, "seed": 42})
+    for epoch in range(1, epochs + 1):
+        model.train(); perm = torch.from_numpy(train)[torch.randperm(len(train))]; total = 0.0
+        for i in range(0, len(perm), 64):
+            batch = perm[i:i + 64]; optimizer.zero_grad(); loss = loss_fn(model(X[batch]), Y[batch]); loss.backward()
+            optimizer.step(); total += loss.item() * len(batch)
+        mlflow.log_metrics({"train_loss": total / len(perm), **{f"val_{k}": v for k, v in scores(val).items()}}, step=epoch)
+    mlflow.log_metrics({f"test_{k}": v for k, v in scores(test).items()}, step=epochs)
+    mlflow.pytorch.log_model(model.eval(), name="model", input_example=x[:5],
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
 """
 
+SMALL_TABLE = ("data/breast_cancer.csv", "diagnosis")  # 569 rows, 30 numeric columns: the shipped example
 
-def end_to_end(rounds: int, epochs: int) -> list:
-    """`fitflow train` (Prefect's embedded server) vs the same steps as a bare script, warm."""
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
+    return {**base, **extra}
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: int = 900) -> None:
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {done.returncode}: {done.stderr[-2000:]}")
+
+
+def _fitflow_train(data: str, target: str, epochs: int) -> list[str]:
+    return [str(Path(sys.executable).with_name("fitflow")), "train", "--data", data, "--target", target,
+            "--epochs", str(epochs), "--patience", "0"]
+
+
+def _bare(data: str, target: str, epochs: int, uri: str) -> list[str]:
+    return [sys.executable, "-c", BARE_SCRIPT, data, target, str(epochs), uri]
+
+
+def end_to_end(rounds: int, epochs: int, memory_rows: int) -> list:
+    """Warm `fitflow train` without `fitflow up` (its embedded Prefect server, the sqlite MLflow
+    store under FITFLOW_HOME) against BARE_SCRIPT logging to a sqlite file, each a fresh process,
+    on the shipped small table; then the peak RSS and wall time of both on a generated table of
+    `memory_rows` rows (one epoch each), and the cold first run and `--help`."""
     fitflow = str(Path(sys.executable).with_name("fitflow"))
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env.update(FITFLOW_HOME=str(Path(tmp) / "home"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
-
-        def run(argv: list[str]) -> None:
-            subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-
+        env = _clean_env(FITFLOW_HOME=str(Path(tmp) / "home"))
+        bare_env, sqlite = _clean_env(), f"sqlite:///{tmp}/bare.db"
+        train, bare = _fitflow_train(*SMALL_TABLE, epochs), _bare(*SMALL_TABLE, epochs, sqlite)
         cold_start = time.perf_counter()
-        run([fitflow, "train", "--epochs", str(epochs), "--patience", "0"])  # fresh Prefect home: migrations
+        _run(train, env)  # fresh Prefect home: migrations; the prepared data is cached from here on
         cold = time.perf_counter() - cold_start
-        result = compare("end to end: fitflow train vs bare script (warm)",
-                         ("bare script", lambda: run([sys.executable, "-c", BARE_SCRIPT, str(epochs), env["MLFLOW_TRACKING_URI"]])),
-                         ("fitflow train", lambda: run([fitflow, "train", "--epochs", str(epochs), "--patience", "0"])),
-                         rounds, warmup=False, target="<= 1.5")
+        _run(bare, bare_env)  # its sqlite store migrates once
+        result = compare(f"end to end: fitflow train (embedded Prefect server) vs bare torch + MLflow script, "
+                         f"{epochs} epochs, breast_cancer (warm)",
+                         ("bare script -> sqlite", lambda: _run(bare, bare_env)),
+                         ("fitflow train", lambda: _run(train, env)), rounds, warmup=False, target="<= 1.3")
         help_s = min(_wall([fitflow, "--help"], env) for _ in range(3))
+        memory = memory_on_a_large_table(memory_rows, Path(tmp), env, bare_env, sqlite)
     return [result, Measurement("fitflow train, cold first run (fresh Prefect home)", cold, "s"),
-            Measurement("fitflow --help", help_s, "s", target="< 1")]
+            Measurement("fitflow --help", help_s, "s", target="< 1"), *memory]
+
+
+def memory_on_a_large_table(rows: int, tmp: Path, env: dict[str, str], bare_env: dict[str, str], sqlite: str) -> list:
+    """Peak RSS of `fitflow train` and of BARE_SCRIPT on the same generated table (one epoch each,
+    fitflow warm: its prepared data cached by one run before), with each one's wall time."""
+    table = str(write_table(tmp / f"table-{rows}.csv", rows))
+    train, bare = _fitflow_train(table, "label", 1), _bare(table, "label", 1, sqlite)
+    _run(train, env, timeout=1800)  # the first run prepares and caches, as any first run of a table does
+    fitflow_s, fitflow_peak = _peak_rss(train, env)
+    bare_s, bare_peak = _peak_rss(bare, bare_env)
+    return [Measurement(f"peak RSS, fitflow train / bare script, {rows:,} rows", fitflow_peak / bare_peak, "x",
+                        target="<= 1.5", note=f"fitflow {fitflow_peak / 1e9:.2f} GB in {fitflow_s:.1f} s, bare script "
+                                              f"{bare_peak / 1e9:.2f} GB in {bare_s:.1f} s (1 epoch each)")]
+
+
+def _peak_rss(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of a process: the kernel's high-water mark (wait4's
+    ru_maxrss), the largest of the process and its children, not their sum."""
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a full pipe would block the process
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(argv[:3])} ... exited {process.returncode}: {errors.read()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
 def _wall(argv: list[str], env: dict[str, str]) -> float:
@@ -128,51 +206,34 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
 
 
 def end_to_end_with_the_stack(rounds: int, epochs: int) -> list:
-    """Warm `fitflow train` with `fitflow up` running and without it (an embedded Prefect server),
-    each against a bare torch + MLflow script that imports neither prefect nor fitflow, doing the
-    same work: read the CSV, standardise, split, train the same MLP, log params, per-epoch and test
-    metrics and the model to MLflow (a server with the stack; the sqlite file without it)."""
+    """Warm `fitflow train` with `fitflow up` running against BARE_SCRIPT logging to the same
+    MLflow server, each a fresh process, on the shipped small table."""
     import json as json_module
 
     fitflow = str(Path(sys.executable).with_name("fitflow"))
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         home.mkdir()
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
-        embedded = {**base, "FITFLOW_HOME": str(Path(tmp) / "embedded")}
-        train = [fitflow, "train", "--epochs", str(epochs), "--patience", "0"]
-
-        def run(argv: list[str], env: dict[str, str]) -> None:
-            subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
-
-        run(train, embedded)  # a fresh embedded home migrates once: warm from here on
+        with_stack, bare_env = _clean_env(FITFLOW_HOME=str(home)), _clean_env()
         ports = [_free_port(), _free_port()]
         up = subprocess.Popen([fitflow, "up", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1])],
-                              cwd=REPO, env={**base, "FITFLOW_HOME": str(home)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=with_stack, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             for line in up.stdout:  # the URLs are printed once both servers answer
                 if line.startswith("MLflow UI"):
                     break
             stack = json_module.loads((home / "stack.json").read_text())
-            with_stack = {**base, "FITFLOW_HOME": str(home)}
-            run(train, with_stack)  # warm: the experiment exists, the prepared data is cached
-            bare = [sys.executable, "-c", TRULY_BARE_SCRIPT, str(epochs)]
-            up_ratio = compare("end to end: fitflow train with `fitflow up` vs bare torch + MLflow script (warm)",
-                               ("bare script -> MLflow server", lambda: run([*bare, stack["mlflow_url"]], base)),
-                               ("fitflow train, stack up", lambda: run(train, with_stack)), rounds, warmup=False,
-                               target="<= 1.2")
+            train, bare = _fitflow_train(*SMALL_TABLE, epochs), _bare(*SMALL_TABLE, epochs, stack["mlflow_url"])
+            _run(train, with_stack)  # warm: the experiment exists, the prepared data is cached
+            _run(bare, bare_env)  # and the bare script's experiment
+            return [compare(f"end to end: fitflow train with `fitflow up` vs bare torch + MLflow script, {epochs} epochs, "
+                            "breast_cancer (warm)",
+                            ("bare script -> MLflow server", lambda: _run(bare, bare_env)),
+                            ("fitflow train, stack up", lambda: _run(train, with_stack)), rounds, warmup=False,
+                            target="<= 1.2")]
         finally:
             up.terminate()  # `fitflow up` stops its servers on SIGTERM
             up.wait(timeout=120)
-        sqlite = f"sqlite:///{tmp}/bare.db"
-        run([sys.executable, "-c", TRULY_BARE_SCRIPT, str(epochs), sqlite], base)  # its store migrated once
-        embedded_ratio = compare("end to end: fitflow train without the stack vs bare torch + MLflow script (warm)",
-                                 ("bare script -> sqlite", lambda: run([sys.executable, "-c", TRULY_BARE_SCRIPT,
-                                                                        str(epochs), sqlite], base)),
-                                 ("fitflow train, embedded server", lambda: run(train, embedded)), rounds,
-                                 warmup=False, target="<= 1.5")
-    return [up_ratio, embedded_ratio]
 
 
 def _free_port() -> int:
@@ -181,37 +242,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-# What a PyTorch user writes by hand for the same run, without fitflow or Prefect: no tasks/ import.
-TRULY_BARE_SCRIPT = """
-import sys, mlflow, mlflow.pytorch, numpy as np, pandas as pd, torch
-from torch import nn
-epochs, uri = int(sys.argv[1]), sys.argv[2]
-mlflow.set_tracking_uri(uri); mlflow.set_experiment("bare")
-table = pd.read_csv("data/breast_cancer.csv")
-y = (table.pop("diagnosis") == "malignant").to_numpy().astype(np.int64); x = table.to_numpy(np.float32)
-rng = np.random.default_rng(42); order = rng.permutation(len(x)); n_test = n_val = round(len(x) * 0.15)
-test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-mean, std = x[train].mean(0), x[train].std(0) + 1e-8; x = (x - mean) / std
-X, Y = torch.from_numpy(x), torch.from_numpy(y)
-torch.manual_seed(42)
-model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-3); loss_fn = nn.CrossEntropyLoss()
-def scores(rows):
-    model.eval()
-    with torch.no_grad():
-        out = model(X[rows]); return loss_fn(out, Y[rows]).item(), (out.argmax(1) == Y[rows]).float().mean().item()
-with mlflow.start_run():
-    mlflow.log_params({"epochs": epochs, "lr": 1e-3, "batch_size": 64, "hidden_sizes": "[64, 32]"})
-    for epoch in range(1, epochs + 1):
-        model.train(); perm = torch.from_numpy(train)[torch.randperm(len(train))]
-        for i in range(0, len(perm), 64):
-            batch = perm[i:i + 64]; optimizer.zero_grad(); loss = loss_fn(model(X[batch]), Y[batch]); loss.backward(); optimizer.step()
-        val_loss, val_accuracy = scores(val)
-        mlflow.log_metrics({"train_loss": loss.item(), "val_loss": val_loss, "val_accuracy": val_accuracy}, step=epoch)
-    test_loss, test_accuracy = scores(test)
-    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy}, step=epochs)
-    mlflow.pytorch.log_model(model.eval(), name="model", input_example=x[:5],
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
-"""

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,25 @@ def test_quality_report_smoke_mode_writes_a_row_per_table(tmp_path):
     assert [row[0].removeprefix("| ") for row in rows] == ["wine", "breast_cancer", "diabetes", "digits", "customers"]
     for row in rows:  # defaults, linear baseline, scikit-learn, sweep: a finite mean each
         assert all(math.isfinite(float(cell.split()[0])) for cell in row[4:8]), row
+
+
+@pytest.mark.slow
+def test_the_end_to_end_baseline_is_torch_and_mlflow_only_and_logs_what_fitflow_logs(tmp_path):
+    """The script `fitflow train` is measured against (benchmarks/pipeline.py BARE_SCRIPT) imports
+    neither Prefect nor fitflow, and logs the per-epoch and test metrics of a fitflow run and a model."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.pipeline import BARE_SCRIPT, SMALL_TABLE
+    from tasks.metrics import metric_names
+
+    uri = f"sqlite:///{tmp_path / 'bare.db'}"
+    check = "\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'flows', 'tasks', 'fitflow'}))"
+    done = subprocess.run([sys.executable, "-c", BARE_SCRIPT + check, *SMALL_TABLE, "2", uri], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bare").experiment_id])
+    expected = {"train_loss", *metric_names("classification", "val"), *metric_names("classification", "test")}
+    assert expected <= set(run.data.metrics)
+    assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
