@@ -152,17 +152,28 @@ class CheckpointWriter:
 
 def _copy_into(value: Any, buffers: dict[tuple, torch.Tensor], key: tuple) -> Any:
     """`value` with every tensor copied into `buffers[key path]` (on the CPU; allocated when the
-    shape or dtype is new), containers rebuilt and other data deep-copied."""
+    shape or dtype is new), containers copied (a state dict's OrderedDict with its `_metadata`)
+    and other objects deep-copied."""
     if isinstance(value, torch.Tensor):
         buffer = buffers.get(key)
         if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
             buffer = buffers[key] = torch.empty(value.shape, dtype=value.dtype)
         return buffer.copy_(value.detach())
-    if type(value) is dict:
-        return {k: _copy_into(v, buffers, (*key, k)) for k, v in value.items()}
+    if isinstance(value, _PLAIN):
+        return value  # immutable
+    if isinstance(value, dict):
+        copied = copy.copy(value)
+        for k, v in value.items():
+            copied[k] = _copy_into(v, buffers, (*key, k))
+        return copied
     if type(value) in (list, tuple):
+        if all(isinstance(v, _PLAIN) for v in value):  # e.g. python's random state: 625 ints
+            return type(value)(value)
         return type(value)(_copy_into(v, buffers, (*key, i)) for i, v in enumerate(value))
     return copy.deepcopy(value)
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None))
 
 
 def restore(state: FitState, saved: dict[str, Any], stateful: dict[str, Callback], path: Path | None = None) -> None:

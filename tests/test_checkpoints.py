@@ -315,3 +315,25 @@ def test_a_process_that_dies_inside_a_checkpoint_write_resumes_from_the_epoch_be
     for key, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[key]), key
 
+
+
+def test_the_writer_copies_each_epoch_into_the_same_buffers(tmp_path):
+    """No allocation per epoch for the state's copy; the state dict keeps its per-module versions."""
+    from tasks.checkpoints import CheckpointWriter
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    writer = CheckpointWriter()
+    buffers, expected = [], []
+    for epoch in (1, 2):
+        writer.write(tmp_path / f"epoch-{epoch:05d}.pt", {"model": model.state_dict(), "rng": rng_state()})
+        writer.wait()
+        buffers.append({key: tensor.data_ptr() for key, tensor in writer.buffers.items()})
+        expected.append(copy.deepcopy(model.state_dict()))
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+    writer.close()
+    assert ("model", "0.weight") in writer.buffers and buffers[0] == buffers[1]
+    for epoch in (1, 2):
+        saved = torch.load(tmp_path / f"epoch-{epoch:05d}.pt", weights_only=True)
+        assert all(torch.equal(saved["model"][k], v) for k, v in expected[epoch - 1].items())
+        assert saved["model"]._metadata == model.state_dict()._metadata  # BatchNorm's version: read on load
