@@ -15,13 +15,12 @@ import ast
 import inspect
 import statistics
 import textwrap
-import time
 import timeit
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from benchmarks.harness import Measurement, compare
-from benchmarks.workload import FitflowRunner, make_data
+from benchmarks.workload import FitflowRunner, epoch_clock, make_data
 
 
 def fit_without_batch_hooks():
@@ -109,22 +108,8 @@ def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) ->
     The per-epoch ratio times each epoch from its start to the end of its last callback (the
     epoch-end flush and journal write included), leaving out what a run does once: its start and
     the end-of-run wait, reported beside it. The whole-run ratio is there too."""
-    from benchmarks.training import _timing_methods
+    from benchmarks.training import _reported, _timing_methods
     from tasks import tracking
-    from tasks.callbacks import Callback
-
-    class EpochClock(Callback):
-        """The wall time of each epoch, from on_epoch_start to on_epoch_end, as the last callback."""
-
-        def __init__(self) -> None:
-            self.epochs: list[float] = []
-
-        def on_epoch_start(self, state) -> None:
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, state) -> None:
-            self.epochs.append(time.perf_counter() - self.start)
-
     data = make_data(n_train, n_val)
     off = FitflowRunner(data, tracking=True, epochs=epochs)
     every_step = FitflowRunner(data, tracking=True, epochs=epochs, log_every_n_steps=1)
@@ -136,7 +121,7 @@ def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) ->
     def timed_run(runner, key):
         def run() -> float:
             spent: list[float] = []
-            clock = EpochClock()
+            clock = epoch_clock()
             with _timing_methods(tracking.MlflowMetrics, ("on_fit_end",), spent):
                 runner.fit([clock])
             waits[key].append(spent[0])
@@ -148,7 +133,7 @@ def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) ->
     with _timing_methods(tracking.MlflowStepLoss, hooks, own):
         per_epoch = compare(f"per-step logging, per epoch: log_every_n_steps 0 -> 1 ({size})",
                             ("log_every_n_steps 0", timed_run(off, "off")), ("log_every_n_steps 1", timed_run(every_step, "on")),
-                            rounds, target="<= 1.03", measure=lambda run: run(),
+                            rounds, target="<= 1.03", measure=_reported,
                             note=f"the epochs' time (start to the end of their callbacks), not the run's start and "
                                  f"end-of-run wait; {note}")
         whole = compare(f"per-step logging, whole runs: log_every_n_steps 0 -> 1 ({size})",

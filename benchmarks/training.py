@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
 import time
@@ -18,6 +19,7 @@ from benchmarks.workload import (
     CLASSES,
     FitflowRunner,
     best_epoch,
+    epoch_clock,
     make_data,
     make_model,
     metrics_epoch,
@@ -88,20 +90,62 @@ def epoch_time(n_train: int, n_val: int, rounds: int, epochs: int) -> list:
     ]
     spent: dict[str, list[float]] = {}
     with _timing_callbacks(spent):
-        strictest = compare(f"epoch vs hand loop with fused Adam and the same metrics ({size})",
-                            ("hand loop, fused Adam, metrics by hand", hand(metrics_epoch, True)),
-                            ("fitflow", fitflow.fit), rounds, target="<= 1.03",
-                            note="the strictest baseline: same optimizer kernel, accuracy, macro-F1 and exact AUROC "
-                                 "once per epoch (torchmetrics' functions); fitflow with every default feature on")
-    results.append(strictest)
-    run_s = statistics.median(strictest.candidate_s)
+        per_epoch, whole = _epochs_and_runs(fitflow, data, generator, epochs, rounds, size)
+    results += [per_epoch, whole]
+    epoch_s = statistics.median(per_epoch.candidate_s) / epochs
     calls = (rounds + 1) * epochs  # every epoch of every fitflow run in the comparison, the warm-up included
     for name, times in sorted(spent.items(), key=lambda item: -sum(item[1])):
         per_epoch_s = sum(times) / calls
-        results.append(Measurement(f"where the epoch goes: {name}", per_epoch_s / (run_s / epochs), "x",
-                                   note=f"{per_epoch_s * 1e3:.2f} ms per epoch of {run_s / epochs * 1e3:.0f} ms "
-                                        "(on the training thread, summed over the run, per epoch)"))
+        once = name.endswith(("on_fit_start", "on_fit_end"))
+        results.append(Measurement(f"where the epoch goes: {name}", per_epoch_s / epoch_s, "x",
+                                   note=f"{per_epoch_s * 1e3:.2f} ms per epoch of {epoch_s * 1e3:.0f} ms on the training "
+                                        + (f"thread, once per run ({per_epoch_s * epochs * 1e3:.1f} ms) shared over its "
+                                           f"{epochs} epochs" if once else "thread")))
     return results + metric_times(fitflow, data)
+
+
+def _epochs_and_runs(fitflow: FitflowRunner, data, generator, epochs: int, rounds: int, size: str):
+    """fitflow against the strictest hand loop (the same fused Adam, the same metrics by hand once
+    per epoch), twice from the same interleaved runs: the time of the epochs alone (fitflow's timed
+    by a last callback, from each epoch's start to the end of its callbacks; the hand loop's around
+    each epoch call), and the whole runs (model and optimizer built, fit's start and end included)."""
+    runs: dict[str, list[float]] = {"hand": [], "fitflow": []}
+
+    def hand() -> float:
+        start, epochs_s = time.perf_counter(), 0.0
+        model = make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        for _ in range(epochs):
+            epoch_start = time.perf_counter()
+            metrics_epoch(model, optimizer, data, generator)
+            epochs_s += time.perf_counter() - epoch_start
+        runs["hand"].append(time.perf_counter() - start)
+        return epochs_s
+
+    def fit() -> float:
+        start, clock = time.perf_counter(), epoch_clock()
+        fitflow.fit([clock])
+        runs["fitflow"].append(time.perf_counter() - start)
+        return sum(clock.epochs)
+
+    baseline = "hand loop, fused Adam, metrics by hand"
+    per_epoch = compare(f"epoch vs hand loop with fused Adam and the same metrics, per epoch ({size})",
+                        (baseline, hand), ("fitflow", fit), rounds, target="<= 1.03", measure=_reported,
+                        note="the strictest baseline: same optimizer kernel, accuracy, macro-F1 and exact AUROC once per "
+                             "epoch (torchmetrics' functions); fitflow with every default feature on; the epochs' time")
+    whole = Comparison(f"epoch vs hand loop with fused Adam and the same metrics, whole runs ({size})", baseline, "fitflow",
+                       target="reported", note="the same runs, timed whole: fit's start and end (once per run) included")
+    for hand_s, fitflow_s in zip(runs["hand"][1:], runs["fitflow"][1:], strict=True):  # [0]: the warm-ups
+        whole.baseline_s.append(hand_s)
+        whole.candidate_s.append(fitflow_s)
+        whole.ratios.append(fitflow_s / hand_s)
+    return per_epoch, whole
+
+
+def _reported(run) -> float:
+    """The seconds `run` reports of itself (after a garbage collection, as `timed` does)."""
+    gc.collect()
+    return run()
 
 
 def metric_times(fitflow: FitflowRunner, data) -> list[Measurement]:

@@ -9,6 +9,7 @@ hand-written loop (randperm + index_select, no host sync per step, inference_mod
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def _train_pass(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, 
         optimizer.step()
         total += loss.detach()
     return total
+
+
+def epoch_clock():
+    """A fitflow callback, to be the last, whose `epochs` lists each epoch's seconds: from its
+    on_epoch_start to its on_epoch_end, after every other callback's (the training and validation
+    passes and the epoch's callbacks; not the run's start or end)."""
+    from tasks.callbacks import Callback
+
+    class EpochClock(Callback):
+        def __init__(self) -> None:
+            self.epochs: list[float] = []
+
+        def on_epoch_start(self, state) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, state) -> None:
+            self.epochs.append(time.perf_counter() - self.start)
+
+    return EpochClock()
 
 
 class FitflowRunner:
