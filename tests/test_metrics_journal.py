@@ -6,6 +6,8 @@ thread and the run's end as the training step and `fitflow upload-metrics` use t
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -121,3 +123,39 @@ def test_a_damaged_cursor_resends_the_journal_once(run, caplog, cursor):
     delivery.notify()
     assert delivery.close(wait_s=30) == [] and journal.delivered() == 2
     assert _steps(run.client, run.run_id, "val_loss") == [1, 2]  # sent again, stored once
+
+
+def test_delivery_sends_what_was_journaled_while_it_rested_in_one_batch(run):
+    """Epochs shorter than the delivery interval go to MLflow together: one send for the three
+    journaled after the first send, made when the run closes delivery (which cuts the rest short)."""
+    journal = Journal(run.checkpoint_dir)
+    sent: list[list[int]] = []
+    send = sender(run.client, run.run_id)
+
+    def recording(metrics) -> None:
+        send(metrics)
+        sent.append(sorted({metric.step for metric in metrics}))
+
+    class Closing(threading.Event):
+        """The delivery thread's `closing`, which also says when the thread starts its rest."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.resting = threading.Event()
+
+        def wait(self, timeout=None):
+            if timeout is not None:
+                self.resting.set()
+            return super().wait(timeout)
+
+    delivery = Delivery(journal, recording, interval_s=600)
+    delivery.closing = closing = Closing()
+    journal.append(Entry(1, 1000, {"val_loss": 0.5}))
+    delivery.notify()
+    assert closing.resting.wait(60)  # epoch 1 sent; the thread rests (bounded only so a thread that never rests fails)
+    for epoch in (2, 3, 4):
+        journal.append(Entry(epoch, 1000 * epoch, {"val_loss": 0.5 - epoch / 100}))
+        delivery.notify()
+    assert delivery.close(wait_s=30) == []
+    assert sent == [[1], [2, 3, 4]]
+    assert _steps(run.client, run.run_id, "val_loss") == [1, 2, 3, 4]
