@@ -30,7 +30,7 @@ from flows.registry import Decision, register_model
 from flows.resume import config_of_run
 from flows.steps import build_loaders_task, on_own_device, run_step
 from flows.train import log_test_metrics, log_trained_model, start_run, train_in_run
-from tasks import system_metrics, tracking
+from tasks import run_owner, system_metrics, tracking
 from tasks.callbacks import Callback
 from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
 from tasks.errors import ConfigError
@@ -287,7 +287,8 @@ class _FitCall:
             objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None and value != []}
             if self.given.metrics:
                 objects["metrics"] = [_type(metric) for metric in self.given.metrics]
-            with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
+            with (run_owner.released_at_end(run.checkpoint_dir),
+                  tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
                   system_metrics.sampled(run.client, run.run_id)):
                 run.client.set_tag(run.run_id, "fitflow.objects", json.dumps(objects))  # what replaced config fields
                 trained = train_in_run(config, data.prepared, loaders, run, self.callbacks, self.given)

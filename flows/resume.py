@@ -8,6 +8,10 @@ under `<FITFLOW_HOME>/checkpoints/<run id>`):
 - a retry of the same Prefect flow run (the UI's Retry, flow retries): the MLflow run tagged
   with this flow run id and not FINISHED is continued instead of starting a new one;
 - a retry of the training task inside one flow run: the same Run, so its checkpoint is found.
+
+A run still training in another process is refused (tasks/run_owner.py holds a lock on its
+checkpoint folder). On a machine without that folder, the checkpoints the run logged to MLflow
+(`checkpoint_to_mlflow`) are restored first (flows/train.py start_run).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from flows.environment import tracking_uri
+from flows.environment import fitflow_home, tracking_uri
 from flows.steps import DataRecord
-from tasks import tracking
+from tasks import run_owner, tracking
 from tasks.config import Launch, TrainConfig, describe_validation_error
 from tasks.errors import ConfigError
 from tasks.redaction import redact_uri
@@ -39,6 +43,7 @@ def config_of_run(run_id: str, launch: Launch, from_python: bool = False) -> Tra
     tracking.prepare_store(uri)
     client = MlflowClient(uri)
     _resumable_run(client, run_id, uri, from_python)
+    run_owner.check_free(fitflow_home() / "checkpoints" / run_id, run_id)  # still training: refused before any work
     text = tracking.logged_config(client, run_id)
     if text is None:
         raise ConfigError(f"run {run_id} has no {tracking.CONFIG_ARTIFACT} artifact to resume from (it was not "

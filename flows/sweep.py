@@ -54,7 +54,7 @@ from flows.steps import (
 )
 from flows.sweep_config import SweepConfig, check_task_runner
 from flows.train import log_model, start_run
-from tasks import search, system_metrics, tracking
+from tasks import run_owner, search, system_metrics, tracking
 from tasks.callbacks import Monitor
 from tasks.checkout import checkout_first_on_path
 from tasks.config import TrainConfig
@@ -96,7 +96,7 @@ def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
     # misconfigured workers leave no empty run behind. A local cluster starts at the first trial.
     with trial_runner(config, parallel) as runner:
         parent = start_run(base.model_copy(update={"run_name": name}), prepared, data, params=config.sweep_params())
-        with tracking.finished_or_failed(parent.client, parent.run_id):
+        with run_owner.released_at_end(parent.checkpoint_dir), tracking.finished_or_failed(parent.client, parent.run_id):
             run_trials(config, runner, n_trials, parallel, prepared, data, parent, name)
             ranking = report_trials(config, parent)
     best = ranking.iloc[0]
@@ -265,7 +265,8 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
     """Train one trial as a child run; a failure ends that run FAILED with its error and re-raises."""
     config = TrainConfig(**{**base.model_dump(), **params, "run_name": run_name})
     run = start_run(config, prepared, data, parent_run_id=parent_run_id)
-    with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),  # from here on the run always ends
+    with (run_owner.released_at_end(run.checkpoint_dir),
+          tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),  # from here on the run always ends
           system_metrics.sampled(run.client, run.run_id)):  # the machine the trial ran on, while it ran
         run.client.set_tag(run.run_id, "fitflow.trial", str(number))
         # the process that trained it: on a cluster, the machine and worker to look at when a trial misbehaves

@@ -95,7 +95,8 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     with on_own_device(config) as config:  # several GPUs: one no other run trains on, until the model is logged
         loaders = build_loaders_task(config, prepared)
         run = start_run(config, prepared, data, resume=resume)
-        with (tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
+        with (run_owner.released_at_end(run.checkpoint_dir),
+              tracking.finished_or_failed(run.client, run.run_id, run.checkpoint_dir),
               system_metrics.sampled(run.client, run.run_id)):
             trained = train_in_run(config, prepared, loaders, run)
             test_metrics = evaluate_on_test_task(config, prepared, loaders, trained)
@@ -223,25 +224,31 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
             tags["prefect.flow_run_url"] = flow_run.ui_url
     earlier = resume or (flow_run.id and not parent_run_id and params is None
                                 and unfinished_run_of_flow_run(client, experiment_id, flow_run.id))
-    if earlier:
-        reopen_run(client, earlier, data, tags, from_python)
-        run_id = earlier
-    else:
-        run_id = client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
-    with tracking.fail_on_error(client, run_id):
-        if not earlier:
-            own = config.params() if params is None else params
-            tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
-            tracking.log_config(client, run_id, config.model_dump_json(indent=2))
-            digest = tracking.log_dataset(client, run_id, data.frame, data.source, data.target,
-                                          Path(data.source).stem if data.kind != "dataset" else data.source)
-            client.set_tag(run_id, "fitflow.dataset_digest", digest)
-        if flow_run.id and not parent_run_id:
-            _tag_flow_run(flow_run.id, run_id)
-            create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
-                                 link_text=f"MLflow run {run_id}")
+    run_id = earlier or client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
     checkpoint_dir = fitflow_home() / "checkpoints" / run_id
-    run_owner.claim(checkpoint_dir)  # what `fitflow doctor` checks when this process is killed outright
+    # The lock says no other process trains the run (a second resume of it is refused before anything
+    # changes it) and records this one for `fitflow doctor`; the caller's block releases it (released_at_end).
+    run_owner.claim(checkpoint_dir, run_id)
+    try:
+        if earlier:
+            reopen_run(client, earlier, data, tags, from_python)
+        with tracking.fail_on_error(client, run_id):
+            if not earlier:
+                own = config.params() if params is None else params
+                tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
+                tracking.log_config(client, run_id, config.model_dump_json(indent=2))
+                digest = tracking.log_dataset(client, run_id, data.frame, data.source, data.target,
+                                              Path(data.source).stem if data.kind != "dataset" else data.source)
+                client.set_tag(run_id, "fitflow.dataset_digest", digest)
+            if flow_run.id and not parent_run_id:
+                _tag_flow_run(flow_run.id, run_id)
+                create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
+                                     link_text=f"MLflow run {run_id}")
+            if earlier:  # on a machine without the run's checkpoint folder: the checkpoints it logged to MLflow
+                tracking.restore_checkpoints(client, run_id, checkpoint_dir)
+    except BaseException:
+        run_owner.release(checkpoint_dir)
+        raise
     log.info("MLflow run %s in experiment '%s' (%s)", run_id, config.experiment, redact_uri(uri))
     return Run(client, run_id, experiment_id, checkpoint_dir)
 

@@ -79,6 +79,11 @@ class Launch(BaseModel):
     keep_checkpoints: int = Field(
         2, ge=1, le=10_000, description="Epoch checkpoints kept per run (the newest); a killed run resumes from the newest."
     )
+    checkpoint_to_mlflow: Literal["auto", "on", "off"] = Field(
+        "auto", description="Also log each epoch checkpoint to the run's MLflow artifacts (the newest two, uploaded "
+        "off the training thread), so that a retry on a machine without this checkpoint folder resumes from them; "
+        "auto: on when tracking to a server (http/https), off for a local store on this machine.",
+    )
     progress: Literal["auto", "bar", "epoch", "off"] = Field(
         "auto", description="Training progress: bar (moves with each batch; on a terminal), epoch (one log line per "
         "epoch), off; auto: bar when stderr is a terminal, else epoch.",

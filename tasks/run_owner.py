@@ -1,19 +1,34 @@
-"""Which process runs a training run: its pid and host, kept in the run's checkpoint folder.
+"""Which process trains a run: an exclusive lock on its checkpoint folder, and its pid and host.
+
+While a process trains a run it holds `fcntl.flock` on `train.lock` in the run's checkpoint
+folder: a second `fitflow resume` of the same run (or a retry elsewhere) is refused with one
+line naming the owner, instead of two processes writing the same checkpoints and journal. The
+kernel drops the lock when the process dies, however it dies. The lock holds between processes
+of one machine, and between machines on a shared file system that supports flock (NFSv4, most
+cluster file systems).
 
 A process killed outright (SIGKILL, the OOM killer) runs no code on its way out, and a CLI run
-sends Prefect no heartbeats, so its flow run looks Running forever. `fitflow doctor` reads this
-file to decide: on the same host, a pid that no longer exists means the run's process is gone.
+sends Prefect no heartbeats, so its flow run looks Running forever. `fitflow doctor` reads the
+owner file to decide: on the same host, a pid that no longer exists means the run's process is gone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.durable_files import write_atomically
+from tasks.errors import ConfigError
+
 OWNER_FILE = "owner.json"
+LOCK_FILE = "train.lock"
+_held: dict[Path, int] = {}  # checkpoint folder -> the descriptor of its lock file, held by this process
 
 
 @dataclass(frozen=True)
@@ -37,12 +52,49 @@ class Owner:
         return False
 
 
-def claim(folder: Path) -> None:
-    """Record this process as the run's owner (written whole: a reader never sees half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{OWNER_FILE}.{os.getpid()}"
-    partial.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8")
-    os.replace(partial, folder / OWNER_FILE)
+def claim(folder: Path, run_id: str) -> None:
+    """Take the run's lock and record this process as its owner; ConfigError (exit 2) naming the
+    owner when another process trains it. Again in the process that holds it: nothing more to take."""
+    folder = Path(folder).resolve()
+    if folder not in _held:
+        folder.mkdir(parents=True, exist_ok=True)
+        _held[folder] = _lock(folder, run_id)
+    write_atomically(folder / OWNER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def check_free(folder: Path, run_id: str) -> None:
+    """The same refusal as `claim`, taking nothing: a resume is refused before it loads any data."""
+    folder = Path(folder).resolve()
+    if folder not in _held and (folder / LOCK_FILE).exists():
+        os.close(_lock(folder, run_id))
+
+
+def _lock(folder: Path, run_id: str) -> int:
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        owner = owner_of(folder)
+        raise ConfigError(f"run {run_id} is being trained by {owner or 'another process'}; wait for it to end "
+                          "(or stop that process), then resume it") from None
+    return descriptor
+
+
+def release(folder: Path) -> None:
+    """Give the run's lock up (the run ended, or its start failed); nothing when this process holds none."""
+    descriptor = _held.pop(Path(folder).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the file drops its flock
+
+
+@contextmanager
+def released_at_end(folder: Path) -> Iterator[None]:
+    """The block that trains a claimed run: its lock is given up when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        release(folder)
 
 
 def owner_of(folder: Path) -> Owner | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -237,6 +239,8 @@ class MlflowMetrics(Callback):
         self.journal.end_path.unlink(missing_ok=True)  # a resumed run is going again: its kept end is void
         epochs = [entry.step for entry in self.journal.entries() if entry.per == "epoch"]
         self.journaled = max(epochs, default=0)
+        if not epochs and state.epoch:  # resumed without this machine's journal (checkpoints from MLflow)
+            self.journaled = max((m.step for m in self.client.get_metric_history(self.run_id, "train_loss")), default=0)
         if state.epoch > self.journaled:  # resumed from a checkpoint written just before a crash
             self._append(state)
         self.delivery = metrics_journal.Delivery(self.journal, metrics_journal.sender(self.client, self.run_id))
@@ -261,6 +265,103 @@ class MlflowMetrics(Callback):
         if pending:
             log.warning(metrics_journal.kept_locally_message(self.journal, self.run_id, redact_uri(self.client.tracking_uri),
                                                              pending, self.delivery.last_error))
+
+
+class MlflowCheckpoints(Callback):
+    """Each epoch checkpoint to the run's artifacts too (`checkpoint_to_mlflow`), so that a retry on a
+    machine without this checkpoint folder resumes from it (`restore_checkpoints`).
+
+    After `Checkpoints` in the callbacks (the epoch's file is written). A thread uploads the newest
+    file, one at a time: when uploads are slower than epochs, the epochs in between are skipped,
+    never queued, and training never waits. The artifacts are two slots, written in turn
+    (`checkpoints/resume/slot-a.pt`, `slot-b.pt`): storage stays at two checkpoints, and an upload
+    cut short spoils one slot while the other still holds a whole, older checkpoint. At fit end
+    (a failure too) the last upload gets up to FITFLOW_TRACKING_WAIT_S.
+    """
+
+    FOLDER = "checkpoints/resume"
+
+    def __init__(self, client: MlflowClient, run_id: str, folder: Path) -> None:
+        self.client, self.run_id, self.folder = client, run_id, Path(folder)
+        self.wait_s = _seconds("FITFLOW_TRACKING_WAIT_S", 30.0)
+        self.newest: Path | None = None
+        self.uploads = 0
+        self.wake, self.closing = threading.Event(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.thread = threading.Thread(target=self._run, name="fitflow-checkpoint-upload", daemon=True)
+        self.thread.start()
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.newest = self.folder / f"epoch-{state.epoch:05d}.pt"
+        self.wake.set()
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.thread is not None:
+            self.closing.set()
+            self.wake.set()
+            self.thread.join(self.wait_s)
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            path, self.newest = self.newest, None
+            if path is not None:
+                self._upload(path)
+            if self.closing.is_set() and self.newest is None:
+                return
+
+    def _upload(self, path: Path) -> None:
+        slot = f"slot-{'ab'[self.uploads % 2]}.pt"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:  # a copy: the checkpoint callback may delete the file while it uploads
+                shutil.copyfile(path, Path(tmp) / slot)
+                self.client.log_artifact(self.run_id, str(Path(tmp) / slot), self.FOLDER)
+            except FileNotFoundError:  # a newer epoch replaced it already; that one is next
+                return
+            # Any failure (the server is away): training goes on; the next epoch tries again.
+            except Exception as err:  # noqa: BLE001
+                log.warning("epoch checkpoint %s not logged to MLflow: %s", path.name, redact_text(str(err))[:200])
+                return
+        self.uploads += 1
+
+
+def logs_checkpoints(setting: str, tracking_uri: str) -> bool:
+    """`checkpoint_to_mlflow`: auto logs them when the store is a server (reachable from another machine)."""
+    return setting == "on" or (setting == "auto" and tracking_uri.startswith(("http://", "https://")))
+
+
+def restore_checkpoints(client: MlflowClient, run_id: str, folder: Path) -> Path | None:
+    """The run's epoch checkpoints from its MLflow artifacts (MlflowCheckpoints), put in `folder` when
+    it has none: a run resumed on another machine continues where it was, not at epoch 0. Returns the
+    newest one restored, None when there was nothing to restore."""
+    from tasks.checkpoints import DamagedCheckpoint, checkpoint_files, load_checkpoint
+    from tasks.durable_files import atomic_file
+
+    if checkpoint_files(folder):
+        return None
+    try:
+        logged = [item.path for item in client.list_artifacts(run_id, MlflowCheckpoints.FOLDER) if not item.is_dir]
+    except MlflowException:
+        return None
+    restored = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact in logged:
+            path = Path(client.download_artifacts(run_id, artifact, tmp))
+            try:
+                epoch = load_checkpoint(path)["epoch"]
+            except DamagedCheckpoint as err:  # an upload cut short: the other slot is whole
+                log.warning("%s (logged to MLflow); using the other one", err)
+                continue
+            with atomic_file(folder / f"epoch-{epoch:05d}.pt") as file:
+                file.write(path.read_bytes())
+            restored.append(folder / f"epoch-{epoch:05d}.pt")
+    if restored:
+        log.info("no epoch checkpoint of run %s here: restored %s from its MLflow artifacts", run_id,
+                 ", ".join(p.name for p in sorted(restored)))
+    return max(restored, default=None)
 
 
 class MlflowStepLoss(Callback):

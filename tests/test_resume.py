@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,3 +173,67 @@ def test_an_image_run_that_crashed_resumes_with_fitflow_resume_to_the_same_weigh
     assert main(["resume", failed.info.run_id, "--num-threads", "1"]) == 0
     assert f"MLflow run: {failed.info.run_id}" in capsys.readouterr().out
     _assert_same_training(client, whole.run_id, failed.info.run_id, tmp_path)
+
+
+def test_a_run_still_training_cannot_be_resumed_a_second_time(table, mlflow_uri, tmp_path, capsys):
+    """A real `fitflow train` held in epoch 2 holds its run's lock: `fitflow resume` of that run is
+    refused with one line naming the process, changes nothing, and the first process then finishes."""
+    from prefect.settings import PREFECT_API_URL
+
+    hold = tmp_path / "hold"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parent)}
+    args = ["train", "--data", str(table), "--target", "label", "--epochs", "3", "--experiment", "resume-twice",
+            "--model", "custom_models:HoldAtEpochs",
+            "--model-kwargs", json.dumps({"folder": str(hold), "epochs": [2], "wait_s": 90})]
+    process = subprocess.Popen([str(Path(sys.executable).with_name("fitflow")), *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300  # only a guard against a hang
+    while not (hold / "reached-2").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
+        time.sleep(0.01)
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("resume-twice").experiment_id])
+    run_id = run.info.run_id
+
+    capsys.readouterr()
+    assert main(["resume", run_id]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fitflow: error: run {run_id} is being trained by pid {process.pid} on host {socket.gethostname()}; "
+                   "wait for it to end (or stop that process), then resume it"), err
+    assert "fitflow.attempt" not in client.get_run(run_id).data.tags  # not reopened: nothing changed
+
+    (hold / "release-2").touch()
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out.decode()[-3000:]
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and "fitflow.attempt" not in finished.data.tags
+    assert _steps(client, run_id)["val_loss"] == [1, 2, 3]
+
+
+def test_a_run_resumed_on_a_machine_without_its_checkpoints_continues_from_mlflow(table, mlflow_uri, tmp_path, capsys):
+    """`checkpoint_to_mlflow`: the epoch checkpoints are logged to the run's artifacts too; a resume where
+    the checkpoint folder is missing (another machine) continues from them, each epoch logged once."""
+    from tasks import tracking
+    from tasks.metrics_journal import Journal
+
+    assert tracking.logs_checkpoints("auto", "http://mlflow:5000") and not tracking.logs_checkpoints("auto", mlflow_uri)
+    marker = tmp_path / "crashed"
+    config = _config(table, epochs=4, batch_size=256, model="custom_models:CrashOnceNet", retries=0,
+                     checkpoint_to_mlflow="on", experiment="resume-elsewhere",
+                     model_kwargs={"crash_at": 2 * 44 + 20, "marker": str(marker)})  # in epoch 3 (44 steps per epoch)
+    with pytest.raises(Exception, match="simulated device failure"):
+        train(config)
+    client = MlflowClient(mlflow_uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name("resume-elsewhere").experiment_id])
+    run_id = failed.info.run_id
+    assert failed.info.status == "FAILED"
+    assert "checkpoints/resume/slot-a.pt" in [a.path for a in client.list_artifacts(run_id, "checkpoints/resume")]
+    shutil.rmtree(fitflow_home() / "checkpoints" / run_id)  # the retry runs on a machine without this folder
+
+    capsys.readouterr()
+    assert main(["resume", run_id]) == 0
+    assert f"MLflow run: {run_id}" in capsys.readouterr().out
+    journal = Journal(fitflow_home() / "checkpoints" / run_id)
+    assert [entry.step for entry in journal.entries()] == [3, 4]  # it continued after epoch 2; it did not start over
+    assert _steps(client, run_id) == {key: [1, 2, 3, 4] for key in _steps(client, run_id)}
+    assert client.get_run(run_id).info.status == "FINISHED"
