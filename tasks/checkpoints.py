@@ -67,13 +67,19 @@ class Checkpoints(Callback):
         self.writer = CheckpointWriter()
 
     def on_fit_start(self, state: FitState) -> None:
+        found = self.newest()
+        if found is not None:
+            self.restore(state, *found)
+
+    def newest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from, and its contents (this run's newest whole one), or None."""
         found = newest_whole_checkpoint(self.directory)
-        if found is None:
-            return
-        path, saved = found
-        if saved["run_id"] != self.run_id:
-            raise TrainingError(f"checkpoint {path} belongs to run {saved['run_id']}, not {self.run_id}; "
+        if found is not None and found[1]["run_id"] != self.run_id:
+            raise TrainingError(f"checkpoint {found[0]} belongs to run {found[1]['run_id']}, not {self.run_id}; "
                                 "move it away or resume that run")
+        return found
+
+    def restore(self, state: FitState, path: Path, saved: dict[str, Any]) -> None:
         restore(state, saved, self.stateful, path)
         log.info("resumed from %s: epoch %d of %d", path, state.epoch, state.epochs)
 

@@ -2,7 +2,8 @@
 
 A `Rank` is this process' place in the process group. The trainer asks it for a replica of
 the model (gradients averaged in backward) and for the callbacks that keep the ranks in step:
-the epoch's train loss over every rank's rows, a checkpoint that only rank 0 writes, dropout
+the epoch's train loss over every rank's rows, a checkpoint that only rank 0 reads and writes
+and every rank on every machine resumes from, dropout
 draws per rank, and one stop decision for all. Validation needs nothing here: `evaluate`
 all-reduces its loss and torchmetrics gathers every rank's outputs, so every rank sees the
 metrics of the whole split and early stopping, best weights and the schedule agree.
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from tasks.callbacks import Callback, FitState
-from tasks.checkpoints import Checkpoints
+from tasks.checkpoints import Checkpoints, restore
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class Rank:
     def replicate(self, model: torch.nn.Module) -> torch.nn.Module:
         return Replica(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
 
-    def checkpoints(self, checkpoints: Checkpoints) -> Callback:
-        """Every rank resumes from rank 0's newest checkpoint; rank 0 alone writes them."""
-        return checkpoints if self.writes else ResumeOnly(checkpoints)
+    def checkpoints(self, checkpoints: Checkpoints | None, stateful: dict[str, Callback]) -> Callback:
+        """Every rank, on every machine, resumes from rank 0's newest checkpoint; rank 0 alone writes them.
+        `checkpoints`: the run's (None where there is no run: machines other than 0, a run without tracking)."""
+        return SharedResume(checkpoints if self.writes else None, stateful)
 
 
 class Replica(DistributedDataParallel):
@@ -88,14 +90,34 @@ class GlobalTrainLoss(Callback):
         state.logs["train_loss"] = state.history[-1]["train_loss"] = float(both[0] / both[1])
 
 
-class ResumeOnly(Callback):
-    """A rank other than 0 restores the newest checkpoint at the start and writes none."""
+class SharedResume(Callback):
+    """Rank 0 reads the newest checkpoint and sends it to every rank, which all restore it: every
+    machine resumes at the same epoch. Machines other than 0 have no run and no checkpoint folder
+    (or an old one); were they to read their own, they would start at another epoch than machine
+    0, and the ranks would then train different epochs against each other. Rank 0 alone writes.
 
-    def __init__(self, checkpoints: Checkpoints) -> None:
-        self.checkpoints = checkpoints
+    One broadcast at the start (the checkpoint, pickled between this run's own processes: the file
+    itself was read with weights_only); none per epoch.
+    """
+
+    def __init__(self, checkpoints: Checkpoints | None, stateful: dict[str, Callback]) -> None:
+        self.checkpoints, self.stateful = checkpoints, stateful
 
     def on_fit_start(self, state: FitState) -> None:
-        self.checkpoints.on_fit_start(state)
+        found = self.checkpoints.newest() if self.checkpoints is not None else None
+        sent = [found]
+        dist.broadcast_object_list(sent, src=0)
+        if sent[0] is None:
+            return
+        path, saved = sent[0]
+        if self.checkpoints is not None:
+            self.checkpoints.restore(state, path, saved)
+        else:
+            restore(state, saved, self.stateful, path)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.on_epoch_end(state)
 
 
 class RankSeed(Callback):

@@ -122,7 +122,7 @@ def launch(config: TrainConfig, job: Job) -> Result | None:
     with tempfile.TemporaryDirectory(prefix="fitflow-ddp-") as logs, _signal_handlers_kept(), checkout_first_on_path():
         launch_config = LaunchConfig(
             min_nodes=settings.num_nodes, max_nodes=settings.num_nodes, nproc_per_node=nproc,
-            run_id=job.run.run_id if job.run is not None else uuid.uuid4().hex, max_restarts=0,  # a retry is Prefect's, and resumes
+            run_id=_job_id(settings, job), max_restarts=0,  # a retry is Prefect's, and resumes
             start_method="spawn",  # fresh interpreters: fork after torch (or CUDA) is initialised is unsafe
             monitor_interval=0.5,  # how soon a failed rank is noticed and the others are stopped
             logs_specs=DefaultLogsSpecs(log_dir=logs),  # the error files; removed with the folder
@@ -135,6 +135,14 @@ def launch(config: TrainConfig, job: Job) -> Result | None:
         except ChildFailedError as err:
             raise _as_fitflow_error(every_failure(err, Path(logs), settings.node_rank * nproc)) from None
     return results.get(0)
+
+
+def _job_id(settings: Launch, job: Job) -> str:
+    """The id every machine's agent must agree on (the rendezvous keys its records by it). Machines
+    other than 0 know no MLflow run: several machines use their meeting point, one machine the run."""
+    if settings.num_nodes > 1:
+        return f"fitflow-{settings.rdzv_endpoint}"
+    return job.run.run_id if job.run is not None else uuid.uuid4().hex
 
 
 def _train_rank(job: Job) -> Result | None:

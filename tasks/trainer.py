@@ -235,12 +235,15 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     if display is not None:
         callbacks.append(display)
     callbacks.extend(stateful.values())
-    if run is not None:  # resumes from the newest epoch checkpoint when there is one (a retry, `fitflow resume`)
-        checkpoints = Checkpoints(run.checkpoint_dir, stateful, config.launch.keep_checkpoints, run.run_id)
-        callbacks.append(rank.checkpoints(checkpoints) if rank is not None else checkpoints)  # DDP: rank 0 writes
-        if run.client is not None and writes and tracking.logs_checkpoints(config.launch.checkpoint_to_mlflow,
-                                                                           run.client.tracking_uri):
-            callbacks.append(tracking.MlflowCheckpoints(run.client, run.run_id, run.checkpoint_dir))  # a retry elsewhere
+    # resumes from the newest epoch checkpoint when there is one (a retry, `fitflow resume`)
+    checkpoints = Checkpoints(run.checkpoint_dir, stateful, config.launch.keep_checkpoints, run.run_id) if run else None
+    if rank is not None:
+        callbacks.append(rank.checkpoints(checkpoints, stateful))  # DDP: rank 0 reads and writes, every rank resumes
+    elif checkpoints is not None:
+        callbacks.append(checkpoints)
+    if run is not None and run.client is not None and writes and tracking.logs_checkpoints(
+            config.launch.checkpoint_to_mlflow, run.client.tracking_uri):
+        callbacks.append(tracking.MlflowCheckpoints(run.client, run.run_id, run.checkpoint_dir))  # a retry elsewhere
     if rank is not None:
         callbacks.append(RankSeed(config.seed, rank.rank))  # DDP: after the checkpoint restored the generators
     if run is not None and run.client is not None and writes:

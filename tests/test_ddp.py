@@ -7,10 +7,16 @@ against a single-process run and a single-process evaluation; one with a rank th
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
+import yaml
 from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
@@ -21,6 +27,7 @@ from tasks.data import load_table, prepare
 from tasks.distributed import launch, processes_per_node, train_distributed
 from tasks.errors import ConfigError, TrainingError
 from tasks.loaders import make_loader
+from tasks.metrics_journal import Journal
 from tasks.models import build_model, model_spec
 from tasks.trainer import build_loaders, prep_spec, task_metrics, train_model
 from tasks.training import evaluate
@@ -132,3 +139,74 @@ def test_a_failing_rank_fails_the_task_with_its_error_and_leaves_no_process(csv)
     with pytest.raises(TrainingError, match=r"^DDP rank 1 failed: ValueError: rank 1 cannot go on$"):
         train_distributed(config, prepared, progress=False)
     assert _spawned_children() == []
+
+
+_MACHINES: list[subprocess.Popen] = []
+
+
+def _machine(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """One 'machine' of a two-machine run on this host: its own process group (its agent and ranks)."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _MACHINES.append(process)
+    return process
+
+
+@pytest.fixture
+def machines_stopped():
+    """Whatever happens in the test, no 'machine' is left running."""
+    yield
+    for process in _MACHINES:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    _MACHINES.clear()
+
+
+@pytest.mark.usefixtures("machines_stopped")
+def test_every_machine_of_a_two_machine_run_resumes_from_the_same_epoch(csv, prefect_server, mlflow_uri, tmp_path):
+    """Two 'machines' on this host (static rendezvous on loopback, one gloo process each): the run is
+    killed on both in epoch 3, then resumed on both. Machine 1 has no run and no checkpoint folder:
+    rank 0 sends it the checkpoint, so both continue at epoch 3 and the run ends with each epoch once."""
+    from prefect.settings import PREFECT_API_URL
+    from stack import free_port
+
+    hold = tmp_path / "hold"
+    settings = {**{k: v for k, v in SETTINGS.items() if k not in ("hidden_sizes", "device")}, "data": csv,
+                "experiment": "ddp-two-machines", "model": "custom_models:HoldAtEpochs",
+                "model_kwargs": {"folder": str(hold), "epochs": [3]}}
+
+    def machines(port: int) -> dict[str, str]:
+        topology = {"strategy": "ddp", "devices": 1, "num_nodes": 2, "device": "cpu", "rdzv_endpoint": f"127.0.0.1:{port}"}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump({**settings, **topology}))
+        return topology
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parent)}
+    fitflow = str(Path(sys.executable).with_name("fitflow"))
+    join = [sys.executable, "-m", "tasks.distributed", "--config", str(tmp_path / "run.yaml"), "--node-rank", "1"]
+    machines(free_port())
+    first = [_machine([fitflow, "train", "--config", str(tmp_path / "run.yaml"), "--node-rank", "0"], env, tmp_path / "m0.log"),
+             _machine(join, env, tmp_path / "m1.log")]
+    deadline = time.monotonic() + 300  # only a guard against a hang
+    while not (hold / "reached-3").exists():
+        assert all(p.poll() is None for p in first) and time.monotonic() < deadline, (tmp_path / "m0.log").read_text()[-3000:]
+        time.sleep(0.05)
+    for process in first:  # the whole job goes down (a node lost, the job killed): every process of both machines
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp-two-machines").experiment_id])
+    run_id = run.info.run_id
+    assert max(p.name for p in (fitflow_home() / "checkpoints" / run_id).glob("epoch-*.pt")) == "epoch-00002.pt"
+
+    launch = machines(free_port())  # the restarted job meets on a new port
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in launch.items()]
+    again = [_machine([fitflow, "resume", run_id, *flags, "--node-rank", "0"], env, tmp_path / "m0-resume.log"),
+             _machine(join, env, tmp_path / "m1-resume.log")]
+    codes = [process.wait(timeout=300) for process in again]  # a machine at another epoch waits for its peer for ever
+    assert codes == [0, 0], (tmp_path / "m0-resume.log").read_text()[-3000:] + (tmp_path / "m1-resume.log").read_text()[-3000:]
+    journal = Journal(fitflow_home() / "checkpoints" / run_id)
+    assert [entry.step for entry in journal.entries()] == [1, 2, 3, 4]
+    for name in ("train_loss", "val_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2, 3, 4], name
+    assert client.get_run(run_id).info.status == "FINISHED"
