@@ -35,6 +35,7 @@ import pickle
 import random
 import re
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Checkpoints(Callback):
                  run_id: str | None = None) -> None:
         self.directory, self.stateful, self.keep, self.run_id = Path(directory), stateful, keep, run_id
         self.writer = CheckpointWriter()
+        self.written: list[Callable[[Path], None]] = []  # told each new checkpoint, on the writer thread: be quick
 
     def on_fit_start(self, state: FitState) -> None:
         found = self.newest()
@@ -98,12 +100,15 @@ class Checkpoints(Callback):
             "callbacks": {name: callback.state_dict() for name, callback in self.stateful.items()},
             "rng": rng_state(),
         }
-        self.writer.write(self.directory / f"epoch-{state.epoch:05d}.pt", checkpoint, self._drop_old)
+        path = self.directory / f"epoch-{state.epoch:05d}.pt"
+        self.writer.write(path, checkpoint, lambda: self._in_place(path))
 
-    def _drop_old(self) -> None:
+    def _in_place(self, path: Path) -> None:
         """On the writer thread, once the new checkpoint is in place: only then is an old one deleted."""
         for old in checkpoint_files(self.directory)[: -self.keep]:
             old.unlink(missing_ok=True)
+        for listener in self.written:
+            listener(path)
 
     def on_fit_end(self, state: FitState) -> None:
         failing = sys.exc_info()[1] is not None  # fit's `finally`: training raised, this must not hide it

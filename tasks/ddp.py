@@ -119,6 +119,10 @@ class SharedResume(Callback):
         if self.checkpoints is not None:
             self.checkpoints.on_epoch_end(state)
 
+    def on_fit_end(self, state: FitState) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.on_fit_end(state)  # the last write, on its thread, is waited for
+
 
 class RankSeed(Callback):
     """Each epoch's dropout draws come from (seed, epoch, rank): independent across ranks, and a

@@ -31,6 +31,8 @@ from mlflow.tracking import MlflowClient
 
 from tasks import metrics_journal
 from tasks.callbacks import Callback, FitState
+from tasks.checkpoints import Checkpoints, DamagedCheckpoint, checkpoint_files, load_checkpoint
+from tasks.durable_files import atomic_file
 from tasks.errors import ConfigError, TrackingError
 from tasks.redaction import redact_text, redact_uri
 
@@ -271,7 +273,8 @@ class MlflowCheckpoints(Callback):
     """Each epoch checkpoint to the run's artifacts too (`checkpoint_to_mlflow`), so that a retry on a
     machine without this checkpoint folder resumes from it (`restore_checkpoints`).
 
-    After `Checkpoints` in the callbacks (the epoch's file is written). A thread uploads the newest
+    `Checkpoints` tells it each checkpoint once the file is in place (from its writer thread); after
+    `Checkpoints` in the callbacks, so that at fit end the last one is written. A thread uploads the newest
     file, one at a time: when uploads are slower than epochs, the epochs in between are skipped,
     never queued, and training never waits. The artifacts are two slots, written in turn
     (`checkpoints/resume/slot-a.pt`, `slot-b.pt`): storage stays at two checkpoints, and an upload
@@ -281,8 +284,9 @@ class MlflowCheckpoints(Callback):
 
     FOLDER = "checkpoints/resume"
 
-    def __init__(self, client: MlflowClient, run_id: str, folder: Path) -> None:
-        self.client, self.run_id, self.folder = client, run_id, Path(folder)
+    def __init__(self, client: MlflowClient, run_id: str, checkpoints: Checkpoints) -> None:
+        self.client, self.run_id = client, run_id
+        checkpoints.written.append(self.offer)
         self.wait_s = _seconds("FITFLOW_TRACKING_WAIT_S", 30.0)
         self.newest: Path | None = None
         self.uploads = 0
@@ -293,8 +297,8 @@ class MlflowCheckpoints(Callback):
         self.thread = threading.Thread(target=self._run, name="fitflow-checkpoint-upload", daemon=True)
         self.thread.start()
 
-    def on_epoch_end(self, state: FitState) -> None:
-        self.newest = self.folder / f"epoch-{state.epoch:05d}.pt"
+    def offer(self, path: Path) -> None:
+        self.newest = path
         self.wake.set()
 
     def on_fit_end(self, state: FitState) -> None:
@@ -337,9 +341,6 @@ def restore_checkpoints(client: MlflowClient, run_id: str, folder: Path) -> Path
     """The run's epoch checkpoints from its MLflow artifacts (MlflowCheckpoints), put in `folder` when
     it has none: a run resumed on another machine continues where it was, not at epoch 0. Returns the
     newest one restored, None when there was nothing to restore."""
-    from tasks.checkpoints import DamagedCheckpoint, checkpoint_files, load_checkpoint
-    from tasks.durable_files import atomic_file
-
     if checkpoint_files(folder):
         return None
     try:

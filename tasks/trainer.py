@@ -243,7 +243,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         callbacks.append(checkpoints)
     if run is not None and run.client is not None and writes and tracking.logs_checkpoints(
             config.launch.checkpoint_to_mlflow, run.client.tracking_uri):
-        callbacks.append(tracking.MlflowCheckpoints(run.client, run.run_id, run.checkpoint_dir))  # a retry elsewhere
+        callbacks.append(tracking.MlflowCheckpoints(run.client, run.run_id, checkpoints))  # a retry elsewhere
     if rank is not None:
         callbacks.append(RankSeed(config.seed, rank.rank))  # DDP: after the checkpoint restored the generators
     if run is not None and run.client is not None and writes:
