@@ -37,6 +37,7 @@ SUITE = {
     "end-to-end": (lambda t, p: p.end_to_end(rounds=3, epochs=30), None),
     # issue #17: peak RSS of `fitflow train` and of the same script on the 1M-row table of `prepare`
     "memory": (lambda t, p: p.memory_on_a_large_table(1_000_000, batch_size=1024), None),
+    "imports": (lambda t, p: p.import_costs(rounds=3), lambda t, p: p.import_costs(rounds=1)),
     "stack": (lambda t, p: p.end_to_end_with_the_stack(rounds=3, epochs=30), None),
     "prepare": (lambda t, p: p.prepare_cost(1_000_000), lambda t, p: p.prepare_cost(20_000)),
     "scaling": (lambda t, p: [t.scaling(rounds=3, sizes=(100_000, 1_000_000)),

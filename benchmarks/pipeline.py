@@ -241,6 +241,43 @@ def end_to_end_with_the_stack(rounds: int, epochs: int) -> list:
             up.wait(timeout=120)
 
 
+# Each import after the ones before it, in a fresh process, as CPU seconds (getrusage): what the
+# bare script pays (torch, pandas, MLflow, torch._dynamo through torch.optim) and what
+# `fitflow train` adds (Prefect, torchmetrics and what it imports, fitflow's own modules).
+IMPORTS_SCRIPT = """
+import json, resource
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF); return usage.ru_utime + usage.ru_stime
+steps = {"torch": "import torch", "numpy, pandas": "import numpy, pandas",
+         "mlflow, mlflow.pytorch, mlflow.pyfunc": "import mlflow, mlflow.pytorch, mlflow.pyfunc",
+         "torch._dynamo (every torch.optim optimizer imports it)": "import torch._dynamo",
+         "prefect": "from flows.environment import configure_environment; configure_environment(); import prefect.main",
+         "scipy.signal (torchmetrics imports it)": "import scipy.signal",
+         "torchvision (torchmetrics imports it)": "import torchvision",
+         "matplotlib.pyplot (torchmetrics; the learning-curve plot)": "import matplotlib.pyplot",
+         "torchmetrics itself": "import torchmetrics", "fitflow's modules (flows.train)": "import flows.train"}
+costs = {}
+for name, code in steps.items():
+    before = cpu(); exec(code); costs[name] = cpu() - before
+print(json.dumps(costs))
+"""
+
+
+def import_costs(rounds: int) -> list[Measurement]:
+    """CPU seconds of each import `fitflow train` and the bare script make, median of `rounds` fresh processes."""
+    import json as json_module
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _clean_env(FITFLOW_HOME=tmp)
+        runs = [json_module.loads(subprocess.run([sys.executable, "-c", IMPORTS_SCRIPT], cwd=REPO, env=env, check=True,
+                                                 capture_output=True, text=True, timeout=600).stdout.splitlines()[-1])
+                for _ in range(rounds)]
+    return [Measurement(f"import CPU: {name}", statistics.median(run[name] for run in runs), "s",
+                        note=f"median of {rounds} fresh processes, each import after the ones above")
+            for name in runs[0]]
+
+
 def _free_port() -> int:
     import socket
 

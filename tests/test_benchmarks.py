@@ -21,7 +21,7 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
     before = set((REPO / "benchmarks" / "results").glob("*.json"))
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "loaders", "epoch", "tracking",
                           "threads", "prepare", "scaling", "images", "api", "hooks", "step-logging",
-                          "baseline", "system-metrics"], cwd=REPO,
+                          "baseline", "system-metrics", "imports"], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (written,) = set((REPO / "benchmarks" / "results").glob("*.json")) - before
@@ -36,7 +36,8 @@ def test_benchmarks_smoke_mode_runs_every_benchmark():
                      "CNN epoch vs mnist-style loop", "API fit epoch vs flow engine epoch", "API fit: once per fit",
                      "batch hooks, nothing registered", "A/A control: fit", "one registered no-op batch callback",
                      "per-step logging", "run with system metrics vs without", "system metrics sampler time per sample",
-                     "linear baseline / default run, breast_cancer", "linear baseline / default run, customers"):
+                     "linear baseline / default run, breast_cancer", "linear baseline / default run, customers",
+                     "import CPU: prefect", "import CPU: torchmetrics itself"):
         assert any(name.startswith(expected) for name in names), expected
     for r in report["results"]:
         value = r["median"] if "ratios" in r else r["value"]
