@@ -5,9 +5,10 @@ decisions at the 0.5 threshold (1 - Hamming loss), `subset_accuracy` the share o
 whole label set is right, `f1_micro` F1 over every (row, class) decision, `f1_macro` the mean
 of the per-class F1, `auroc` the mean of the per-class AUROC.
 
-`auroc` (both tasks) is `BinnedAUROC`: the exact AUROC of scores rounded to 9 significant bits,
-from per-class histograms instead of sorts; see its docstring for how far it can differ from
-torchmetrics' exact value (docs/benchmarks.md has the measured differences).
+`auroc` (both tasks) over more than 5,000 rows is `BinnedAUROC`: the AUROC of the scores rounded
+to 9 significant bits, from per-class histograms instead of sorts; see its docstring for how far
+it can differ from torchmetrics' exact value (docs/benchmarks.md has the measured differences).
+Up to 5,000 rows it is torchmetrics' exact value.
 """
 
 from __future__ import annotations
@@ -67,11 +68,17 @@ class TaskMetrics:
                 "r2": tmr.R2Score(),
             }
         self.collection = torchmetrics.MetricCollection(collection)
+        # BinnedAUROC's ties weigh most on small splits: there the exact AUROC, cheap at that size, is reported
+        self.exact_auroc = (None if not isinstance(collection.get("auroc"), BinnedAUROC) else
+                            tmc.MultilabelAUROC(num_labels=n_classes) if task == "multilabel" else
+                            tmc.MulticlassAUROC(num_classes=n_classes))
         self.outputs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
 
     def to(self, device: torch.device) -> TaskMetrics:
         self.collection.to(device)
+        if self.exact_auroc is not None:
+            self.exact_auroc.to(device)
         for user in self.extra:
             if isinstance(user.metric, torchmetrics.Metric):
                 user.metric.to(device)
@@ -97,6 +104,10 @@ class TaskMetrics:
             preds, targets = scale(outputs), scale(targets)
         self.collection.update(preds, targets)
         values = {name: float(value) for name, value in self.collection.compute().items()}
+        if self.exact_auroc is not None and self.collection["auroc"].rows <= BinnedAUROC.EXACT_BELOW_ROWS:
+            self.exact_auroc.update(preds, targets)  # every rank decides alike: `rows` counts all of them
+            values["auroc"] = float(self.exact_auroc.compute())
+            self.exact_auroc.reset()
         self.collection.reset()
         for user in self.extra:
             values[user.name] = _user_value(user, preds, targets, rows)
@@ -115,8 +126,8 @@ class BinnedAUROC(torchmetrics.Metric):
     of the score up to 0.5 and of 1 - score above it: scores share a bin only when they are within
     2^-8 (0.4%) of each other relatively, or of 1, at any scale. So the value differs from the exact
     one only through the pairs of a positive and a negative in one bin, by at most half their share
-    of all pairs (the bound `per_class` returns): measured, under 1e-6 on the benchmark's model and
-    up to a few 1e-4 on overconfident random scores (tests/test_metrics_auroc.py, docs/benchmarks.md).
+    of all pairs (the bound `per_class` returns): measured, under 3e-5 on splits over 5,000 rows
+    (tests/test_metrics_auroc.py, docs/benchmarks.md); smaller splits get the exact value.
 
     A class with no positives or no negatives counts 0 in the mean, as torchmetrics counts it. The
     histograms add up across DDP ranks (no gathering of every rank's scores).
@@ -131,10 +142,15 @@ class BinnedAUROC(torchmetrics.Metric):
     TOP = LOW - (103 << 8) + 1
     BINS = LOW + TOP + 1
     MAX_CLASSES = 64  # 2 x 64 x BINS counts = 39 MB; more classes use torchmetrics' exact AUROC
+    # Splits up to this many rows report torchmetrics' exact AUROC (TaskMetrics): a few ms to sort
+    # there, and on a small split one tied pair is a large share of all pairs (up to 6e-3 measured
+    # on a 27-row split of an untrained model); above it, the binned value's differences measured
+    # were under 3e-5 (docs/benchmarks.md)
+    EXACT_BELOW_ROWS = 5000
 
     def __init__(self, num_classes: int, multilabel: bool = False) -> None:
         super().__init__()
-        self.num_classes, self.multilabel = num_classes, multilabel
+        self.num_classes, self.multilabel, self.rows = num_classes, multilabel, 0
         self.add_state("counts", torch.zeros(num_classes, 2, self.BINS, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
@@ -152,6 +168,7 @@ class BinnedAUROC(torchmetrics.Metric):
         return scores.contiguous().view(torch.int32) >> self.SHIFT
 
     def compute(self) -> torch.Tensor:
+        self.rows = int(self.counts[0].sum())  # under DDP, every rank's (compute sees the summed counts)
         return self.per_class()[0].mean()
 
     def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:

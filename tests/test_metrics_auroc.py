@@ -86,11 +86,25 @@ def test_batches_add_up_to_the_whole_split():
     assert torch.equal(whole.counts, batched.counts)
 
 
-def test_the_task_metrics_report_it_as_auroc():
-    scores, targets = _scores(4000, 10, 2.0, seed=7)
+def test_the_task_metrics_report_it_as_auroc_above_5000_rows():
+    scores, targets = _scores(6000, 10, 2.0, seed=7)
     logits = scores.log()  # TaskMetrics takes the model's outputs and applies the softmax itself
     metrics = TaskMetrics("classification", 10)
     for s, t in zip(logits.split(1024), targets.split(1024), strict=True):
         metrics.update(s, t)
     value = metrics.compute()["auroc"]
     assert value == pytest.approx(float(exact.multiclass_auroc(logits.softmax(dim=1), targets, 10)), abs=TOLERANCE)
+
+
+def test_a_small_split_reports_the_exact_auroc():
+    """Near-equal scores on 40 rows: binned, many pairs tie; the task metrics give the exact value."""
+    generator = torch.Generator().manual_seed(8)
+    targets = torch.randint(0, 3, (40,), generator=generator)
+    logits = torch.randn(40, 3, generator=generator) * 1e-3  # an untrained model: scores within 0.1% of 1/3
+    binned = BinnedAUROC(3)
+    binned.update(logits.softmax(dim=1), targets)
+    exact_value = float(exact.multiclass_auroc(logits.softmax(dim=1), targets, 3))
+    assert abs(float(binned.compute()) - exact_value) > 1e-3  # what the exact fallback is for
+    metrics = TaskMetrics("classification", 3)
+    metrics.update(logits, targets)
+    assert metrics.compute()["auroc"] == exact_value
