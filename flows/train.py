@@ -230,7 +230,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     # changes it) and records this one for `fitflow doctor`; the caller's block releases it (released_at_end).
     run_owner.claim(checkpoint_dir, run_id)
     try:
-        if earlier:
+        if earlier:  # on a machine without the run's checkpoint folder: the checkpoints it logged to MLflow
+            tracking.restore_checkpoints(client, run_id, checkpoint_dir)
             reopen_run(client, earlier, data, tags, from_python)
         with tracking.fail_on_error(client, run_id):
             if not earlier:
@@ -244,8 +245,6 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
                 _tag_flow_run(flow_run.id, run_id)
                 create_link_artifact(key="mlflow-run", link=tracking.run_url(uri, experiment_id, run_id),
                                      link_text=f"MLflow run {run_id}")
-            if earlier:  # on a machine without the run's checkpoint folder: the checkpoints it logged to MLflow
-                tracking.restore_checkpoints(client, run_id, checkpoint_dir)
     except BaseException:
         run_owner.release(checkpoint_dir)
         raise

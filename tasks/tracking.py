@@ -288,7 +288,8 @@ class MlflowCheckpoints(Callback):
         self.client, self.run_id = client, run_id
         checkpoints.written.append(self.offer)
         self.wait_s = _seconds("FITFLOW_TRACKING_WAIT_S", 30.0)
-        self.newest: Path | None = None
+        self.newest: Path | None = None  # the checkpoint to upload next (guarded by `lock`: set on the writer thread)
+        self.lock = threading.Lock()
         self.uploads = 0
         self.wake, self.closing = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
@@ -298,7 +299,8 @@ class MlflowCheckpoints(Callback):
         self.thread.start()
 
     def offer(self, path: Path) -> None:
-        self.newest = path
+        with self.lock:
+            self.newest = path
         self.wake.set()
 
     def on_fit_end(self, state: FitState) -> None:
@@ -311,11 +313,13 @@ class MlflowCheckpoints(Callback):
         while True:
             self.wake.wait()
             self.wake.clear()
-            path, self.newest = self.newest, None
+            with self.lock:
+                path, self.newest = self.newest, None
             if path is not None:
                 self._upload(path)
-            if self.closing.is_set() and self.newest is None:
-                return
+            with self.lock:
+                if self.closing.is_set() and self.newest is None:
+                    return
 
     def _upload(self, path: Path) -> None:
         slot = f"slot-{'ab'[self.uploads % 2]}.pt"
@@ -362,7 +366,14 @@ def restore_checkpoints(client: MlflowClient, run_id: str, folder: Path) -> Path
     if restored:
         log.info("no epoch checkpoint of run %s here: restored %s from its MLflow artifacts", run_id,
                  ", ".join(p.name for p in sorted(restored)))
-    return max(restored, default=None)
+        return max(restored)
+    trained = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    if trained and not metrics_journal.Journal(folder).path.exists():
+        # Neither its checkpoints nor its journal are here: starting over would log epochs 1.. twice
+        raise ConfigError(f"run {run_id} trained {max(trained)} epoch(s) on another machine, and neither its "
+                          "checkpoints nor its MLflow artifacts are here (checkpoint_to_mlflow was off); resume it "
+                          "on the machine that trained it, or start a new run")
+    return None
 
 
 class MlflowStepLoss(Callback):

@@ -159,3 +159,17 @@ def test_delivery_sends_what_was_journaled_while_it_rested_in_one_batch(run):
     assert delivery.close(wait_s=30) == []
     assert sent == [[1], [2, 3, 4]]
     assert _steps(run.client, run.run_id, "val_loss") == [1, 2, 3, 4]
+
+
+def test_a_run_resumed_where_it_has_neither_checkpoints_nor_journal_is_refused(run, tmp_path):
+    """Another machine, and the run logged no checkpoint to MLflow: starting over at epoch 0 in the same
+    run would log its epochs twice, so the resume is refused with one line (before anything trains)."""
+    from tasks.errors import ConfigError
+    from tasks.tracking import restore_checkpoints
+
+    run.client.log_metric(run.run_id, "train_loss", 0.5, step=1)
+    run.client.log_metric(run.run_id, "train_loss", 0.4, step=2)
+    with pytest.raises(ConfigError, match=f"run {run.run_id} trained 2 epoch\\(s\\) on another machine"):
+        restore_checkpoints(run.client, run.run_id, tmp_path / "elsewhere")
+    Journal(tmp_path / "here").append(Entry(1, 1000, {"train_loss": 0.5}))  # this machine's journal: resumed here
+    assert restore_checkpoints(run.client, run.run_id, tmp_path / "here") is None
