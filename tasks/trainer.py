@@ -153,7 +153,7 @@ def build_loaders(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
     shard = {"rank": rank.rank, "world_size": rank.world_size} if rank is not None else {}
     common = {"num_workers": launch.num_workers, "seed": config.seed, **shard}
     if isinstance(prepared, ImagesPrepared):
-        from tasks.images_loaders import make_image_loaders  # torchvision (augmentations): about 2 s to import
+        from tasks.images_loaders import make_image_loaders  # image code (torchvision) for image data only
 
         return make_image_loaders(prepared, config.batch_size, config.drop_last, pin_memory=device.type == "cuda",
                                   augment=config.augment, cache=launch.image_cache, **common)
