@@ -15,6 +15,7 @@ or loss object) goes to the engine as `Given` (tasks/trainer.py).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,13 @@ from prefect import flow
 from pydantic import ValidationError
 
 from fitflow.callbacks import EarlyStopping
-from fitflow.inputs import LABELS, FitData, fit_data, kind_of, model_inputs, split_for, test_record
+from fitflow.inputs import LABELS, TABLE, FitData, fit_data, kind_of, model_inputs, split_for, test_record
 from flows.registry import Decision, register_model
 from flows.resume import config_of_run
 from flows.steps import build_loaders_task, on_own_device, run_step
 from flows.train import log_test_metrics, log_trained_model, start_run, train_in_run
 from tasks import run_owner, system_metrics, tracking
+from tasks.baseline import baseline_sentence, linear_baseline
 from tasks.callbacks import Callback
 from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
 from tasks.errors import ConfigError
@@ -39,6 +41,8 @@ from tasks.models import build_model
 from tasks.trainer import Given, Run, Trained, build_loaders, metrics_of, task_metrics, training_loss, your_metrics
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
 from tasks.user_code import user_callbacks
+
+log = logging.getLogger("fitflow")
 
 # Set by the data given to fit, or by fit's own arguments: never compile's.
 _FIT_FIELDS = {"data", "data_kind", "data_kwargs", "target", "validation_data", "val_fraction", "epochs", "batch_size"}
@@ -133,6 +137,7 @@ class Trainer:
         self._run: Run | None = None
         self._trained: Trained | None = None
         self._tested = False
+        self.baseline_metrics: dict[str, float] = {}  # after evaluate on a DataFrame: the linear baseline's
 
     def fit(self, x: Any, y: Any = None, *, target: str | None = None, validation_data: Any = None,
             validation_split: float | None = None, epochs: int | None = None, batch_size: int | None = None,
@@ -180,7 +185,9 @@ class Trainer:
     def evaluate(self, x: Any, y: Any = None, *, target: str | None = None, batch_size: int | None = None) -> dict[str, float]:
         """Loss and metrics on `x` (and `y`), as `test_<metric>`; logged to the fit's run (the registry compares them).
 
-        A dict, not Keras' list: the names travel with the values.
+        A dict, not Keras' list: the names travel with the values. For a DataFrame, the linear baseline fitted
+        on fit's training split is scored on the same rows: `baseline_metrics` (baseline_test_<metric>, logged
+        beside them), and a warning says when the network does not beat it.
         """
         data, trained, run = self._fitted("evaluate")
         prepared = _as_value_error(split_for, data, x, y, target, "x")
@@ -189,7 +196,14 @@ class Trainer:
         device = next(trained.model.parameters()).device
         metrics = evaluate(trained.model, loader, training_loss(config, prepared, self._given, device),
                            task_metrics(prepared, your_metrics(config, self._given)), device, "test")
-        log_test_metrics(self.config, run, trained, metrics)
+        # A DataFrame, as every table run of the flow: the linear baseline fitted on fit's training split, on these rows
+        baseline = (linear_baseline(config, prepared, loader, device, self._given, trained.linear_start)
+                    if data.kind == TABLE and config.baseline else None)
+        log_test_metrics(self.config, run, trained, metrics, baseline)
+        self.baseline_metrics = baseline.metrics if baseline else {}
+        sentence = baseline and baseline_sentence({**metrics, **baseline.metrics}, config.monitor, baseline.model)
+        if sentence:
+            log.warning(sentence)
         record = test_record(x, y, target)
         digest = tracking.log_dataset(run.client, run.run_id, record.frame, record.source, record.target, record.source,
                                       context="testing")

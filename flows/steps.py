@@ -72,7 +72,8 @@ def baseline_of_run(config: TrainConfig, data: DataRecord, prepared: Prepared, l
     """The linear baseline of a table run, on the device of its model; images and Datasets have none."""
     if not config.baseline or data.kind != "table":
         return None
-    return linear_baseline_task(config, prepared, loaders, next(trained.model.parameters()).device)
+    return linear_baseline_task(config, prepared, loaders.test, next(trained.model.parameters()).device,
+                                fitted=trained.linear_start)
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,

@@ -154,9 +154,9 @@ class TrainConfig(BaseModel):
 
     # --- optimisation (Keras' compile) ----------------------------------------------------
     # The default rule (README "Defaults that converge"): train until `monitor` has not improved for
-    # `patience` epochs, with an L2 penalty. A fixed 30 epochs gave a 178-row table 60 optimizer steps,
-    # far from converged; 1,000 epochs is only the cap, early stopping ends a run long before
-    # (benchmarks/quality.py: best epochs 14-380 on tables of 178 to 20,000 rows).
+    # `patience` epochs; tables with an L2 penalty, from a network that starts as the linear baseline
+    # (linear_path). A fixed 30 epochs gave a 178-row table 60 optimizer steps, far from converged;
+    # 1,000 epochs is only the cap, early stopping ends a run long before (docs/quality.md).
     epochs: int = Field(1000, ge=1, le=100_000, description="At most this many passes over the training split; "
                         "by default early stopping ends the run first, once validation has not improved for "
                         "`patience` epochs, so small and large tables alike train to convergence.")
@@ -164,8 +164,12 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
-    weight_decay: float = Field(0.01, ge=0, le=1, description="L2 penalty on the weights (decoupled for adamw); the "
-                                "default 0.01 keeps small tables from overfitting while the run trains to convergence.")
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto", description="L2 penalty on the weights (decoupled for adamw). auto: for tables the linear baseline's "
+        "own penalty (scikit-learn's C = 1, ridge's alpha = 1: 1 or 2 / training rows), so that the network's linear "
+        "path keeps the baseline's solution unless the data say otherwise; for images and Datasets 0 (as Adam's L2 "
+        "even 0.01 slowed the CNN down).",
+    )
     scheduler: Literal["none", "cosine", "step", "plateau", "warmup_cosine", "onecycle"] = Field(
         "none", description="Learning-rate schedule. Per epoch: cosine over all epochs, step decay, reduce on plateau. "
         "Per optimizer step: warmup_cosine (linear warmup over warmup_steps, then cosine to 0), onecycle (OneCycleLR "
@@ -206,6 +210,11 @@ class TrainConfig(BaseModel):
         "classifier head is left out when its size differs. Nothing is downloaded.",
     )
     hidden_sizes: list[int] = Field([64, 32], description="Widths of the MLP's hidden layers.")
+    linear_path: bool = Field(
+        True, description="Tables (mlp): a linear path from the inputs to the outputs beside the MLP, started at the "
+        "linear baseline's fit (logistic or ridge regression on the training split) with the MLP's output at zero: "
+        "training starts from the linear model, and the MLP learns what it misses.",
+    )
     activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = Field("relu", description="MLP activation.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer (mlp), before the head (cnn).")
     batch_norm: bool = Field(False, description="BatchNorm after each hidden linear layer.")
@@ -290,6 +299,20 @@ class TrainConfig(BaseModel):
                 raise ValueError("a target column is named twice; name each once")
             target = ",".join(names)
         return target
+
+    @field_validator("weight_decay", mode="before")
+    @classmethod
+    def _weight_decay_auto_or_number(cls, weight_decay: Any) -> Any:
+        """One readable line for a bad value, not one per member of the union."""
+        if weight_decay == "auto":
+            return weight_decay
+        try:
+            number = float(weight_decay)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(weight_decay, bool) or number is None or not 0 <= number <= 1:
+            raise ValueError("use auto or a number from 0 to 1")
+        return number
 
     @field_validator("hidden_sizes")
     @classmethod

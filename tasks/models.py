@@ -55,6 +55,26 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+class LinearAndMLP(nn.Module):
+    """A linear model of the inputs plus an MLP ("wide and deep", Cheng et al. 2016): linear(x) + mlp(x).
+
+    The network can then represent a linear model's solution exactly, which the MLP alone only
+    approximates. The MLP's output layer starts at zero, so the network starts as its linear path;
+    for tables fitflow starts that path at the linear baseline's fit (tasks/linear_fit.py): training
+    starts from logistic or ridge regression and the MLP learns what it misses.
+    """
+
+    def __init__(self, in_features: int, out_features: int, **mlp: Any) -> None:
+        super().__init__()
+        self.mlp = MLP(in_features, out_features, **mlp)
+        self.linear = nn.Linear(in_features, out_features)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
 class ResidualBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus the input (projected when the shape changes), then ReLU."""
 
@@ -135,8 +155,10 @@ def build_model(spec: dict[str, Any], sample: Any = None) -> nn.Module:
     for inputs whose shape or type a spec does not hold: tuples, dicts, token ids).
     """
     name = spec["model"]
-    if name == "mlp":
-        model: nn.Module = MLP(in_features=spec["in_features"], out_features=spec["out_features"], **spec["kwargs"])
+    if name == "mlp":  # specs logged before linear_path existed have no such key: the MLP alone
+        kwargs = dict(spec["kwargs"])
+        mlp_class = LinearAndMLP if kwargs.pop("linear_path", False) else MLP
+        model: nn.Module = mlp_class(in_features=spec["in_features"], out_features=spec["out_features"], **kwargs)
     elif name == "cnn":
         model = _construct(CNN, name, spec)
     elif name.startswith("torchvision:"):

@@ -27,9 +27,10 @@ from tasks.device import resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError
 from tasks.images_prepare import ImagesPrepared
 from tasks.labels import balanced_pos_weight
+from tasks.linear_fit import baseline_penalty, fit_linear
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import METRICS, TaskMetrics, metric_names
-from tasks.models import build_model, check_outputs, class_path, load_pretrained, model_spec
+from tasks.models import LinearAndMLP, build_model, check_outputs, class_path, load_pretrained, model_spec
 from tasks.training import History, evaluate, fit, optimizer_steps, seed_everything, to_device
 from tasks.user_code import UserMetric, user_callbacks, user_metrics
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
@@ -76,6 +77,9 @@ class Trained:
     history: History
     best_epoch: int
     checkpoint: Path | None
+    # The linear fit a table network started from (LinearAndMLP) and its name: the run's linear baseline
+    # scores it instead of fitting the same model again. None: no linear path (or a DDP run's launcher).
+    linear_start: tuple[torch.nn.Linear, str] | None = None
 
 
 def prep_spec(config: TrainConfig) -> PrepSpec:
@@ -126,7 +130,8 @@ def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
                               "name yours with --model package.module:Class")
     if model == "mlp":
         kwargs = {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
-                  "dropout": config.dropout, "batch_norm": config.batch_norm}
+                  "dropout": config.dropout, "batch_norm": config.batch_norm,
+                  "linear_path": config.linear_path and isinstance(prepared, Prepared)}
     elif model == "cnn":
         kwargs = {"dropout": config.dropout, **config.model_kwargs}
     else:
@@ -202,6 +207,10 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     # data holds: check the model on a real batch, not on zeros
     sample = first_inputs(loaders.val) if isinstance(prepared, UserDatasets) or given.model is not None else None
     model = build_model(spec, sample=sample) if given.model is None else given.model
+    linear_start = None
+    if isinstance(model, LinearAndMLP):  # a table's network starts as its linear baseline's fit (tasks/models.py)
+        linear_start = fit_linear(prepared, given.loss_fn if given.loss_fn is not None else loss_of(config, prepared))
+        model.linear.load_state_dict(linear_start[0].state_dict())
     if config.pretrained:
         left = load_pretrained(model, config.pretrained)
         if writes:
@@ -214,7 +223,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
         model.compile()  # in place: the state dict keeps its keys for checkpoints and the MLflow model
     trainee = rank.replicate(model) if rank is not None else model  # DDP: gradients averaged in backward
     optimizer = given.optimizer if given.optimizer is not None else make_optimizer(
-        config.optimizer, trainee.parameters(), config.lr, config.weight_decay, config.momentum)
+        config.optimizer, trainee.parameters(), config.lr, weight_decay_of(config, prepared), config.momentum)
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma,
                                optimizer_steps(len(loaders.train), config.accumulate_grad_batches), config.warmup_steps)
     best_path = run.checkpoint_dir / "best.pt" if run is not None and writes else None
@@ -265,7 +274,15 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     )
     best = stateful["best_weights"]
     return Trained(model, spec, history, best.monitor.best_epoch,
-                   best_path if best_path is not None and best_path.exists() else None)
+                   best_path if best_path is not None and best_path.exists() else None, linear_start)
+
+
+def weight_decay_of(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> float:
+    """The configured weight decay; auto: for feature tables the linear baseline's own L2 penalty (about 1 / training
+    rows), for images and Datasets 0 (TrainConfig.weight_decay)."""
+    if config.weight_decay != "auto":
+        return config.weight_decay
+    return baseline_penalty(prepared) if isinstance(prepared, Prepared) and prepared.preprocessor.n_features else 0.0
 
 
 def evaluate_on_test(config: TrainConfig, prepared: Prepared, loaders: Loaders, trained: Trained,

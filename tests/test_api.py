@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 import fitflow
 from flows.resume import config_of_run
 from tasks.config import Launch
+from tasks.data import encode_split
 from tasks.errors import ConfigError
+from tasks.linear_fit import fit_logistic
 
 
 class Net(nn.Module):
@@ -101,6 +103,7 @@ def test_fit_on_arrays_trains_the_model_in_place_and_tracks_the_run(mlflow_uri):
     assert set(history.history) == {"train_loss", "val_loss", "val_accuracy", "val_f1_macro", "val_auroc"}
     assert trainer.model is model  # trained in place: the caller's object holds the best weights
     test = trainer.evaluate((x[1200:], y[1200:]))
+    assert trainer.baseline_metrics == {}  # arrays train as given, no table preprocessing: no linear baseline
     assert set(test) == {"test_loss", "test_accuracy", "test_f1_macro", "test_auroc"}
     assert test["test_accuracy"] > 0.9
     probabilities = trainer.predict(x[1200:])
@@ -175,7 +178,19 @@ def test_fit_on_a_dataframe_uses_the_table_preprocessing(mlflow_uri, tmp_path):
     run = MlflowClient(mlflow_uri).get_run(trainer.run_id)
     assert run.data.params["data.rows_train"] == "384" and run.data.params["data.rows_val"] == "96"
     assert "data.rows_test" not in run.data.params  # fit cuts no test split: evaluate's data is the test
-    assert trainer.evaluate(test, target="label")["test_accuracy"] > 0.8
+    tested = trainer.evaluate(test, target="label")
+    assert tested["test_accuracy"] > 0.8
+    # As in every table run of the flow: the linear baseline, fitted on fit's training split, scored on the same rows
+    assert set(trainer.baseline_metrics) == {f"baseline_{name}" for name in tested}
+    run = MlflowClient(mlflow_uri).get_run(trainer.run_id)
+    assert {name: run.data.metrics[name] for name in trainer.baseline_metrics} == trainer.baseline_metrics
+    assert run.data.tags["fitflow.baseline_model"] == "logistic regression"
+    prepared = trainer._data.prepared
+    linear = fit_logistic(prepared.train.features, prepared.train.targets, 2)
+    rows = encode_split(prepared.preprocessor, test, None)
+    with torch.no_grad():
+        predicted = linear(torch.as_tensor(rows.features)).argmax(dim=1).numpy()
+    assert (predicted == rows.targets).mean() == pytest.approx(trainer.baseline_metrics["baseline_test_accuracy"])
     probabilities = trainer.predict(test.drop(columns=["label"]))
     assert probabilities.shape == (120, 2)  # classes in the preprocessing's order: "no", "yes"
     model = mlflow.pyfunc.load_model(trainer.log_model())

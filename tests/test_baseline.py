@@ -24,10 +24,12 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from flows.cli import main
 from flows.steps import DataRecord, baseline_of_run
 from flows.train import train
-from tasks.baseline import baseline_sentence, beats_baseline, fit_logistic, fit_ridge, linear_baseline
+from tasks.baseline import baseline_sentence, beats_baseline, linear_baseline
 from tasks.config import TrainConfig
 from tasks.data import PrepSpec, load_table, prepare, split_rows
-from tasks.trainer import build_loaders, prep_spec, train_model
+from tasks.linear_fit import fit_logistic, fit_ridge
+from tasks.models import MLP, LinearAndMLP, build_model, model_spec
+from tasks.trainer import build_loaders, evaluate_on_test, prep_spec, train_model, weight_decay_of
 
 
 def _linear_table(path: Path, rows: int = 300, seed: int = 7) -> Path:
@@ -101,11 +103,55 @@ def test_the_default_rule_trains_a_200_row_table_longer_than_30_epochs_of_batch_
     assert len(trained.history) * steps_per_epoch > 30 * steps_per_epoch
 
 
+def test_the_default_table_network_starts_as_the_linear_baseline():
+    """The linear path starts at the baseline's fit and the MLP's output at zero: after an epoch that barely
+    moves the weights (lr 1e-9) the network scores what the baseline scores, on the same test rows."""
+    wine = load_wine(as_frame=True).frame
+    for task, frame, target in (("classification", wine, "target"), ("regression", load_diabetes(as_frame=True).frame, "target")):
+        config = TrainConfig(data=task, target=target, task=task, lr=1e-9, epochs=1)
+        prepared = prepare(frame, prep_spec(config))
+        loaders = build_loaders(config, prepared)
+        trained = train_model(config, prepared, loaders, progress=False)
+        assert isinstance(trained.model, LinearAndMLP) and trained.spec["kwargs"]["linear_path"] is True
+        tested = evaluate_on_test(config, prepared, loaders, trained)
+        baseline = linear_baseline(config, prepared, loaders.test, torch.device("cpu"))
+        assert tested.keys() == {name.removeprefix("baseline_") for name in baseline.metrics}
+        for name, value in tested.items():
+            assert value == pytest.approx(baseline.metrics["baseline_" + name], abs=1e-4), (task, name)
+    # off: the MLP alone, from its random initial weights
+    off = TrainConfig(data="wine", target="target", linear_path=False, epochs=1)
+    prepared = prepare(wine, prep_spec(off))
+    assert isinstance(train_model(off, prepared, build_loaders(off, prepared), progress=False).model, MLP)
+
+
+def test_a_model_logged_before_the_linear_path_rebuilds_as_the_mlp_alone():
+    old = model_spec("mlp", 5, 3, {"hidden_sizes": [8], "activation": "relu", "dropout": 0.0, "batch_norm": False})
+    assert type(build_model(old)) is MLP
+    new = build_model({**old, "kwargs": {**old["kwargs"], "linear_path": True}})
+    assert isinstance(new, LinearAndMLP) and new(torch.zeros(2, 5)).shape == (2, 3)
+    assert set(new.state_dict()) == {"linear.weight", "linear.bias", *(f"mlp.{name}" for name in build_model(old).state_dict())}
+
+
+def test_weight_decay_auto_is_an_l2_penalty_for_tables_and_none_for_images_and_datasets(tmp_path):
+    from tasks.images_prepare import ImagesPrepared
+    from tasks.user_dataset import UserDatasets
+
+    prepared = prepare(load_wine(as_frame=True).frame, PrepSpec(target="target"))
+    assert TrainConfig().weight_decay == "auto"
+    assert weight_decay_of(TrainConfig(), prepared) == 1 / len(prepared.train.targets)  # logistic regression's C = 1
+    diabetes = prepare(load_diabetes(as_frame=True).frame, PrepSpec(target="target"))
+    assert weight_decay_of(TrainConfig(), diabetes) == 2 / len(diabetes.train.targets)  # ridge's alpha = 1
+    for other in (ImagesPrepared, UserDatasets):
+        assert weight_decay_of(TrainConfig(), other.__new__(other)) == 0.0
+    assert weight_decay_of(TrainConfig(weight_decay=0.2), prepared) == 0.2
+    assert TrainConfig(weight_decay="0.05").weight_decay == 0.05  # a CLI flag's text
+
+
 def test_the_baseline_is_scored_with_your_loss_function_and_metrics_as_the_network_is():
     config = TrainConfig(loss="user_code_examples:label_smoothed_cross_entropy", metrics=["user_code_examples:error_rate"])
     prepared = prepare(load_table(config.data), prep_spec(config))
     loaders = build_loaders(config, prepared)
-    baseline = linear_baseline(config, prepared, loaders, torch.device("cpu"))
+    baseline = linear_baseline(config, prepared, loaders.test, torch.device("cpu"))
     assert set(baseline.metrics) == {f"baseline_test_{n}" for n in ("loss", "accuracy", "f1_macro", "auroc", "error_rate")}
     assert baseline.metrics["baseline_test_error_rate"] == pytest.approx(1 - baseline.metrics["baseline_test_accuracy"])
 
