@@ -25,8 +25,9 @@ from flows.cli import main
 from flows.steps import DataRecord, baseline_of_run
 from flows.train import train
 from tasks.baseline import baseline_sentence, beats_baseline, linear_baseline
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, load_config
 from tasks.data import PrepSpec, load_table, prepare, split_rows
+from tasks.errors import ConfigError
 from tasks.linear_fit import fit_logistic, fit_ridge
 from tasks.models import MLP, LinearAndMLP, build_model, model_spec
 from tasks.trainer import build_loaders, evaluate_on_test, prep_spec, train_model, weight_decay_of
@@ -145,6 +146,10 @@ def test_weight_decay_auto_is_an_l2_penalty_for_tables_and_none_for_images_and_d
         assert weight_decay_of(TrainConfig(), other.__new__(other)) == 0.0
     assert weight_decay_of(TrainConfig(weight_decay=0.2), prepared) == 0.2
     assert TrainConfig(weight_decay="0.05").weight_decay == 0.05  # a CLI flag's text
+    for bad in ("x", 2, True, None):  # one line, not one per member of the union (auto | a number)
+        with pytest.raises(ConfigError, match=r"^invalid config value for 'weight_decay': use auto or a number from 0 "
+                           r"to 1 \(got .*\)$"):
+            load_config(weight_decay=bad)
 
 
 def test_the_baseline_is_scored_with_your_loss_function_and_metrics_as_the_network_is():
