@@ -98,7 +98,8 @@ def test_ddp_flow_matches_one_process_and_logs_one_run(csv, prefect_server, mlfl
     best = torch.load(fitflow_home() / "checkpoints" / result.run_id / "best.pt", weights_only=True)
     p = prepared.preprocessor
     model = build_model(model_spec("mlp", p.n_features, len(p.classes), {
-        "hidden_sizes": ddp.hidden_sizes, "activation": ddp.activation, "dropout": 0.0, "batch_norm": False}))
+        "hidden_sizes": ddp.hidden_sizes, "activation": ddp.activation, "dropout": 0.0, "batch_norm": False,
+        "linear_path": ddp.linear_path}))
     model.load_state_dict(best["model"])
     here = evaluate(model, build_loaders(single_config, prepared).val, make_loss("auto", p.task), task_metrics(prepared),
                     torch.device("cpu"), "val")

@@ -47,7 +47,8 @@ def test_predict_reproduces_the_training_runs_test_predictions_exactly(trained, 
     prepared = prepare(raw, spec)
     p = prepared.preprocessor
     net = build_model(model_spec("mlp", p.n_features, len(p.classes), {"hidden_sizes": config.hidden_sizes,
-                      "activation": config.activation, "dropout": config.dropout, "batch_norm": config.batch_norm}))
+                      "activation": config.activation, "dropout": config.dropout, "batch_norm": config.batch_norm,
+                      "linear_path": config.linear_path}))
     checkpoint = torch.load(client.download_artifacts(result.run_id, "checkpoints/best.pt", str(tmp_path)), weights_only=True)
     net.load_state_dict(checkpoint["model"])
     net.eval()
