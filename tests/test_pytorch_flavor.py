@@ -100,7 +100,7 @@ def test_a_table_run_loads_as_a_torch_module_with_pickle_off(mlflow_uri, tmp_pat
 
     loaded = _load_in_a_fresh_process(result.model_uri, rows, mlflow_uri, tmp_path)
 
-    assert loaded["own_class"] == "MLP"
+    assert loaded["own_class"] == "LinearAndMLP"  # the default table network: its linear path beside the MLP
     _check_outputs(loaded, result.model_uri, result.run_id, mlflow_uri, tmp_path)
 
 
