@@ -47,6 +47,17 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="module")
+def prepared():
+    """The shipped table prepared with the default config, once per test module."""
+    from tasks.config import TrainConfig
+    from tasks.data import load_table, prepare
+    from tasks.trainer import prep_spec
+
+    config = TrainConfig()
+    return prepare(load_table(config.data), prep_spec(config))
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite MLflow store for one test."""

@@ -93,3 +93,14 @@ class HoldAtEpochs(nn.Module):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"held at epoch {epoch} for {self.wait_s} s: nothing released it")
             time.sleep(0.02)
+
+
+def wait_until_held(process, folder, epoch: int) -> None:
+    """Wait until a `fitflow train` process running HoldAtEpochs is held at `epoch` (fail if it exits)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + 300  # only a guard against a hang
+    while not (Path(folder) / f"reached-{epoch}").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
+        time.sleep(0.01)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from user_code_examples import CrashAt
 
 from tasks.callbacks import Callback
 from tasks.checkpoints import checkpoint_files, load_checkpoint, rng_state, set_rng_state
 from tasks.config import TrainConfig
-from tasks.data import load_table, prepare
 from tasks.errors import TrainingError
-from tasks.trainer import Run, build_loaders, prep_spec, train_model
+from tasks.trainer import Run, build_loaders, train_model
 
 
 class Epochs(Callback):
@@ -35,23 +35,6 @@ class Epochs(Callback):
 
     def on_epoch_end(self, state) -> None:
         self.seen.append(state.epoch)
-
-
-class CrashAt(Callback):
-    """Raises after an epoch's checkpoint is written: a crash between two epochs."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, state) -> None:
-        if state.epoch == self.epoch:
-            raise RuntimeError(f"simulated crash after epoch {self.epoch}")
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    config = TrainConfig()
-    return prepare(load_table(config.data), prep_spec(config))
 
 
 def _run(tmp_path, name: str) -> Run:

@@ -8,10 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from custom_models import wait_until_held
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_client
 from prefect.states import Cancelled, Crashed, Running
@@ -102,10 +102,7 @@ def test_doctor_closes_a_sigkilled_fitflow_train(mlflow_uri, tmp_path):
             "--model-kwargs", json.dumps({"folder": str(hold), "epochs": [2]})]
     process = subprocess.Popen([str(Path(sys.executable).with_name("fitflow")), *args], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # only a guard against a hang
-    while not (hold / "reached-2").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
-        time.sleep(0.01)
+    wait_until_held(process, hold, 2)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     client = MlflowClient(mlflow_uri)

@@ -10,30 +10,12 @@ import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
+from user_code_examples import CrashAt
 
 from tasks import tracking
-from tasks.callbacks import Callback
 from tasks.config import TrainConfig
-from tasks.data import load_table, prepare
 from tasks.metrics_journal import Delivery, Entry, Journal, sender, upload
-from tasks.trainer import Run, build_loaders, prep_spec, train_model
-
-
-class CrashAt(Callback):
-    """Raises after an epoch is journaled and checkpointed: a crash between two epochs."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, state) -> None:
-        if state.epoch == self.epoch:
-            raise RuntimeError(f"simulated crash after epoch {self.epoch}")
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    config = TrainConfig()
-    return prepare(load_table(config.data), prep_spec(config))
+from tasks.trainer import Run, build_loaders, train_model
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from custom_models import wait_until_held
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
@@ -88,10 +88,7 @@ def test_sigkilled_training_process_resumes_to_bit_identical_weights(table, mlfl
     checkpoints = fitflow_home() / "checkpoints"
     earlier = set(checkpoints.iterdir())  # other tests' runs share this home
     process = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # only a guard against a hang
-    while not (hold / "reached-3").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
-        time.sleep(0.01)
+    wait_until_held(process, hold, 3)
     process.send_signal(signal.SIGKILL)  # held in epoch 3's first step
     assert process.wait(timeout=30) == -signal.SIGKILL
     # epoch 2's checkpoint may still have been in its writer thread (tasks/checkpoints.py): the run
@@ -187,10 +184,7 @@ def test_a_run_still_training_cannot_be_resumed_a_second_time(table, mlflow_uri,
             "--model-kwargs", json.dumps({"folder": str(hold), "epochs": [2], "wait_s": 90})]
     process = subprocess.Popen([str(Path(sys.executable).with_name("fitflow")), *args], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # only a guard against a hang
-    while not (hold / "reached-2").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-3000:]
-        time.sleep(0.01)
+    wait_until_held(process, hold, 2)
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("resume-twice").experiment_id])
     run_id = run.info.run_id

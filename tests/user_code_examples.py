@@ -39,6 +39,17 @@ class RecordCalls(Callback):
         self._record("on_fit_end", state)
 
 
+class CrashAt(Callback):
+    """Raises after an epoch is journaled and checkpointed: a crash between two epochs."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, state) -> None:
+        if state.epoch == self.epoch:
+            raise RuntimeError(f"simulated crash after epoch {self.epoch}")
+
+
 class NotACallback:
     def on_epoch_end(self, state) -> None: ...
 
