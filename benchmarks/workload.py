@@ -148,7 +148,12 @@ class FitflowRunner:
     stopping) and MLflow logging to a real sqlite store. Each call builds a fresh model and
     optimizer, as the baselines do, so each call is a run from scratch (in a fresh checkpoint
     folder: an existing epoch checkpoint would be resumed). Patience exceeds the epochs: every
-    call runs all of them."""
+    call runs all of them.
+
+    The network is the baselines' MLP (`make_model`): `linear_path` off, since the default table
+    network's linear path (one more layer, and a linear fit before the first epoch) would compare
+    two models, not fitflow's loop against a hand loop. The linear baseline's own cost is measured
+    by the `baseline` benchmark."""
 
     def __init__(self, data: Data, tracking: bool = True, batch: int = BATCH, checkpoints_only: bool = False,
                  epochs: int = 1, **settings) -> None:
@@ -169,7 +174,7 @@ class FitflowRunner:
             test=Split(data.x_val.numpy(), data.y_val.numpy()), preprocessor=preprocessor,
         )
         self.config = TrainConfig(epochs=epochs, batch_size=batch, hidden_sizes=HIDDEN, dropout=0.0,
-                                  patience=epochs + 5, **settings)  # settings: other TrainConfig fields
+                                  patience=epochs + 5, **{"linear_path": False, **settings})  # settings: other TrainConfig fields
         self.loaders = build_loaders(self.config, self.prepared)
         self.run = None
         self.calls = 0
