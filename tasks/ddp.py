@@ -5,8 +5,8 @@ the model (gradients averaged in backward) and for the callbacks that keep the r
 the epoch's train loss over every rank's rows, a checkpoint that only rank 0 reads and writes
 and every rank on every machine resumes from, dropout
 draws per rank, and one stop decision for all. Validation needs nothing here: `evaluate`
-all-reduces its loss and torchmetrics gathers every rank's outputs, so every rank sees the
-metrics of the whole split and early stopping, best weights and the schedule agree.
+all-reduces its loss and tasks/metrics.py its metrics' sums (the exact AUROC gathers every rank's
+outputs), so every rank sees the metrics of the whole split and early stopping, best weights and the schedule agree.
 """
 
 from __future__ import annotations

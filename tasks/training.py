@@ -23,7 +23,7 @@ from tasks.callbacks import Callback, FitState, uses_hook
 from tasks.device import autocast_dtype
 from tasks.errors import TrainingError
 
-if TYPE_CHECKING:  # torchmetrics stays optional for the bare engine (benchmarks/gpu.py)
+if TYPE_CHECKING:
     from tasks.metrics import TaskMetrics
 
 
@@ -148,7 +148,7 @@ def evaluate(
             seen += len(y)
             if metrics is not None:
                 metrics.update(outputs, y)
-    total, seen = _sum_over_ranks(total, seen)  # DDP: each rank saw its shard; torchmetrics syncs itself
+    total, seen = _sum_over_ranks(total, seen)  # DDP: each rank saw its shard; the metrics sum their own
     logs = {"loss": float(total) / seen, **(metrics.compute() if metrics is not None else {})}
     return {f"{split}_{name}": value for name, value in logs.items()}
 

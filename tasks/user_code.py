@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,16 +94,14 @@ class UserMetric:
 
 def user_metrics(metrics: Sequence[str | Any], task: str, n_classes: int, taken: Sequence[str] = ()) -> list[UserMetric]:
     """Your metrics, created for this task; `taken`: the names fitflow logs already (loss, accuracy, ...)."""
-    import torchmetrics
-
     resolved: list[UserMetric] = []
     for spec in metrics:
         source = spec if isinstance(spec, str) else _name_of(spec)
         found = import_object(spec, "metric") if isinstance(spec, str) else spec
         # the name you wrote: torchmetrics.Accuracy creates a MulticlassAccuracy, and is still "accuracy"
-        name = snake_case(type(found).__name__ if isinstance(found, torchmetrics.Metric)
+        name = snake_case(type(found).__name__ if is_torchmetrics_metric(found)
                           else getattr(found, "__name__", type(found).__name__))  # a functools.partial has no __name__
-        if isinstance(found, type) and issubclass(found, torchmetrics.Metric):
+        if isinstance(found, type) and is_torchmetrics_metric(found, as_class=True):
             found = _metric_for_task(found, source, task, n_classes)
         elif isinstance(found, type) or not callable(found):
             raise ConfigError(f"metric '{source}' is {_kind(found)}; name a torchmetrics Metric class or a function "
@@ -114,6 +113,15 @@ def user_metrics(metrics: Sequence[str | Any], task: str, n_classes: int, taken:
         higher = getattr(found, "higher_is_better", None)
         resolved.append(UserMetric(name, source, found, None if higher is None else not higher))
     return resolved
+
+
+def is_torchmetrics_metric(obj: Any, as_class: bool = False) -> bool:
+    """Whether `obj` is a torchmetrics Metric (a subclass of it, with `as_class`), without importing
+    torchmetrics (about 1 s with what it imports): a Metric exists only once torchmetrics is imported."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if torchmetrics is None:
+        return False
+    return issubclass(obj, torchmetrics.Metric) if as_class else isinstance(obj, torchmetrics.Metric)
 
 
 def _metric_for_task(cls: type, path: str, task: str, n_classes: int) -> Any:

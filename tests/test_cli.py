@@ -124,14 +124,15 @@ def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
 
 
 # Code a plain `fitflow train` on a table has no use for: the registry (register_model), sweeps,
-# DDP (strategy ddp; torch's elastic launcher), image loading and plots (torchvision's augmentations).
+# DDP (strategy ddp; torch's elastic launcher), image loading and plots (torchvision's augmentations),
+# torchmetrics and the scipy.signal it imports (only for a metric of yours that is a torchmetrics one).
 NOT_FOR_A_PLAIN_RUN = ("flows.registry", "tasks.rescoring", "flows.sweep", "flows.sweep_config", "tasks.ddp",
                        "tasks.distributed", "torch.distributed.elastic", "tasks.images_loaders", "tasks.images_augment",
-                       "tasks.image_plots")
+                       "tasks.image_plots", "torchmetrics", "scipy.signal")
 
 
 @pytest.mark.slow
-def test_a_plain_train_run_imports_no_registry_sweep_ddp_or_image_code(tmp_path, prefect_server):
+def test_a_plain_train_run_imports_no_registry_sweep_ddp_image_code_or_torchmetrics(tmp_path, prefect_server):
     """Each import is paid by every `fitflow train` (docs/benchmarks.md itemises them): the command
     imports what its run needs, and a plain run on a table needs none of these."""
     from prefect.settings import PREFECT_API_URL

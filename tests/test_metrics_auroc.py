@@ -107,4 +107,4 @@ def test_a_small_split_reports_the_exact_auroc():
     assert abs(float(binned.compute()) - exact_value) > 1e-3  # what the exact fallback is for
     metrics = TaskMetrics("classification", 3)
     metrics.update(logits, targets)
-    assert metrics.compute()["auroc"] == exact_value
+    assert metrics.compute()["auroc"] == pytest.approx(exact_value, abs=1e-6)  # torchmetrics sums in float32
