@@ -20,20 +20,33 @@ EXIF orientation is not applied, as ImageFolder's PIL loader does not apply it e
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from tasks.errors import DataError
 
-try:  # deprecated in torchvision 0.29, to be removed: PIL decodes everything when it is gone
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # pragma: no cover
-    decode_image = None
+# torchvision is imported on the first image, not with this module: the trainer and the flow
+# import it for every run, and a table's run has no use for torchvision (0.1-0.9 s of CPU).
+
+
+def _transforms():
+    import torchvision.transforms.v2.functional as F
+
+    return F
+
+
+@functools.cache
+def _torchvision_decoder():
+    try:  # deprecated in torchvision 0.29, to be removed: PIL decodes everything when it is gone
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # pragma: no cover
+        return None
+    return lambda tensor: decode_image(tensor, mode=ImageReadMode.UNCHANGED)
 
 
 def _torchvision_decodes(head: bytes) -> bool:
@@ -53,9 +66,10 @@ def read_image(path: str | Path) -> torch.Tensor:
 def decode_bytes(data: bytes | bytearray | memoryview | np.ndarray, name: str) -> torch.Tensor:
     """Encoded image bytes -> uint8 (C, H, W), native channels. `name` is what errors call it."""
     buffer = data if isinstance(data, np.ndarray) else np.frombuffer(bytearray(data), dtype=np.uint8)
-    if decode_image is not None and _torchvision_decodes(buffer[:12].tobytes()):
+    decode = _torchvision_decoder()
+    if decode is not None and _torchvision_decodes(buffer[:12].tobytes()):
         try:
-            image = decode_image(torch.from_numpy(buffer), mode=ImageReadMode.UNCHANGED)
+            image = decode(torch.from_numpy(buffer))
         except RuntimeError:
             pass  # PIL reads some files libjpeg/libpng refuse, and words its errors better
         else:
@@ -104,9 +118,9 @@ def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
     """Shorter side to `size` (antialiased), then the centre size x size: uint8 (C, size, size)."""
     height, width = image.shape[-2:]
     if min(height, width) != size:
-        image = F.resize(image, [size], antialias=True)
+        image = _transforms().resize(image, [size], antialias=True)
     if image.shape[-2:] != (size, size):
-        image = F.center_crop(image, [size, size])
+        image = _transforms().center_crop(image, [size, size])
     return image.contiguous()
 
 
@@ -120,7 +134,7 @@ def load_pixels(image: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     if image.shape[0] in (2, 4):
         image = image[:-1]
     if channels == 1 and image.shape[0] == 3:
-        image = F.rgb_to_grayscale(image)
+        image = _transforms().rgb_to_grayscale(image)
     image = fit_square(image, size)
     return image.expand(3, -1, -1).contiguous() if channels == 3 and image.shape[0] == 1 else image
 

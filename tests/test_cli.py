@@ -125,10 +125,11 @@ def test_cli_end_to_end_in_a_real_process(tmp_path, prefect_server):
 
 # Code a plain `fitflow train` on a table has no use for: the registry (register_model), sweeps,
 # DDP (strategy ddp; torch's elastic launcher), image loading and plots (torchvision's augmentations),
-# torchmetrics and the scipy.signal it imports (only for a metric of yours that is a torchmetrics one).
+# torchvision (image decoding: imported with the first image), torchmetrics and the scipy.signal it
+# imports (only for a metric of yours that is a torchmetrics one).
 NOT_FOR_A_PLAIN_RUN = ("flows.registry", "tasks.rescoring", "flows.sweep", "flows.sweep_config", "tasks.ddp",
                        "tasks.distributed", "torch.distributed.elastic", "tasks.images_loaders", "tasks.images_augment",
-                       "tasks.image_plots", "torchmetrics", "scipy.signal")
+                       "tasks.image_plots", "torchvision", "torchmetrics", "scipy.signal")
 
 
 @pytest.mark.slow
