@@ -55,7 +55,7 @@ class FitflowModel(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.model.eval()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         inputs = self.model_inputs(model_input)
         if isinstance(inputs, dict):
             with torch.inference_mode():

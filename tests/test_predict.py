@@ -183,3 +183,19 @@ def test_drift_per_column_is_logged_and_above_the_threshold_is_an_event(trained,
     assert event.payload["target"] == "label"
     assert set(event.payload["drifted"]) == {"x2", "colour"} and event.payload["mlflow_run_id"] == out.run_id
     assert {r.id for r in event.related} >= {f"mlflow.run.{out.run_id}", f"mlflow.model.{out.model_uri}"}
+
+
+def test_the_logged_model_class_draws_no_mlflow_warning():
+    """MLflow warns at class definition when a PythonModel's predict has no type hint for its
+    input; every `fitflow train` printed that warning. The hint (a DataFrame) is one MLflow takes
+    as is, without validating or inferring a signature from it: fitflow logs its own signature."""
+    import subprocess
+    import sys
+
+    probe = ("import warnings\n"
+             "warnings.simplefilter('always')\n"
+             "with warnings.catch_warnings(record=True) as caught:\n"
+             "    import tasks.serving\n"
+             "print([str(w.message) for w in caught if 'type hint' in str(w.message)])\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
