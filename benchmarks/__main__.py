@@ -30,7 +30,7 @@ SUITE = {
                        lambda t, p: t.system_metrics_overhead(5_000, 1_000, rounds=1, epochs=2, stress_interval_s=0.05)),
     "threads": (lambda t, p: [t.thread_setting(100_000, rounds=2, default_threads=TORCH_DEFAULT_THREADS)],
                 lambda t, p: [t.thread_setting(5_000, rounds=1, default_threads=TORCH_DEFAULT_THREADS)]),
-    "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=2),
+    "lightning": (lambda t, p: t.lightning_ratio(100_000, 20_000, epochs=2, rounds=5),
                   lambda t, p: t.lightning_ratio(5_000, 1_000, epochs=1, rounds=1)),
     # issues #15, #17: warm `fitflow train` on the small table against a script of torch + pandas + MLflow only
     # (pipeline.BARE_SCRIPT), without `fitflow up` (and peak memory on 1M rows) and with it
