@@ -133,6 +133,8 @@ def run_trials(config: SweepConfig, runner: TaskRunner, n_trials: int, parallel:
         sampler=search.make_sampler(config.sampler, space, integers, config.base.seed, n_trials, parallel > 1),
         pruner=search.make_pruner(config.prune, config.prune_warmup_epochs, n_trials),
     )
+    if config.base_trial and not grid:
+        search.enqueue_base(study, space, integers, config.base.model_dump())
     log.info("sweep '%s': %d trials (%s sampler), %d at a time on %s", name, n_trials, config.sampler, parallel,
              config.task_runner)
     running: dict[Any, optuna.Trial] = {}

@@ -78,6 +78,10 @@ class SweepConfig(BaseModel):
     n_trials: int = Field(12, ge=1, le=10_000, description="Budget: number of trials (a grid stops earlier when it is exhausted).")
     sampler: Literal["tpe", "random", "grid"] = Field(
         "tpe", description="tpe: Optuna's Bayesian sampler; random; grid: every combination of the choices.")
+    base_trial: bool = Field(
+        True, description="Trial 0 is the base config itself (its values of the searched fields, where the space "
+        "holds them), so the best trial is never worse on validation than the base alone (tpe and random; a grid "
+        "visits the points it names).")
     parallelism: int = Field(2, ge=1, le=64, description="Trials trained at once (GPU tag limits still apply).")
     prune: bool = Field(True, description="Stop clearly bad trials early (Optuna's median pruner on the monitored metric).")
     prune_warmup_epochs: int = Field(3, ge=0, description="Epochs every trial trains before it may be pruned.")
@@ -124,6 +128,7 @@ class SweepConfig(BaseModel):
         shared = {k: v for k, v in self.base.params().items() if k not in self.space}
         own = {"sweep.sampler": self.sampler, "sweep.n_trials": str(self.n_trials),
                "sweep.parallelism": str(self.parallelism), "sweep.prune": str(self.prune),
+               "sweep.base_trial": str(self.base_trial),
                "sweep.task_runner": self.task_runner,
                "sweep.space": json.dumps({k: v.model_dump(exclude_defaults=True) for k, v in self.space.items()})}
         return {**shared, **own}
@@ -143,11 +148,14 @@ def check_task_runner(config: SweepConfig) -> None:
 
 
 def _field_types(name: str) -> set[Any]:
-    """The field's type, or the members of an Optional/Union (float | None -> {float})."""
+    """The field's type, or the members of an Optional/Union (float | None -> {float}); constrained types as their
+    type, and a Literal of names beside a number left out (weight_decay, a float or 'auto', ranges as a float)."""
     annotation = TrainConfig.model_fields[name].annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return set(typing.get_args(annotation)) - {type(None)}
-    return {annotation}
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    found = {typing.get_args(m)[0] if typing.get_origin(m) is typing.Annotated else m for m in members} - {type(None)}
+    numbers = {m for m in found if typing.get_origin(m) is not typing.Literal}
+    return numbers if numbers and numbers != found else found
 
 
 def is_integer_field(name: str) -> bool:

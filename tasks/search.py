@@ -78,6 +78,35 @@ def make_pruner(enabled: bool, warmup_epochs: int, n_trials: int) -> optuna.prun
     return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, n_trials // 4)), n_warmup_steps=warmup_epochs)
 
 
+def base_point(space: dict[str, dict[str, Any]], integers: dict[str, bool], base: dict[str, Any]) -> dict[str, Any]:
+    """The base config's own value of each searched field that the space holds, as Optuna params.
+
+    The sweep enqueues it as its first trial: the base config then competes with the sampled ones,
+    so the best trial is never worse on validation than the base alone. A field whose base value
+    lies outside its dimension (an lr above `high`, a width not among the choices) is left out, and
+    that trial samples it as any other.
+    """
+    point: dict[str, Any] = {}
+    for name, dim in space.items():
+        value = base.get(name)
+        if dim.get("choices") is not None:
+            if any(_scalar(choice) == _scalar(value) for choice in dim["choices"]):
+                point[name] = _scalar(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and dim["low"] <= value <= dim["high"]:
+            step = dim.get("step") or (1 if integers[name] else None)
+            if step is None or math.isclose((value - dim["low"]) / step, round((value - dim["low"]) / step), abs_tol=1e-9):
+                point[name] = int(value) if integers[name] else float(value)
+    return point
+
+
+def enqueue_base(study: optuna.Study, space: dict[str, dict[str, Any]], integers: dict[str, bool],
+                 base: dict[str, Any]) -> None:
+    """Make the base config (`base_point`) the study's next trial; nothing when the space holds none of its values."""
+    point = base_point(space, integers, base)
+    if point:
+        study.enqueue_trial(point)
+
+
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]], integers: dict[str, bool],
             grid: bool) -> dict[str, Any]:
     """One value per dimension, as config values (lists come back as lists)."""

@@ -17,8 +17,9 @@ from flows.runs import ranked_runs
 from flows.sweep import sweep
 from flows.sweep_config import load_sweep_config
 from tasks.callbacks import FitState
+from tasks.config import TrainConfig
 from tasks.errors import ConfigError
-from tasks.search import OptunaPruning
+from tasks.search import OptunaPruning, base_point, enqueue_base, suggest
 
 # batch_norm cannot train on a one-row batch: 397 training rows in batches of 396 leave one row
 # unless drop_last, so exactly one of the six grid points is an invalid combination.
@@ -117,6 +118,27 @@ def test_tpe_sweep_from_yaml_through_the_cli(store, tmp_path, capsys):
     for child in children:
         assert 1e-4 <= float(child.data.params["lr"]) <= 3e-2
         assert child.data.params["hidden_sizes"] in ("[16]", "[32, 16]")
+    # trial 0 is the base config where the space holds its values: base lr 1e-3; its [64, 32] is no choice, so sampled
+    (first,) = [c for c in children if c.data.tags["fitflow.trial"] == "0"]
+    assert float(first.data.params["lr"]) == 1e-3 and parent.data.params["sweep.base_trial"] == "True"
+
+
+def test_base_point_holds_the_base_values_the_space_holds():
+    space = {name: dim.model_dump() for name, dim in load_sweep_config(None, space={
+        "lr": {"low": 1e-4, "high": 3e-2, "log": True}, "hidden_sizes": {"choices": [[32], [64, 32]]},
+        "dropout": {"low": 0.0, "high": 0.3, "step": 0.15}, "batch_size": {"low": 8, "high": 32},
+        "weight_decay": {"low": 1e-5, "high": 1e-1, "log": True}}).space.items()}
+    integers = {"lr": False, "hidden_sizes": False, "dropout": False, "batch_size": True, "weight_decay": False}
+    base = TrainConfig().model_dump()  # lr 1e-3, [64, 32], dropout 0.1, batch_size 64, weight_decay auto
+    # dropout 0.1 is off the 0.15 grid, batch_size 64 above high, weight_decay 'auto' no number: all three sampled
+    assert base_point(space, integers, base) == {"lr": 1e-3, "hidden_sizes": "[64, 32]"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    enqueue_base(study, space, integers, base)
+    first = suggest(study.ask(), space, integers, grid=False)
+    assert first["lr"] == 1e-3 and first["hidden_sizes"] == [64, 32] and first["dropout"] in (0.0, 0.15, 0.3)
+    assert suggest(study.ask(), space, integers, grid=False)["lr"] != 1e-3  # only the first trial
+    assert base_point(space, integers, {**base, "dropout": 0.3, "batch_size": 16}) == {
+        "lr": 1e-3, "hidden_sizes": "[64, 32]", "dropout": 0.3, "batch_size": 16}
 
 
 def test_pruning_callback_stops_a_trial_worse_than_the_median():
@@ -156,7 +178,6 @@ def test_a_trial_that_fails_before_training_still_ends_its_run(store):
     (a finished trial with two objective values, in a one-objective study), and the run ends FAILED."""
     from flows.steps import load_and_prepare
     from flows.sweep import PruningBasis, run_trial
-    from tasks.config import TrainConfig
 
     base = TrainConfig(epochs=1, experiment="sweep-guard")
     prepared, data = load_and_prepare(base)
