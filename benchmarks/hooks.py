@@ -15,6 +15,7 @@ import ast
 import inspect
 import statistics
 import textwrap
+import time
 import timeit
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,13 +104,14 @@ def _empty_hook_statement_s() -> float:
 def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) -> list:
     """Per epoch, then where the cost lies on the training thread: MlflowStepLoss's own hooks (the
     per-batch call, the syncs and journal writes of its flushes), and, once per run, the end-of-run
-    wait for delivery (MlflowMetrics.on_fit_end), with and without the per-step values in it.
+    wait for delivery (MlflowMetrics.on_fit_end), with and without the per-step values in it; and
+    beside it the metrics delivery thread's CPU (its sends), which holds the GIL for its Python.
 
     The per-epoch ratio times each epoch from its start to the end of its last callback (the
     epoch-end flush and journal write included), leaving out what a run does once: its start and
     the end-of-run wait, reported beside it. The whole-run ratio is there too."""
     from benchmarks.training import _reported, _timing_methods
-    from tasks import tracking
+    from tasks import metrics_journal, tracking
     data = make_data(n_train, n_val)
     off = FitflowRunner(data, tracking=True, epochs=epochs)
     every_step = FitflowRunner(data, tracking=True, epochs=epochs, log_every_n_steps=1)
@@ -117,14 +119,18 @@ def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) ->
     hooks = ("on_fit_start", "on_epoch_start", "on_train_batch_end", "on_epoch_end", "on_fit_end")
     own: list[float] = []
     waits: dict[str, list[float]] = {"off": [], "on": []}
+    delivery_cpu: dict[str, list[float]] = {"off": [], "on": []}
 
     def timed_run(runner, key):
         def run() -> float:
             spent: list[float] = []
+            sends: list[float] = []
             clock = epoch_clock()
-            with _timing_methods(tracking.MlflowMetrics, ("on_fit_end",), spent):
+            with (_timing_methods(tracking.MlflowMetrics, ("on_fit_end",), spent),
+                  _timing_methods(metrics_journal.Delivery, ("_send_batch",), sends, clock=time.thread_time)):
                 runner.fit([clock])
             waits[key].append(spent[0])
+            delivery_cpu[key].append(sum(sends))
             return sum(clock.epochs)
         return run
 
@@ -150,6 +156,12 @@ def step_logging_overhead(n_train: int, n_val: int, rounds: int, epochs: int) ->
                     "x", target="<= 0.03", note=f"{own_s * 1e3:.1f} ms per run of {epochs} epochs taking {epochs_s:.2f} s "
                                                 f"({own_s / steps * 1e6:.1f} us per step: the call, the flushes' sync and "
                                                 "journal writes)"),
+        Measurement("per-step logging: the metrics delivery thread's CPU per run / the epochs' time",
+                    statistics.median(delivery_cpu["on"]) / epochs_s, "x", target="reported",
+                    note=f"median {statistics.median(delivery_cpu['on']) * 1e3:.1f} ms of CPU per run with the per-step "
+                         f"values, {statistics.median(delivery_cpu['off']) * 1e3:.1f} ms without them (its sends: "
+                         "journal read, fsync, insert, cursor; beside training, holding the GIL for its Python; the "
+                         "last send is in the end-of-run wait)"),
         Measurement("per-step logging: end-of-run wait for delivery, once per run / run time",
                     statistics.median(waits["on"]) / run_s, "x", target="reported",
                     note=f"median wait {statistics.median(waits['on']) * 1e3:.0f} ms with the last epoch's values, "

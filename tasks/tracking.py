@@ -382,8 +382,8 @@ class MlflowStepLoss(Callback):
 
     Costs per batch a list append and no device sync: the losses stay on the device until a flush,
     at most once per `flush_s` and at each epoch's end, which reads them in one sync and journals
-    them in one fsync'd write, delivered with the epoch metrics (`MlflowMetrics`' journal and
-    thread). Before `MlflowMetrics` in the callbacks, so that its last flush precedes the end of
+    them in one write, delivered with the epoch metrics (`MlflowMetrics`' journal and thread; the
+    delivery thread fsyncs them before it sends them, so the training thread never waits for the disk). Before `MlflowMetrics` in the callbacks, so that its last flush precedes the end of
     delivery. A resumed run journals only the steps after those the journal holds: a crashed
     attempt may have got past its last checkpoint, and no step reaches MLflow twice.
     """
@@ -435,7 +435,8 @@ class MlflowStepLoss(Callback):
             return
         values = torch.stack([loss.float() for _, _, loss in self.pending]).tolist()  # one device sync
         self.epoch_metrics.journal.append(*(metrics_journal.Entry(step, at, {self.KEY: value}, per="step")
-                                            for (step, at, _), value in zip(self.pending, values, strict=True)))
+                                            for (step, at, _), value in zip(self.pending, values, strict=True)),
+                                          durable=False)
         self.journaled, self.pending = self.pending[-1][0], []
         if self.epoch_metrics.delivery is not None:
             self.epoch_metrics.delivery.notify()

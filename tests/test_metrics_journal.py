@@ -6,7 +6,11 @@ thread and the run's end as the training step and `fitflow upload-metrics` use t
 
 from __future__ import annotations
 
+import json
+import os
+import queue
 import threading
+import types
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -155,3 +159,94 @@ def test_a_run_resumed_where_it_has_neither_checkpoints_nor_journal_is_refused(r
         restore_checkpoints(run.client, run.run_id, tmp_path / "elsewhere")
     Journal(tmp_path / "here").append(Entry(1, 1000, {"train_loss": 0.5}))  # this machine's journal: resumed here
     assert restore_checkpoints(run.client, run.run_id, tmp_path / "here") is None
+
+
+def test_per_step_values_are_on_disk_before_they_are_sent_and_the_training_thread_fsyncs_only_epoch_lines(
+        prepared, run, monkeypatch):
+    """Power lost after a send must not lose what MLflow has (the cursor would count lines the journal
+    lacks): the sender fsyncs the journal before each send. The training thread writes the per-step
+    values without waiting for the disk: its only journal fsync is each epoch's own line."""
+    from tasks import metrics_journal
+
+    journal = Journal(run.checkpoint_dir)
+    on_disk = {"bytes": 0}  # how much of the journal the last fsync covered
+    training_fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if journal.path.exists() and os.path.samestat(os.fstat(fd), os.stat(journal.path)):
+            on_disk["bytes"] = os.fstat(fd).st_size
+            if threading.current_thread() is threading.main_thread():
+                training_fsyncs.append(on_disk["bytes"])
+
+    checked: list[int] = []
+    real_sender = metrics_journal.sender
+
+    def checking_sender(client, run_id):
+        send = real_sender(client, run_id)
+
+        def checked_send(metrics) -> None:
+            last = metrics[-1]
+            data = journal.path.read_bytes()
+            lines = data.splitlines(keepends=True)
+            ends = [sum(len(line) for line in lines[: i + 1]) for i, line in enumerate(lines)
+                    if (e := json.loads(line))["step"] == last.step and last.key in e["metrics"]]
+            assert ends and on_disk["bytes"] >= ends[0], "a value was sent before its journal line was on disk"
+            checked.append(len(metrics))
+            send(metrics)
+
+        return checked_send
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(metrics_journal, "sender", checking_sender)
+    config = TrainConfig(epochs=3, batch_size=32, log_every_n_steps=1, patience=0)
+    _train(config, prepared, run)
+
+    steps_per_epoch = len(build_loaders(config, prepared).train)
+    assert _steps(run.client, run.run_id, "train_loss_step") == list(range(1, 3 * steps_per_epoch + 1))
+    assert sum(checked) == 3 * steps_per_epoch + 3 * len(run.client.get_run(run.run_id).data.metrics) - 3
+    assert len(training_fsyncs) == 3  # the epochs' lines; the steps' lines waited for no fsync
+
+
+def test_the_sender_reads_each_journal_line_once(run, monkeypatch):
+    """Each send reads only the lines appended since the previous one: the whole journal each time
+    would cost the delivery thread time growing with the run (39,000 lines after 100 epochs of 391
+    logged steps). A cursor that moves back (damaged) makes it read the journal again from the start."""
+    from tasks import metrics_journal
+
+    on_delivery_thread = []
+    real_loads = json.loads
+
+    def loads(text, *args, **kwargs):
+        if threading.current_thread().name == "fitflow-metrics-delivery":
+            on_delivery_thread.append(text)
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_journal, "json", types.SimpleNamespace(loads=loads, dumps=json.dumps))
+    journal = Journal(run.checkpoint_dir)
+    send, sent = sender(run.client, run.run_id), queue.Queue()
+
+    def recording(metrics) -> None:
+        send(metrics)
+        sent.put(len(metrics))
+
+    def wait_until_sent(count: int) -> None:
+        while count > 0:
+            count -= sent.get(timeout=60)  # the timeout bounds a hang only
+
+    delivery = Delivery(journal, recording, interval_s=0)
+    for epoch in range(1, 6):
+        steps = range(10 * epoch - 9, 10 * epoch + 1)
+        journal.append(*(Entry(step, step, {"train_loss_step": 1 / step}, per="step") for step in steps))
+        journal.append(Entry(epoch, 1000 + epoch, {"val_loss": 1 / epoch}))
+        delivery.notify()
+        wait_until_sent(11)
+    assert len(on_delivery_thread) == 55
+    with journal.lock():  # after the last send's cursor update
+        journal.cursor.write_text("")  # damaged: counts as nothing delivered
+    delivery.notify()
+    wait_until_sent(55)
+    assert delivery.close(wait_s=30) == []
+    assert len(on_delivery_thread) == 110
+    assert _steps(run.client, run.run_id, "train_loss_step") == list(range(1, 51))  # sent twice, stored once

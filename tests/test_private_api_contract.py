@@ -21,7 +21,7 @@ import pytest
 from mlflow.entities import Metric
 
 from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
-from tasks.mlflow_private import LOG_BATCH, log_batch_once, system_metrics_collectors
+from tasks.mlflow_private import LOG_BATCH, log_batch_once, sqlite_log_batch, system_metrics_collectors
 
 REPO = Path(__file__).resolve().parents[1]
 PRIVATE_MODULES = {"flows/prefect_private.py", "tasks/mlflow_private.py"}
@@ -132,3 +132,64 @@ def test_no_other_module_uses_a_private_api():
             found += [f"{name}:{node.lineno}: {n}" for n in private]
     assert not found, ("private names (of Prefect, MLflow or another library) outside flows/prefect_private.py "
                        "and tasks/mlflow_private.py:\n" + "\n".join(found))
+
+
+def _stored(client, run_id: str) -> tuple[dict, dict]:
+    """Each key's history (sorted, NaN as a string so that it compares) and the run's latest values."""
+    def number(value: float):
+        return "nan" if value != value else value
+
+    latest = client.get_run(run_id).data.metrics
+    history = {key: sorted((m.step, m.timestamp, number(m.value)) for m in client.get_metric_history(run_id, key))
+               for key in latest}
+    return history, {key: number(value) for key, value in latest.items()}
+
+
+def test_one_insert_into_a_sqlite_store_stores_what_log_batch_stores(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("contract")
+    by_mlflow, by_insert = (client.create_run(experiment).info.run_id for _ in range(2))
+    insert = sqlite_log_batch(client, by_insert)
+    inf = float("inf")
+    batches = [
+        [Metric("loss", 0.5, 1000, 1), Metric("loss", 0.4, 1001, 2), Metric("acc", float("nan"), 1000, 1),
+         Metric("loss", 0.4, 1001, 2), Metric("loss", 0.6, 999, 2), Metric("acc", inf, 1002, 3)],  # a repeat, a tie
+        [Metric("loss", 0.3, 1003, 3), Metric("acc", -inf, 1003, 2), Metric("loss", 0.4, 1001, 2)],  # older, one stored
+        [Metric("loss", 0.9, 900, 1), Metric("f1", 0.7, 1004, 4)],  # only older for loss: its latest stays
+    ]
+    for batch in batches:
+        client.log_batch(by_mlflow, metrics=batch)
+        insert(batch)
+        assert _stored(client, by_insert) == _stored(client, by_mlflow)
+    for run_id in (by_mlflow, by_insert):
+        client.delete_run(run_id)
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        client.log_batch(by_mlflow, metrics=batches[0])
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        insert(batches[0])
+    assert sqlite_log_batch(MlflowClient("http://127.0.0.1:9"), "0" * 32) is None  # a server: not a local store
+
+
+def test_the_metrics_sender_builds_no_orm_object_per_value_on_sqlite(tmp_path):
+    """MLflow's log_batch builds an ORM object per value (about 54 us of CPU each, beside training);
+    the sender for a sqlite store inserts the rows as they are: one object per key (its latest value)."""
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import event
+
+    from tasks.metrics_journal import sender
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("orm")).info.run_id
+    built = []
+    listener = lambda target, args, kwargs: built.append(target)  # noqa: E731
+    event.listen(SqlMetric, "init", listener)
+    try:
+        sender(client, run_id)([Metric("train_loss_step", 1 / step, step, step) for step in range(1, 392)])
+    finally:
+        event.remove(SqlMetric, "init", listener)
+    assert len(built) == 1
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss_step")] == list(range(1, 392))
