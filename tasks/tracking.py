@@ -433,10 +433,9 @@ class MlflowStepLoss(Callback):
         self.next_flush = time.monotonic() + self.flush_s
         if not self.pending:
             return
-        values = torch.stack([loss.float() for _, _, loss in self.pending]).tolist()  # one device sync
-        self.epoch_metrics.journal.append(*(metrics_journal.Entry(step, at, {self.KEY: value}, per="step")
-                                            for (step, at, _), value in zip(self.pending, values, strict=True)),
-                                          durable=False)
+        steps, times, losses = zip(*self.pending, strict=True)
+        values = torch.stack([loss.float() for loss in losses]).tolist()  # one device sync
+        self.epoch_metrics.journal.append_steps(self.KEY, list(steps), list(times), values)
         self.journaled, self.pending = self.pending[-1][0], []
         if self.epoch_metrics.delivery is not None:
             self.epoch_metrics.delivery.notify()

@@ -161,6 +161,13 @@ def test_a_run_resumed_where_it_has_neither_checkpoints_nor_journal_is_refused(r
     assert restore_checkpoints(run.client, run.run_id, tmp_path / "here") is None
 
 
+def _holds(line: dict, key: str, step: int) -> bool:
+    """Whether a journal line holds the value of `key` at `step` (an epoch's line, or a line of per-step values)."""
+    if line.get("per") == "steps":
+        return line["key"] == key and step in line["steps"]
+    return line["step"] == step and key in line["metrics"]
+
+
 def test_per_step_values_are_on_disk_before_they_are_sent_and_the_training_thread_fsyncs_only_epoch_lines(
         prepared, run, monkeypatch):
     """Power lost after a send must not lose what MLflow has (the cursor would count lines the journal
@@ -191,7 +198,7 @@ def test_per_step_values_are_on_disk_before_they_are_sent_and_the_training_threa
             data = journal.path.read_bytes()
             lines = data.splitlines(keepends=True)
             ends = [sum(len(line) for line in lines[: i + 1]) for i, line in enumerate(lines)
-                    if (e := json.loads(line))["step"] == last.step and last.key in e["metrics"]]
+                    if _holds(json.loads(line), last.key, last.step)]
             assert ends and on_disk["bytes"] >= ends[0], "a value was sent before its journal line was on disk"
             checked.append(len(metrics))
             send(metrics)
@@ -211,8 +218,9 @@ def test_per_step_values_are_on_disk_before_they_are_sent_and_the_training_threa
 
 def test_the_sender_reads_each_journal_line_once(run, monkeypatch):
     """Each send reads only the lines appended since the previous one: the whole journal each time
-    would cost the delivery thread time growing with the run (39,000 lines after 100 epochs of 391
-    logged steps). A cursor that moves back (damaged) makes it read the journal again from the start."""
+    would cost the delivery thread time growing with the run (100 epochs of 391 logged steps: 39,000
+    values). A cursor that moves back (damaged) makes it read the journal again from the start.
+    Per-step values are a line per flush; the line per step of earlier fitflow is read the same."""
     from tasks import metrics_journal
 
     on_delivery_thread = []
@@ -238,15 +246,19 @@ def test_the_sender_reads_each_journal_line_once(run, monkeypatch):
     delivery = Delivery(journal, recording, interval_s=0)
     for epoch in range(1, 6):
         steps = range(10 * epoch - 9, 10 * epoch + 1)
-        journal.append(*(Entry(step, step, {"train_loss_step": 1 / step}, per="step") for step in steps))
+        if epoch <= 2:  # as earlier fitflow wrote them
+            journal.append(*(Entry(step, step, {"train_loss_step": 1 / step}, per="step") for step in steps))
+        else:
+            journal.append_steps("train_loss_step", list(steps), list(steps), [1 / step for step in steps])
         journal.append(Entry(epoch, 1000 + epoch, {"val_loss": 1 / epoch}))
         delivery.notify()
         wait_until_sent(11)
-    assert len(on_delivery_thread) == 55
+    assert len(on_delivery_thread) == 2 * 11 + 3 * 2  # lines
     with journal.lock():  # after the last send's cursor update
         journal.cursor.write_text("")  # damaged: counts as nothing delivered
     delivery.notify()
     wait_until_sent(55)
     assert delivery.close(wait_s=30) == []
-    assert len(on_delivery_thread) == 110
-    assert _steps(run.client, run.run_id, "train_loss_step") == list(range(1, 51))  # sent twice, stored once
+    assert len(on_delivery_thread) == 2 * 28
+    logged = sorted((m.step, m.timestamp, m.value) for m in run.client.get_metric_history(run.run_id, "train_loss_step"))
+    assert logged == [(step, step, 1 / step) for step in range(1, 51)]  # sent twice, stored once
