@@ -181,6 +181,15 @@ def _resume(args: argparse.Namespace) -> int:
     return _run_train_flow(load_config(None, **launch), resume=args.run_id)
 
 
+def imports_of_a_run() -> list[str]:
+    """What a training run imports once it runs (CPU s here, docs/benchmarks.md): the command
+    imports them while its embedded Prefect server starts instead of later. torch._dynamo (1.0:
+    every torch.optim optimizer imports it), torch.export's tracer (0.4: the pytorch flavor's pt2
+    export; a private module, so tests/test_cli.py checks that it imports), pyplot (0.2-0.45: the
+    learning-curve plot)."""
+    return ["torch._dynamo", "torch.export._trace", "matplotlib.pyplot"]
+
+
 def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
     from flows.environment import configure_environment
     from flows.log_filter import quiet_user_error_tracebacks
@@ -188,7 +197,7 @@ def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
     configure_environment()  # before prefect is imported: it reads its settings at import
     from flows.embedded_server import prefect_server_starting
 
-    with prefect_server_starting() as on_server:
+    with prefect_server_starting(meanwhile=imports_of_a_run()) as on_server:
         from flows.train import train  # torch, MLflow, pandas: imported while the server starts
         from tasks.baseline import BASELINE_PREFIX
 

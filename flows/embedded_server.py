@@ -16,6 +16,7 @@ that one stopped.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -23,8 +24,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,9 +38,13 @@ RunOnServer = Callable[..., Any]
 
 
 @contextmanager
-def prefect_server_starting() -> Iterator[RunOnServer]:
+def prefect_server_starting(meanwhile: Sequence[str] = ()) -> Iterator[RunOnServer]:
     """Start this command's embedded Prefect server in the background; yields `run(fn, *args)`,
     which waits for the server, then calls `fn(*args)` with the Prefect API pointed at it.
+
+    `meanwhile`: modules `fn` imports later anyway; `run` imports them first, while the server
+    is still starting (the main thread would only wait: about 1 s on a quiet machine here, more
+    under load), so each later import finds them loaded. Not with a running server (nothing to wait for).
 
     With PREFECT_API_URL set there is nothing to start and `run` calls `fn` at once (without
     heartbeats when it is the server of `fitflow up`). Call after `configure_environment()` (it
@@ -72,6 +77,9 @@ def prefect_server_starting() -> Iterator[RunOnServer]:
     starting.start()
 
     def run(fn: Callable[..., T], *args: Any) -> T:
+        for module in meanwhile:
+            with suppress(ImportError):  # not installed: `fn` says so itself, if it needs the module
+                importlib.import_module(module)
         starting.join()
         if failure:
             raise failure[0]

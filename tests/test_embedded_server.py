@@ -98,6 +98,20 @@ def test_the_flow_runs_on_the_commands_own_server_which_stops_with_it(home):
     assert _refused(url.port)
 
 
+def test_the_modules_the_run_needs_later_are_imported_while_the_server_starts(home, tmp_path):
+    """`meanwhile` (the CLI passes torch._dynamo, torch.export's tracer, pyplot): loaded before the
+    flow runs on the embedded server; with a running server nothing waits, and nothing is imported early."""
+    code = ("import json, sys\nfrom flows.environment import configure_environment\nconfigure_environment()\n"
+            "from flows.embedded_server import prefect_server_starting\n"
+            "with prefect_server_starting(meanwhile=['wave', 'no_such_module_here']) as on_server:\n"
+            "    print(json.dumps(on_server(lambda: 'wave' in sys.modules)))\n")
+    embedded = _run([sys.executable, "-c", code], home)
+    running = _run([sys.executable, "-c", code], tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert embedded.returncode == 0 and running.returncode == 0, embedded.stderr[-2000:] + running.stderr[-2000:]
+    assert json.loads(embedded.stdout.strip().splitlines()[-1]) is True  # a module that is not installed is skipped
+    assert json.loads(running.stdout.strip().splitlines()[-1]) is False
+
+
 def test_with_prefect_api_url_set_nothing_is_started(home, tmp_path):
     """A team server is used as it is: `run` calls the function at once, no server, no database."""
     code = ("import os, json\nfrom flows.embedded_server import prefect_server_starting\n"
