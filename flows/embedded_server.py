@@ -16,7 +16,6 @@ that one stopped.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import subprocess
@@ -38,13 +37,14 @@ RunOnServer = Callable[..., Any]
 
 
 @contextmanager
-def prefect_server_starting(meanwhile: Sequence[str] = ()) -> Iterator[RunOnServer]:
+def prefect_server_starting(meanwhile: Sequence[Callable[[], object]] = ()) -> Iterator[RunOnServer]:
     """Start this command's embedded Prefect server in the background; yields `run(fn, *args)`,
     which waits for the server, then calls `fn(*args)` with the Prefect API pointed at it.
 
-    `meanwhile`: modules `fn` imports later anyway; `run` imports them first, while the server
-    is still starting (the main thread would only wait: about 1 s on a quiet machine here, more
-    under load), so each later import finds them loaded. Not with a running server (nothing to wait for).
+    `meanwhile`: work `fn` does anyway (imports, opening the tracking store); `run` does it first,
+    while the server is still starting (the main thread would only wait: about 1 s on a quiet
+    machine here, more under load), so `fn` finds it done. A failure there is left for `fn` to
+    meet where it reports it. Not with a running server (nothing to wait for).
 
     With PREFECT_API_URL set there is nothing to start and `run` calls `fn` at once (without
     heartbeats when it is the server of `fitflow up`). Call after `configure_environment()` (it
@@ -77,9 +77,9 @@ def prefect_server_starting(meanwhile: Sequence[str] = ()) -> Iterator[RunOnServ
     starting.start()
 
     def run(fn: Callable[..., T], *args: Any) -> T:
-        for module in meanwhile:
-            with suppress(ImportError):  # not installed: `fn` says so itself, if it needs the module
-                importlib.import_module(module)
+        for work in meanwhile:
+            with suppress(Exception):  # `fn` meets it again, and says what is wrong in its own words
+                work()
         starting.join()
         if failure:
             raise failure[0]

@@ -60,6 +60,13 @@ def log_batch_once(tracking_uri: str, run_id: str, timeout_s: float) -> Callable
 # already stored (same key, step, timestamp and value: the table's primary key) is skipped, as
 # log_batch skips it. Another store (a server, PostgreSQL, MySQL) gets None: the caller logs
 # through the client.
+def import_sqlite_store() -> None:
+    """Import MLflow's SQL tracking store without opening one: what the first MlflowClient on a
+    sqlite URI imports (alembic and SQLAlchemy's ORM with it, 0.5 s of CPU here). `fitflow train`
+    does it while its embedded Prefect server starts (flows/cli.py); the run opens the store."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def sqlite_log_batch(client: MlflowClient, run_id: str) -> Callable[[list[Metric]], None] | None:
     """A function that logs a batch of metrics to the run as `client.log_batch` would, with one
     INSERT for all of them, when the client's store is MLflow's SQL store on sqlite; else None."""

@@ -193,3 +193,16 @@ def test_the_metrics_sender_builds_no_orm_object_per_value_on_sqlite(tmp_path):
         event.remove(SqlMetric, "init", listener)
     assert len(built) == 1
     assert [m.step for m in client.get_metric_history(run_id, "train_loss_step")] == list(range(1, 392))
+
+
+def test_the_sqlite_store_imported_early_is_the_one_a_sqlite_client_opens(tmp_path):
+    """`fitflow train` imports it while its Prefect server starts (flows/cli.py): the module must
+    stay the one MLflow opens for a sqlite URI, or the early import is spent for nothing."""
+    code = ("import sys\nfrom mlflow import MlflowClient\nfrom tasks.mlflow_private import import_sqlite_store\n"
+            "import_sqlite_store()\nloaded = sys.modules['mlflow.store.tracking.sqlalchemy_store']\n"
+            "store = MlflowClient(sys.argv[1])._tracking_client.store\n"
+            "print(isinstance(store, loaded.SqlAlchemyStore))\n")
+    done = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'm.db'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
