@@ -206,3 +206,20 @@ def test_the_sqlite_store_imported_early_is_the_one_a_sqlite_client_opens(tmp_pa
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_the_package_map_built_early_is_the_one_the_requirement_check_uses(monkeypatch):
+    """`fitflow train` builds it while its Prefect server starts (flows/cli.py): the model logging's
+    requirement check must then find it built, not scan the installed distributions again."""
+    import importlib_metadata
+    from mlflow.utils import requirements_utils
+
+    from tasks.mlflow_private import map_installed_packages
+
+    scans, scan = [], importlib_metadata.packages_distributions
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: scans.append(1) or scan())
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a fresh process
+    map_installed_packages()
+    assert scans == [1]
+    requirements_utils.warn_dependency_requirement_mismatches(["torch", "mlflow"])
+    assert scans == [1]  # the check did not scan again
