@@ -146,7 +146,7 @@ def sweep_score(base: TrainConfig, prepared: Prepared, metric: str, trials: int)
         config = TrainConfig(**{**base.model_dump(), **suggest(trial, space, sweep.integers(), grid=False)})
         pruning = OptunaPruning(trial, base.monitor)
         tested, trained, _ = fit_and_test(config, prepared, [pruning])
-        value = trained.history.history[base.monitor][trained.best_epoch - 1]  # the pruning callback reported each epoch
+        value = trained.best_value
         if pruning.pruned_at:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue

@@ -279,7 +279,7 @@ def run_trial(number: int, params: dict[str, Any], base: TrainConfig, prepared: 
             trained = train_model_task(config, prepared, loaders, run, extra_callbacks=[pruning_callback], progress=False)
             tracking.require_delivered(run.client, run.run_id, run.checkpoint_dir)  # server gone: fail now, not in minutes
             curve = trained.history.history[config.monitor]
-            value = curve[trained.best_epoch - 1]
+            value = trained.best_value
             state = "pruned" if pruning_callback.pruned_at else "complete"
             run.client.set_tag(run.run_id, "fitflow.trial_state", state)
             if pruning_callback.pruned_at:  # clearly bad: skip the test pass and the model, keep the curves in MLflow

@@ -271,7 +271,7 @@ def log_test_metrics(config: TrainConfig, run: Run, trained: Trained, test_metri
     """The test metrics (the linear baseline's beside them) and best_<monitor>, at the best epoch's step
     (the registry's gate compares them)."""
     # best_<monitor>: the monitored value of the weights that ship; the UI's val_* columns show the last epoch
-    best = {f"best_{config.monitor}": trained.history.history[config.monitor][trained.best_epoch - 1]}
+    best = {f"best_{config.monitor}": trained.best_value}
     beside = baseline.metrics if baseline else {}
     tracking.log_metrics(run.client, run.run_id, {**test_metrics, **beside, **best}, step=trained.best_epoch)
     if baseline:
@@ -329,7 +329,8 @@ def publish_summary(config: TrainConfig, result: TrainResult) -> None:
     markdown = (
         f"# Training run `{result.run_id}`\n\n"
         f"Data `{config.data}`, target `{config.target}`, model `{config.model}`; "
-        f"{result.epochs_trained} epochs, best weights from epoch {result.best_epoch}.\n\n"
+        f"{result.epochs_trained} epochs, best weights from "
+        f"{f'epoch {result.best_epoch}' if result.best_epoch else 'the start (no epoch did better on validation)'}.\n\n"
         f"{header}\n{rows}\n\n{sentence}"
         f"| last validation metric | value |\n|---|---|\n{val_rows}\n\n"
         f"MLflow run: [{result.run_id}]({result.mlflow_url}) - model `{result.model_uri}`\n"

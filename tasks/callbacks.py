@@ -113,6 +113,14 @@ class BestWeights(Callback):
         self.monitor = Monitor(monitor.metric, lower_is_better=monitor.lower_is_better)  # any better epoch is kept
         self.path = Path(checkpoint_path) if checkpoint_path else None
         self.best_state: dict[str, Any] | None = None
+        self.start_logs: dict[str, float] = {}  # the validation logs of the weights before epoch 1, when given
+
+    def consider_start(self, logs: dict[str, float], model: torch.nn.Module) -> None:
+        """The weights before the first epoch as epoch 0, a candidate like any epoch: for a network that starts
+        at a fitted model (the linear baseline's), a run none of whose epochs does better ends where it started."""
+        self.start_logs = dict(logs)
+        if self.monitor.update(logs, 0):
+            self.best_state = copy.deepcopy(model.state_dict())
 
     def on_epoch_end(self, state: FitState) -> None:
         if self.monitor.update(state.logs, state.epoch):
@@ -127,18 +135,21 @@ class BestWeights(Callback):
         if self.best_state is None:
             return
         state.model.load_state_dict(self.best_state)
-        log.info("restored the best weights: epoch %d, %s=%.4f", self.monitor.best_epoch, self.monitor.metric, self.monitor.best)
+        log.info("restored the best weights: epoch %d%s, %s=%.4f", self.monitor.best_epoch,
+                 "" if self.monitor.best_epoch else " (the start)", self.monitor.metric, self.monitor.best)
         if self.path is not None:  # once, at the end: the epoch checkpoints already hold the best state
-            best_logs = state.history[self.monitor.best_epoch - 1] if state.history else {}
+            best_epoch = self.monitor.best_epoch
+            best_logs = state.history[best_epoch - 1] if best_epoch and state.history else self.start_logs
             save_checkpoint(self.path, {"epoch": self.monitor.best_epoch, "logs": best_logs, "model": self.best_state,
                                         "monitor": self.monitor.metric, "score": self.monitor.best})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict(), "best_state": self.best_state}
+        return {"monitor": self.monitor.state_dict(), "best_state": self.best_state, "start_logs": self.start_logs}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.monitor.load_state_dict(saved["monitor"])
         self.best_state = saved["best_state"]
+        self.start_logs = saved.get("start_logs", {})  # checkpoints written before the start was a candidate
 
 
 def _same_layout(kept: dict[str, Any] | None, weights: dict[str, Any]) -> bool:
@@ -220,6 +231,15 @@ def deciding_callbacks(monitor: str, min_delta: float, patience: int, scheduler:
     if scheduler is not None:
         deciding["lr_schedule"] = (StepLRSchedule if per_step else LRSchedule)(scheduler, shared)
     return deciding
+
+
+def start_as_epoch_zero(deciding: dict[str, Callback], logs: dict[str, float], model: torch.nn.Module) -> None:
+    """The validation `logs` of the weights before training count as epoch 0: for the best weights (the start is
+    kept unless an epoch does better) and for early stopping (patience counts from the start)."""
+    if isinstance(best := deciding["best_weights"], BestWeights):
+        best.consider_start(logs, model)
+    if isinstance(early := deciding.get("early_stopping"), EarlyStopping):
+        early.monitor.update(logs, 0)
 
 
 def progress_callback(mode: str) -> Callback | None:

@@ -213,7 +213,8 @@ class TrainConfig(BaseModel):
     linear_path: bool = Field(
         True, description="Tables (mlp): a linear path from the inputs to the outputs beside the MLP, started at the "
         "linear baseline's fit (logistic or ridge regression on the training split) with the MLP's output at zero: "
-        "training starts from the linear model, and the MLP learns what it misses.",
+        "training starts from the linear model, and the MLP learns what it misses. The start counts as epoch 0: "
+        "when no epoch does better on validation, the run keeps the baseline's weights.",
     )
     activation: Literal["relu", "gelu", "silu", "tanh", "leaky_relu"] = Field("relu", description="MLP activation.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each hidden layer (mlp), before the head (cnn).")

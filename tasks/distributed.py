@@ -65,6 +65,7 @@ class Result:
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     best_epoch: int
+    best_value: float
 
 
 def train_distributed(config: TrainConfig, prepared: Prepared, run: Run | None = None,
@@ -89,7 +90,7 @@ def train_distributed(config: TrainConfig, prepared: Prepared, run: Run | None =
     model.load_state_dict(result.state_dict)
     best_path = run.checkpoint_dir / "best.pt" if run is not None else None
     return Trained(model, spec, History(result.history), result.best_epoch,
-                   best_path if best_path is not None and best_path.exists() else None)
+                   best_path if best_path is not None and best_path.exists() else None, best_value=result.best_value)
 
 
 def processes_per_node(launch: Launch) -> int:
@@ -158,7 +159,7 @@ def _train_rank(job: Job) -> Result | None:
     if not rank.writes:
         return None
     weights = {name: tensor.detach().cpu() for name, tensor in trained.model.state_dict().items()}
-    return Result(weights, trained.history.epochs, trained.best_epoch)
+    return Result(weights, trained.history.epochs, trained.best_epoch, trained.best_value)
 
 
 def every_failure(err: ChildFailedError, logs: Path, first_rank: int) -> dict[int, ProcessFailure]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
-from tasks.callbacks import Callback, deciding_callbacks, progress_callback
+from tasks.callbacks import Callback, deciding_callbacks, progress_callback, start_as_epoch_zero
 from tasks.checkpoints import Checkpoints
 from tasks.compile import PER_STEP_SCHEDULERS, balanced_class_weights, make_loss, make_optimizer, make_scheduler
 from tasks.config import TrainConfig
 from tasks.data import Prepared, PrepSpec
-from tasks.device import resident_device, resolve_device, set_cpu_threads
+from tasks.device import autocast_dtype, resident_device, resolve_device, set_cpu_threads
 from tasks.errors import ConfigError
 from tasks.images_prepare import ImagesPrepared
 from tasks.labels import balanced_pos_weight
@@ -80,6 +81,8 @@ class Trained:
     # The linear fit a table network started from (LinearAndMLP) and its name: the run's linear baseline
     # scores it instead of fitting the same model again. None: no linear path (or a DDP run's launcher).
     linear_start: tuple[torch.nn.Linear, str] | None = None
+    # The monitored value of the kept weights (best_<monitor>); best_epoch 0: the start's, which no epoch beat.
+    best_value: float = math.nan
 
 
 def prep_spec(config: TrainConfig) -> PrepSpec:
@@ -231,6 +234,10 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path,
                                   per_step=config.scheduler in PER_STEP_SCHEDULERS,
                                   lower_is_better=monitored[0] if monitored else None)
+    if linear_start is not None:  # the start is the linear baseline: a candidate for the kept weights (epoch 0)
+        start = evaluate(trainee, loaders.val, training_loss(config, prepared, given, device), metrics.to(device),
+                         device, "val", autocast_dtype(config.precision, device))
+        start_as_epoch_zero(stateful, start, model)
     yours = user_callbacks(config.callbacks) if writes else []  # DDP: on rank 0, as the caller's callbacks
     # Order: the epoch's logs are complete (DDP: the global train loss) before anything reads them;
     # progress prints the epoch first; the best weights are kept before anything may stop the run;
@@ -274,7 +281,7 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     )
     best = stateful["best_weights"]
     return Trained(model, spec, history, best.monitor.best_epoch,
-                   best_path if best_path is not None and best_path.exists() else None, linear_start)
+                   best_path if best_path is not None and best_path.exists() else None, linear_start, best.monitor.best)
 
 
 def weight_decay_of(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets) -> float:

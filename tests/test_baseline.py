@@ -125,6 +125,25 @@ def test_the_default_table_network_starts_as_the_linear_baseline():
     assert isinstance(train_model(off, prepared, build_loaders(off, prepared), progress=False).model, MLP)
 
 
+def test_a_run_whose_epochs_never_beat_its_linear_start_ends_at_the_linear_baseline(tmp_path):
+    """The start (the baseline's fit) is epoch 0 of the kept weights and of early stopping: with a learning rate
+    that makes every epoch worse on validation, the run stops `patience` epochs after the start and keeps it."""
+    config = TrainConfig(data=str(_linear_table(tmp_path / "linear.csv")), target="y", lr=0.3, patience=3)
+    prepared = prepare(load_table(config.data), prep_spec(config))
+    loaders = build_loaders(config, prepared)
+    trained = train_model(config, prepared, loaders, progress=False)
+    baseline = linear_baseline(config, prepared, loaders.test, torch.device("cpu"))  # fitted again, independently
+    start_val = linear_baseline(config, prepared, loaders.val, torch.device("cpu")).metrics["baseline_test_loss"]
+    assert min(trained.history.history["val_loss"]) > start_val  # every epoch worse than the start
+    assert trained.best_epoch == 0 and len(trained.history) == config.patience
+    assert trained.best_value == pytest.approx(start_val, rel=1e-6)
+    assert torch.equal(trained.model.linear.weight, trained.linear_start[0].weight)
+    assert not trained.model.mlp[-1].weight.any()  # the MLP's output layer back at its zero start
+    tested = evaluate_on_test(config, prepared, loaders, trained)
+    for name, value in tested.items():
+        assert value == pytest.approx(baseline.metrics["baseline_" + name], rel=1e-5, abs=1e-6), name
+
+
 def test_a_model_logged_before_the_linear_path_rebuilds_as_the_mlp_alone():
     old = model_spec("mlp", 5, 3, {"hidden_sizes": [8], "activation": "relu", "dropout": 0.0, "batch_norm": False})
     assert type(build_model(old)) is MLP
