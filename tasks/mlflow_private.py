@@ -46,20 +46,6 @@ def log_batch_once(tracking_uri: str, run_id: str, timeout_s: float) -> Callable
     return send
 
 
-# Metrics into a local sqlite store as one multi-row INSERT. `MlflowClient.log_batch` reaches MLflow's
-# SqlAlchemyStore, which builds one SQLAlchemy ORM object per value and flushes them through the
-# ORM's unit of work: about 54 us of CPU per value on the project's machine, 21 ms for one epoch's
-# 391 per-step losses, spent on the metrics delivery thread while holding the GIL, so it comes out
-# of the training thread's epoch (docs/benchmarks.md, per-step logging). The same rows as one Core
-# INSERT through the store's own session take about 3 ms. No public API writes metrics any other
-# way. What is used: the client's store (`MlflowClient._tracking_client.store`), its session maker
-# (the pragmas MLflow sets on sqlite: foreign keys, busy timeout), the `metrics` table's model, and
-# the store's own `_get_run`/`_check_run_is_active` (a deleted run refuses values, as log_batch
-# does), `sanitize_metric_value` (NaN and infinities as MLflow stores them) and
-# `_update_latest_metrics_if_necessary` (the run's latest value per key, by MLflow's rule). A value
-# already stored (same key, step, timestamp and value: the table's primary key) is skipped, as
-# log_batch skips it. Another store (a server, PostgreSQL, MySQL) gets None: the caller logs
-# through the client.
 def import_sqlite_store() -> None:
     """Import MLflow's SQL tracking store without opening one: what the first MlflowClient on a
     sqlite URI imports (alembic and SQLAlchemy's ORM with it, 0.5 s of CPU here). `fitflow train`
@@ -80,6 +66,20 @@ def map_installed_packages() -> None:
     _init_packages_to_modules_map()
 
 
+# Metrics into a local sqlite store as one multi-row INSERT. `MlflowClient.log_batch` reaches MLflow's
+# SqlAlchemyStore, which builds one SQLAlchemy ORM object per value and flushes them through the
+# ORM's unit of work: about 54 us of CPU per value on the project's machine, 21 ms for one epoch's
+# 391 per-step losses, spent on the metrics delivery thread while holding the GIL, so it comes out
+# of the training thread's epoch (docs/benchmarks.md, per-step logging). The same rows as one Core
+# INSERT through the store's own session take about 3 ms. No public API writes metrics any other
+# way. What is used: the client's store (`MlflowClient._tracking_client.store`), its session maker
+# (the pragmas MLflow sets on sqlite: foreign keys, busy timeout), the `metrics` table's model, and
+# the store's own `_get_run`/`_check_run_is_active` (a deleted run refuses values, as log_batch
+# does), `sanitize_metric_value` (NaN and infinities as MLflow stores them) and
+# `_update_latest_metrics_if_necessary` (the run's latest value per key, by MLflow's rule). A value
+# already stored (same key, step, timestamp and value: the table's primary key) is skipped, as
+# log_batch skips it. Another store (a server, PostgreSQL, MySQL) gets None: the caller logs
+# through the client.
 def sqlite_log_batch(client: MlflowClient, run_id: str) -> Callable[[list[Metric]], None] | None:
     """A function that logs a batch of metrics to the run as `client.log_batch` would, with one
     INSERT for all of them, when the client's store is MLflow's SQL store on sqlite; else None."""
