@@ -48,29 +48,29 @@ def validation_plots(model: torch.nn.Module, prepared: ImagesPrepared, folder: P
 
 def plot_label_scores(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
     """Multi-label: precision, recall and F1 per class (bars), with the count of true images per class."""
-    plt = _pyplot()
     hits = (truth & predicted).sum(axis=0)
     precision = hits / np.maximum(predicted.sum(axis=0), 1)
     recall = hits / np.maximum(truth.sum(axis=0), 1)
     f1 = 2 * hits / np.maximum(truth.sum(axis=0) + predicted.sum(axis=0), 1)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(min(0.6 * k + 4, 16), 4.5))
+    fig = _figure((min(0.6 * k + 4, 16), 4.5))
+    ax = fig.subplots()
     for offset, (label, values) in zip((-0.27, 0, 0.27), (("precision", precision), ("recall", recall), ("F1", f1))):
         ax.bar(np.arange(k) + offset, values, width=0.27, label=label)
     ax.set_xticks(range(k), [f"{c} ({n} true)" for c, n in zip(classes, truth.sum(axis=0))], rotation=90 if k > 6 else 0)
     ax.set_ylim(0, 1.05)
     ax.legend(loc="lower right")
     ax.set_title(f"validation: {int((truth == predicted).all(axis=1).sum())} of {len(truth)} label sets right")
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
     """Counts of (true class, predicted class), true classes as rows."""
-    plt = _pyplot()
     k = len(classes)
     counts = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
     size = min(0.5 * k + 2, 14)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = _figure((size, size))
+    ax = fig.subplots()
     ax.imshow(counts, cmap="Blues")
     if k <= 30:  # beyond that the numbers overlap; the colours still show the pattern
         for (row, col), count in np.ndenumerate(counts):
@@ -81,15 +81,15 @@ def plot_confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: lis
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"validation: {int(np.trace(counts))} of {len(truth)} right")
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_image_grid(pixels: torch.Tensor, titles: list[str], path: Path) -> Path:
     """Images (N, C, H, W) in [0, 1] with a title each; an empty grid says there was nothing to show."""
-    plt = _pyplot()
     columns = 5
     rows = max(1, -(-len(titles) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows), squeeze=False)
+    fig = _figure((2 * columns, 2.2 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, pixels, titles):
@@ -98,20 +98,16 @@ def plot_image_grid(pixels: torch.Tensor, titles: list[str], path: Path) -> Path
         ax.set_title(title, fontsize=8)
     if not titles:
         axes[0, 0].text(0, 0.5, "no misclassified validation images", fontsize=10)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(size: tuple[float, float]):
+    from matplotlib.figure import Figure  # not pyplot: see tasks/plots.py
 
-    matplotlib.use("Agg")  # no display: render to file only
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=size)
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

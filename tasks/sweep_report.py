@@ -48,13 +48,11 @@ def _cell(value: Any) -> Any:
 
 def plot_metric_by_param(frame: pd.DataFrame, params: dict[str, dict[str, Any]], score: str, path: str | Path) -> Path:
     """One panel per searched parameter: the score of every complete or pruned trial against its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to file only
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: see tasks/plots.py
 
     shown = frame[frame["state"] != "failed"] if not frame.empty else frame
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False)
+    fig = Figure(figsize=(4 * len(params), 3.4))
+    axes = fig.subplots(1, len(params), squeeze=False)
     for ax, (name, dim) in zip(axes[0], params.items()):
         for state, marker in (("complete", "o"), ("pruned", "x")):
             part = shown[shown["state"] == state] if not shown.empty else shown
@@ -77,5 +75,4 @@ def plot_metric_by_param(frame: pd.DataFrame, params: dict[str, dict[str, Any]],
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

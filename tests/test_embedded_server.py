@@ -100,7 +100,7 @@ def test_the_flow_runs_on_the_commands_own_server_which_stops_with_it(home):
 
 def test_work_the_run_does_anyway_is_done_while_the_server_starts(home, tmp_path):
     """`meanwhile` (the CLI passes: import MLflow's sqlite store, map the installed packages, import
-    torch._dynamo, torch.export's tracer, pyplot): done before the flow runs on the embedded server, a failure left for the flow;
+    torch._dynamo, torch.export's tracer, matplotlib's Figure): done before the flow runs on the embedded server, a failure left for the flow;
     with a running server nothing waits, and nothing is done early."""
     code = ("import importlib, json, sys\nfrom flows.environment import configure_environment\nconfigure_environment()\n"
             "from flows.embedded_server import prefect_server_starting\n"
