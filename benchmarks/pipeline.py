@@ -266,7 +266,7 @@ steps = {"torch": "import torch", "numpy, pandas": "import numpy, pandas",
          "torch._dynamo (every torch.optim optimizer imports it)": "import torch._dynamo",
          "prefect": "from flows.environment import configure_environment; configure_environment(); import prefect.main",
          "torchvision (fitflow's image modules import it)": "import torchvision",
-         "matplotlib.pyplot (the learning-curve plot)": "import matplotlib.pyplot",
+         "matplotlib.figure (the learning-curve plot)": "import matplotlib.figure",
          "fitflow's modules (flows.train)": "import flows.train",
          "scipy.signal (torchmetrics imports it; not a plain run since the built-in metrics are plain torch)":
              "import scipy.signal",

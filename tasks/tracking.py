@@ -279,7 +279,10 @@ class MlflowCheckpoints(Callback):
     never queued, and training never waits. The artifacts are two slots, written in turn
     (`checkpoints/resume/slot-a.pt`, `slot-b.pt`): storage stays at two checkpoints, and an upload
     cut short spoils one slot while the other still holds a whole, older checkpoint. At fit end
-    (a failure too) the last upload gets up to FITFLOW_TRACKING_WAIT_S.
+    (a failure too) the last upload gets up to FITFLOW_TRACKING_WAIT_S; one still going then (the
+    server is away: MLflow retries for minutes) is left to finish on its own, said once there, and
+    from then on the thread reports nothing: fit has returned, and its warnings would land in
+    whatever the process does next.
     """
 
     FOLDER = "checkpoints/resume"
@@ -291,7 +294,8 @@ class MlflowCheckpoints(Callback):
         self.newest: Path | None = None  # the checkpoint to upload next (guarded by `lock`: set on the writer thread)
         self.lock = threading.Lock()
         self.uploads = 0
-        self.wake, self.closing = threading.Event(), threading.Event()
+        self.wake, self.closing, self.abandoned = threading.Event(), threading.Event(), threading.Event()
+        self.uploading: Path | None = None  # the checkpoint on its way (for the message at fit end)
         self.thread: threading.Thread | None = None
 
     def on_fit_start(self, state: FitState) -> None:
@@ -308,6 +312,12 @@ class MlflowCheckpoints(Callback):
             self.closing.set()
             self.wake.set()
             self.thread.join(self.wait_s)
+            if self.thread.is_alive():
+                self.abandoned.set()
+                log.warning("epoch checkpoint %s was still being logged to MLflow after %.0f s "
+                            "(FITFLOW_TRACKING_WAIT_S); it goes on in the background until this process ends, "
+                            "and a resume on a machine without this checkpoint folder may start from an earlier "
+                            "epoch", (self.newest or self.uploading or Path("?")).name, self.wait_s)  # unlocked: a name for a message
 
     def _run(self) -> None:
         while True:
@@ -316,6 +326,7 @@ class MlflowCheckpoints(Callback):
             with self.lock:
                 path, self.newest = self.newest, None
             if path is not None:
+                self.uploading = path
                 self._upload(path)
             with self.lock:
                 if self.closing.is_set() and self.newest is None:
@@ -331,7 +342,8 @@ class MlflowCheckpoints(Callback):
                 return
             # Any failure (the server is away): training goes on; the next epoch tries again.
             except Exception as err:  # noqa: BLE001
-                log.warning("epoch checkpoint %s not logged to MLflow: %s", path.name, redact_text(str(err))[:200])
+                if not self.abandoned.is_set():
+                    log.warning("epoch checkpoint %s not logged to MLflow: %s", path.name, redact_text(str(err))[:200])
                 return
         self.uploads += 1
 

@@ -231,3 +231,33 @@ def test_a_run_resumed_on_a_machine_without_its_checkpoints_continues_from_mlflo
     assert [entry.step for entry in journal.entries()] == [3, 4]  # it continued after epoch 2; it did not start over
     assert _steps(client, run_id) == {key: [1, 2, 3, 4] for key in _steps(client, run_id)}
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_upload_still_going_at_fit_end_is_said_once_and_then_silent(tmp_path, monkeypatch, caplog):
+    """`checkpoint_to_mlflow` with the server away at fit end: the last upload, given FITFLOW_TRACKING_WAIT_S, is
+    still going; fit says so once, and the upload thread, which goes on after fit returned, reports nothing
+    more (its warning used to land in whatever the process did next, or on a closed stream: 'Logging error')."""
+    import logging
+
+    from tasks.checkpoints import Checkpoints
+    from tasks.tracking import MlflowCheckpoints
+
+    with socket.socket() as probe:  # a port nobody listens on: the tracking server is away
+        probe.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("FITFLOW_TRACKING_WAIT_S", "0")
+    checkpoint = tmp_path / "epoch-0003.pt"
+    checkpoint.write_bytes(b"a checkpoint")
+    uploads = MlflowCheckpoints(MlflowClient(away), "0" * 32, Checkpoints(tmp_path, {}))
+    caplog.set_level(logging.WARNING, logger="fitflow")
+    uploads.on_fit_start(None)
+    with uploads.lock:  # holds the upload thread before its upload: it is still going when fit ends
+        uploads.newest = checkpoint
+        uploads.wake.set()
+        uploads.on_fit_end(None)
+        at_fit_end = [r.getMessage() for r in caplog.records]
+    uploads.thread.join(120)  # the upload runs now, against the absent server, and fails
+    assert not uploads.thread.is_alive()
+    assert len(at_fit_end) == 1 and "epoch-0003.pt was still being logged to MLflow after 0 s" in at_fit_end[0]
+    assert [r.getMessage() for r in caplog.records] == at_fit_end, "the upload thread spoke after fit returned"
