@@ -49,5 +49,17 @@ def mlflow_model(model_uri: str) -> dict[str, str]:
 
 def emit(event: str, resource: dict[str, str], related: list[dict[str, str]], payload: dict[str, Any]) -> None:
     """Emit one event (sent in the background by Prefect's events worker, flushed at exit)."""
-    emitted = emit_event(event=event, resource=resource, related=related, payload=payload)
+    emitted = (emit_event(event=event, resource=resource, related=related, payload=payload)
+               if prefect_api_in_use() else None)
     log.info("event %s about %s%s", event, resource["prefect.resource.id"], "" if emitted else " (no Prefect API: not sent)")
+
+
+def prefect_api_in_use() -> bool:
+    """A Prefect API this process already talks to: PREFECT_API_URL, or the server of the flow or task
+    run it is in. Outside both (the Python API in a notebook), Prefect's `emit_event` would start a
+    temporary server of its own to take the event (about 10 s and a process here), which nothing
+    then reads: the event would not reach the automations of any server the user runs."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) or FlowRunContext.get() is not None or TaskRunContext.get() is not None

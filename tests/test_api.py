@@ -6,6 +6,7 @@ the README's notebook example, run as written. Real torch, a real MLflow store, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -373,3 +374,37 @@ def test_the_readme_notebook_example_runs_as_written(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert Path(tmp_path / "home" / "mlflow.db").exists()  # tracked in the default store under FITFLOW_HOME
+
+
+LOG_MODEL_OUTSIDE_PREFECT = """
+import json, sys
+import numpy as np
+import psutil
+import fitflow
+from custom_models import TinyNet
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 4)).astype(np.float32)
+y = (x[:, 0] > 0).astype(np.int64)
+model = fitflow.compile(TinyNet(4, 2), experiment="outside-prefect", seed=0)
+model.fit(x[:200], y[:200], epochs=1, batch_size=50)
+model.evaluate(x[200:], y[200:])
+uri = model.log_model(name="outside-prefect")
+print(json.dumps({"uri": uri, "children": [" ".join(p.cmdline())[:200] for p in psutil.Process().children(recursive=True)]}))
+"""
+
+
+def test_log_model_outside_prefect_starts_no_prefect_server(tmp_path):
+    """`log_model(name=...)` emits fitflow.model.promoted; with no Prefect API in use (no PREFECT_API_URL,
+    no flow run) Prefect would start a temporary server of its own to take the event, about 10 s and
+    a process, for an event nobody reads. The event is not sent, and the log says so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", FITFLOW_HOME=str(tmp_path / "home"),
+               PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO / "tests"))
+    done = subprocess.run([sys.executable, "-c", LOG_MODEL_OUTSIDE_PREFECT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["uri"] == "models:/outside-prefect/1"
+    assert seen["children"] == [], f"a process was started: {seen['children']}"
+    assert "temporary server" not in done.stdout + done.stderr
