@@ -36,14 +36,18 @@ CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # how MLflow loads a model fro
 PREPROCESSING_KINDS = ("table", "images", "tensors")
 
 
-def load_fitflow_model(uri: str, trust_model_code: bool = False, tracking_uri: str | None = None) -> FitflowModel:
+def load_fitflow_model(uri: str, trust_model_code: bool = False, tracking_uri: str | None = None,
+                       own_network: str | None = None) -> FitflowModel:
     """The FitflowModel logged at `uri`, rebuilt from its data files; ConfigError when it is not a
-    fitflow model, or when its network is custom code and `trust_model_code` is False."""
+    fitflow model, or when its network is custom code and `trust_model_code` is False.
+
+    `own_network`: the network this process trains anyway (the registry gate re-scoring a champion
+    of the same `pkg.mod:Class`): built from this machine's code, never from the model's packed copy."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
         files = fitflow_files(folder, uri)
         spec = json.loads(files["model_spec"].read_text(encoding="utf-8"))
-        if not is_builtin(spec["model"]):
+        if not is_builtin(spec["model"]) and spec["model"] != own_network:
             if not trust_model_code:
                 raise ConfigError(f"model {uri} builds its network from custom code ('{spec['model']}'), which would be "
                                   "imported and run on this machine; pass --trust-model-code if you trust whoever logged it")

@@ -68,17 +68,15 @@ def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outp
 
 def rescorer(config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None):
     """A function that scores a logged fitflow model (by URI) on this run's test split: the registry's `rescore`."""
-    import mlflow.pyfunc
+    import mlflow
 
-    from tasks.checkout import checkout_first_on_path
+    from tasks.model_loading import load_fitflow_model
 
     def rescore(model_uri: str) -> dict[str, float]:
         inputs = raw_test_inputs(config, prepared, table)
-        # loading puts the model's copy of tasks/ on sys.path; the block puts this checkout's first and takes both off after
-        with checkout_first_on_path():
-            other = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-        if not hasattr(other, "preprocessor"):
-            raise NotComparable(f"{model_uri} is not a fitflow model")
+        # Read as data, never by running its code (a model from code runs model_code.py when MLflow loads it):
+        # whoever can register a version would run code here. Not a fitflow model: ConfigError, not comparable.
+        other = load_fitflow_model(model_uri, tracking_uri=mlflow.get_tracking_uri(), own_network=config.model)
         return score_on_test(config, prepared, outputs_in_this_run(other, inputs, prepared.preprocessor))
 
     return rescore

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 import mlflow
@@ -103,6 +104,49 @@ def test_two_data_versions_rescoring_decides_and_each_decision_is_a_prefect_even
     assert related[f"mlflow.run.{strong.run_id}"] == "mlflow-run"
     assert related[f"mlflow.model.{strong.model_uri}"] == "mlflow-model"
     assert promoted.payload["version"] == "1" and promoted.resource["fitflow.model.version"] == "1"
+
+
+def test_rescoring_a_champion_never_runs_code_that_came_with_it(mlflow_uri, tmp_path):
+    """The gate re-scores a champion tested on other data: it reads the champion as data, with this
+    checkout's code (tasks/model_loading.py), as `fitflow predict` does. Anyone who can register a
+    model version could otherwise run code on the machine that trains the next one."""
+    client = MlflowClient(mlflow_uri)
+    marker = tmp_path / "ran"
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('artifact code ran')\n"
+    fields = {**BASE, "register_model": "guarded"}
+    train(TrainConfig(epochs=1, lr=1e-6, **fields))
+    (mlmodel,) = (tmp_path / "mlartifacts").rglob("MLmodel")  # v1's files, edited in the artifact store
+    shipped = mlmodel.parent / "model_code.py"
+    shipped.write_text(payload + shipped.read_text())
+
+    better = train(TrainConfig(epochs=20, lr=3e-3, seed=7, **fields))  # tested on another split: v1 is re-scored
+
+    assert not marker.exists()
+    champion = client.get_model_version_by_alias("guarded", "champion")
+    assert champion.run_id == better.run_id and champion.tags["fitflow.champion_rescored"] == "true"
+
+    code = tmp_path / "other_model.py"  # a champion that is no fitflow model: refused before it is loaded
+    code.write_text(payload + textwrap.dedent("""
+        import mlflow.models, mlflow.pyfunc
+
+        class Echo(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input, params=None):
+                return model_input
+
+        mlflow.models.set_model(Echo())
+    """))
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name(BASE["experiment"]).experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=["mlflow"],
+                                       registered_model_name="guarded")
+    client.set_registered_model_alias("guarded", "champion", str(info.registered_model_version))
+    marker.unlink()  # logging ran it once, in this test's own process
+
+    refused = train(TrainConfig(epochs=1, seed=8, **fields))
+
+    assert not marker.exists()
+    challenger = client.get_model_version_by_alias("guarded", "challenger")
+    assert challenger.run_id == refused.run_id and "is not a fitflow model" in challenger.description, \
+        challenger.description
 
 
 def _model_events(name: str) -> list:
