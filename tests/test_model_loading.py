@@ -23,6 +23,7 @@ from flows.cli import main
 from tasks import tracking
 from tasks.config import TrainConfig
 from tasks.data import load_table, prepare
+from tasks.errors import ConfigError
 from tasks.models import build_model, model_spec
 from tasks.trainer import prep_spec
 
@@ -107,6 +108,25 @@ def test_a_custom_network_is_built_only_with_trust_model_code(mlflow_uri, tmp_pa
     expected = mlflow.pyfunc.load_model(uri).predict(rows)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), expected.astype({"prediction": object}),
                                   check_dtype=False, atol=1e-6)
+
+
+def test_a_custom_network_the_process_trains_is_built_from_this_machines_code(mlflow_uri, tmp_path):
+    """The registry gate re-scores a champion of the class the new run trains (`own_network`): built
+    without --trust-model-code from the class this process imports anyway, never from the packed copy."""
+    from tasks.model_loading import load_fitflow_model
+
+    uri, folder, rows = _log_fitflow_model(tmp_path, mlflow_uri, network="custom_models:TinyNet")
+    marker = tmp_path / "ran"
+    packed = next((folder / "code").rglob("custom_models.py"))
+    packed.write_text(_payload(marker) + packed.read_text())
+    path = list(sys.path)
+
+    model = load_fitflow_model(uri, own_network="custom_models:TinyNet")
+
+    assert not marker.exists() and sys.path == path
+    pd.testing.assert_frame_equal(model.predict(None, rows), mlflow.pyfunc.load_model(uri).predict(rows))
+    with pytest.raises(ConfigError, match="custom code .*--trust-model-code"):
+        load_fitflow_model(uri, own_network="custom_models:OtherNet")
 
 
 class Pickled(mlflow.pyfunc.PythonModel):
