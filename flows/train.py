@@ -51,7 +51,7 @@ from tasks.errors import ConfigError
 from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.trainer import Given, Run, Trained, first_inputs
+from tasks.trainer import Given, Run, Trained, first_inputs, weight_decay_of
 
 log = logging.getLogger("fitflow")
 
@@ -191,6 +191,12 @@ def config_from_parameters(fields: dict) -> TrainConfig:
         raise ConfigError(describe_validation_error(err)) from None
 
 
+def _resolved(config: TrainConfig, prepared: Prepared) -> dict[str, float]:
+    """What an `auto` setting came to for this run, beside the setting itself (`weight_decay` stays
+    "auto", a value travels one way: this is what the run trained with, for comparing runs)."""
+    return {"resolved.weight_decay": weight_decay_of(config, prepared)} if config.weight_decay == "auto" else {}
+
+
 @task(name="start_run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_run_id: str | None = None,
               params: dict[str, str] | None = None, resume: str | None = None, from_python: bool = False) -> Run:
@@ -236,7 +242,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
         with tracking.fail_on_error(client, run_id):
             if not earlier:
                 own = config.params() if params is None else params
-                tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()}})
+                tracking.log_params(client, run_id, {**own, **{f"data.{k}": v for k, v in prepared.facts.items()},
+                                                     **_resolved(config, prepared)})
                 tracking.log_config(client, run_id, config.model_dump_json(indent=2))
                 digest = tracking.log_dataset(client, run_id, data.frame, data.source, data.target,
                                               Path(data.source).stem if data.kind != "dataset" else data.source)

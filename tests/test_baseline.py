@@ -226,6 +226,9 @@ def test_the_baseline_is_logged_beside_the_network_and_scored_on_the_same_rows(m
     prepared = prepare(table, prep_spec(config))
     _, _, test_rows = split_rows(table["diagnosis"], "classification", prep_spec(config))
     assert len(test_rows) == len(prepared.test.targets) == int(run.data.params["data.rows_test"])
+    # weight_decay stays "auto" in the params; what it came to on these training rows is beside it
+    assert run.data.params["weight_decay"] == "auto"
+    assert float(run.data.params["resolved.weight_decay"]) == weight_decay_of(config, prepared) == 2 / int(run.data.params["data.rows_train"])
     raw = table.iloc[test_rows]
     network = mlflow.pyfunc.load_model(result.model_uri).predict(raw.drop(columns=["diagnosis"]))["prediction"]
     assert (network.to_numpy() == raw["diagnosis"].to_numpy()).mean() == pytest.approx(result.test_metrics["test_accuracy"])
