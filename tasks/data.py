@@ -294,8 +294,15 @@ def content_key(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | 
     for frame in (table, validation):
         if frame is not None:
             digest.update(repr(list(map(str, frame.columns))).encode())
-            digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+            digest.update(_rows_digest(frame))
     digest.update(repr(sorted(asdict(spec).items())).encode())
     for module in ("data.py", "preprocessing.py", "labels.py", "config.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
     return f"prepare-{digest.hexdigest()}"
+
+
+def _rows_digest(frame: pd.DataFrame) -> bytes:
+    try:
+        return pd.util.hash_pandas_object(frame, index=False).values.tobytes()
+    except TypeError:  # nested values (Parquet lists, structs) cannot be hashed; prepare refuses them with one line
+        return pd.util.hash_pandas_object(frame.map(repr), index=False).values.tobytes()
