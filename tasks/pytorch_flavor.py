@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from mlflow.models import Model
 
 log = logging.getLogger("fitflow")
 FLAVOR = mlflow.pytorch.FLAVOR_NAME
+# torch.export keeps its tracer state in module globals: two exports at once in one process (sweep
+# trials logging their models from parallel threads) break each other's traces. One at a time; an
+# export of an MLP or CNN takes about 0.2 s after the first.
+_EXPORTING = threading.Lock()
 
 
 def export(model: torch.nn.Module, inputs: Any, folder: Path) -> Path | None:
@@ -43,8 +48,9 @@ def export(model: torch.nn.Module, inputs: Any, folder: Path) -> Path | None:
         inputs = torch.cat([inputs, inputs])
     path = folder / "pytorch"
     try:
-        mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", input_example=inputs.numpy(),
-                                  pip_requirements=["torch"])  # only the flavor is kept: skips requirement inference
+        with _EXPORTING:
+            mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", input_example=inputs.numpy(),
+                                      pip_requirements=["torch"])  # only the flavor is kept: skips requirement inference
     except Exception as err:  # noqa: BLE001  (torch.export's errors share no base; the pyfunc stays usable)
         shutil.rmtree(path, ignore_errors=True)
         log.warning("torch.export cannot trace the model (%s: %s); it is logged without the pytorch flavor, "

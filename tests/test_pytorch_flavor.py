@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -162,6 +163,41 @@ def test_a_single_example_row_still_exports_a_free_batch_size(tmp_path, monkeypa
     x = torch.randn(6, 3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=1e-6)
+
+
+class CallsBackWhileTraced(nn.Module):
+    """A linear layer whose forward, while torch.export traces it, calls `on_trace` (holds the trace open)."""
+
+    def __init__(self, on_trace) -> None:
+        super().__init__()
+        self.linear, self.on_trace = nn.Linear(3, 2), on_trace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            self.on_trace()
+        return self.linear(x)
+
+
+def test_two_threads_exporting_at_once_both_get_the_flavor(tmp_path):
+    """Sweep trials log their models from parallel threads; torch.export keeps its tracer in module
+    globals, so a second export started inside the first one's trace broke both ("CURRENT_PATCHER is
+    None", "_EXPORT_MODULE_HIERARCHY must not be None") and the trials lost their pytorch flavor. The
+    first trace is held open until the second export is tracing too, or for 5 s when exports wait for
+    each other (then the second one cannot start tracing before the first is done)."""
+    second_tracing, saved = threading.Event(), {}
+    second = threading.Thread(target=lambda: saved.update(
+        second=pytorch_flavor.export(CallsBackWhileTraced(second_tracing.set).eval(), torch.randn(4, 3), tmp_path / "b")))
+
+    def hold_first_trace() -> None:
+        if second.ident is None:  # not started yet: torch.export may call forward more than once
+            second.start()
+        saved["overlapped"] = second_tracing.wait(timeout=5) or saved.get("overlapped", False)
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    saved["first"] = pytorch_flavor.export(CallsBackWhileTraced(hold_first_trace).eval(), torch.randn(4, 3), tmp_path / "a")
+    second.join()
+    assert saved["first"] is not None and saved["second"] is not None
+    assert not saved["overlapped"]  # the second trace began only after the first had ended
 
 
 def test_log_pyfunc_model_logs_one_model_with_both_flavors(mlflow_uri, monkeypatch):
