@@ -330,7 +330,8 @@ def _upload_metrics(args: argparse.Namespace) -> int:
         raise TrackingError(f"run {args.run_id} is not on {redact_uri(uri)}; set MLFLOW_TRACKING_URI to the server "
                             "it was tracked on") from None
     done = upload(journal, client, args.run_id)
-    print(f"sent {entries_text(done.sent)} of run {args.run_id} to {redact_uri(uri)}"
+    sent = f"sent {entries_text(done.sent)} of run" if done.sent else "nothing left to send of run"
+    print(f"{sent} {args.run_id} to {redact_uri(uri)}"
           + (f" (already there: {entries_text(done.present)})" if done.present else ""))
     if done.ended:
         print(f"run {args.run_id} ended {done.ended} (its end was kept locally while the server was unreachable)")

@@ -217,7 +217,7 @@ def test_server_back_only_after_the_run_then_upload_metrics_delivers_and_ends_it
     assert "unreachable" in run.data.tags["fitflow.closed_by"]
 
     assert main(["upload-metrics", run_id]) == 0  # a second upload sends nothing again
-    assert "sent epochs - of run" in capsys.readouterr().out
+    assert f"nothing left to send of run {run_id}" in capsys.readouterr().out
     assert_every_step_once(client, run_id, names, epochs)
 
 
