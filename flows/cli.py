@@ -192,7 +192,7 @@ def imports_of_a_run() -> list[str]:
     return ["torch._dynamo", "torch.export._trace", "matplotlib.figure"]
 
 
-def _work_before_a_run() -> list[Callable[[], object]]:
+def work_before_a_run() -> list[Callable[[], object]]:
     """What the command does while its embedded Prefect server starts instead of later: with the
     local sqlite store, import MLflow's SQL store (0.5 s of CPU: its first open imports it); map the
     installed packages for MLflow's requirement check of the model logging (0.56 s); then the
@@ -220,7 +220,7 @@ def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
     configure_environment()  # before prefect is imported: it reads its settings at import
     from flows.embedded_server import prefect_server_starting
 
-    with prefect_server_starting(meanwhile=_work_before_a_run()) as on_server:
+    with prefect_server_starting(meanwhile=work_before_a_run()) as on_server:
         from flows.train import train  # torch, MLflow, pandas: imported while the server starts
         from tasks.baseline import BASELINE_PREFIX
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from tasks.config import load_config
 
@@ -55,7 +56,8 @@ def _environment() -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from flows.sweep_config import check_task_runner, load_sweep_config  # sweep code only for a sweep
+    # sweep code only for a sweep
+    from flows.sweep_config import check_prefect_for_cluster, check_task_runner, load_sweep_config
 
     overrides = {"n_trials": args.n_trials, "parallelism": args.parallelism, "sampler": args.sampler,
                  "task_runner": args.task_runner, "cluster_address": args.cluster_address}
@@ -65,9 +67,15 @@ def _sweep(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"base": base})
     check_task_runner(config)  # a missing extra fails here, before Prefect and the data load
     _environment()
-    from flows.sweep import sweep
+    # workers elsewhere need a server they can reach, not the embedded one on loopback
+    check_prefect_for_cluster(config, os.environ.get("PREFECT_API_URL"))
+    from flows.cli import work_before_a_run  # a trial does what a training run does
+    from flows.embedded_server import prefect_server_starting
 
-    result = sweep(config)
+    with prefect_server_starting(meanwhile=work_before_a_run()) as on_server:
+        from flows.sweep import sweep  # torch, MLflow, pandas, Optuna: imported while the server starts
+
+        result = on_server(sweep, config)
     print(f"sweep run: {result.parent_run_id}  ({result.mlflow_url})")
     for row in result.trials:
         # lists arrive as JSON text (table rows); other values print as JSON

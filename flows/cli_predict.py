@@ -54,7 +54,10 @@ def _predict(args: argparse.Namespace) -> int:
     output_path(config.out, config.data)
     resolve_source(config.data)
     resolve_model(config.model)
-    result = predict(config)
+    from flows.embedded_server import prefect_server_starting
+
+    with prefect_server_starting() as on_server:  # its own server, started once the checks pass
+        result = on_server(predict, config)
     print(f"predictions: {result.out}  summary: {result.summary_path}")
     print(f"model: {result.model_uri}  MLflow run: {result.run_id}")
     drift = result.summary.get("drift")

@@ -52,7 +52,7 @@ from flows.steps import (
     on_own_device,
     train_model_task,
 )
-from flows.sweep_config import SweepConfig, check_task_runner
+from flows.sweep_config import SweepConfig, check_prefect_for_cluster, check_task_runner
 from flows.train import log_model, start_run
 from tasks import run_owner, search, system_metrics, tracking
 from tasks.callbacks import Monitor
@@ -202,9 +202,7 @@ def trial_runner(config: SweepConfig, parallel: int) -> Iterator[TaskRunner]:
     # Workers report their task runs (and take GPU slots) on this flow's Prefect API. Prefect sends the
     # settings along with each task, so the embedded server's address is made an explicit setting first.
     api_url = PREFECT_API_URL.value()
-    if not api_url and config.cluster_address:
-        raise ConfigError("a sweep on an existing cluster needs a Prefect server its workers can reach; "
-                          "set PREFECT_API_URL (docs/scaling-sweeps.md)")
+    check_prefect_for_cluster(config, api_url)
     if not api_url:
         with get_client(sync_client=True) as client:
             api_url = str(client.api_url)

@@ -147,6 +147,14 @@ def check_task_runner(config: SweepConfig) -> None:
                               f"installed; pip install '{extra}' (or use task_runner: threads)")
 
 
+def check_prefect_for_cluster(config: SweepConfig, api_url: str | None) -> None:
+    """ConfigError when the trials go to an existing cluster and there is no Prefect server its workers can
+    reach (`api_url`: the one set for this sweep; the embedded server of a command listens on loopback only)."""
+    if config.cluster_address and not api_url:
+        raise ConfigError("a sweep on an existing cluster needs a Prefect server its workers can reach; "
+                          "set PREFECT_API_URL (docs/scaling-sweeps.md)")
+
+
 def _field_types(name: str) -> set[Any]:
     """The field's type, or the members of an Optional/Union (float | None -> {float}); constrained types as their
     type, and a Literal of names beside a number left out (weight_decay, a float or 'auto', ranges as a float)."""

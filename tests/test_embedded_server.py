@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pandas as pd
 import psutil
 import pytest
+import yaml
+from custom_models import wait_until_held
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # real processes and servers: the first migrates a fresh Prefect database
@@ -139,3 +144,80 @@ def test_flows_on_the_local_stack_send_no_heartbeats_and_on_a_team_server_keep_p
     assert local.returncode == 0 and team.returncode == 0, local.stderr[-2000:] + team.stderr[-2000:]
     assert json.loads(local.stdout) is None
     assert json.loads(team.stdout) == 180  # Prefect's default
+
+
+# `fitflow predict` and `fitflow sweep` run their flows on the same kind of server as `fitflow train`.
+
+FITFLOW = [sys.executable, "-m", "flows.cli"]
+
+
+@pytest.fixture(scope="module")
+def model_run(home) -> str:
+    """A model trained on this module's home (by `fitflow train`, on its own server)."""
+    done = _run([*FITFLOW, "train", "--epochs", "1", "--experiment", "embedded"], home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"MLflow run: ([0-9a-f]{32})", done.stdout).group(1)
+
+
+def test_predict_runs_on_a_server_of_its_own_and_leaves_nothing(home, model_run, tmp_path):
+    """Not Prefect's ephemeral mode (it prints 'Starting temporary server on ...:8xxx'); a server
+    that cannot start says so in fitflow's one line."""
+    args = [*FITFLOW, "predict", "--model", model_run, "--data", str(REPO / "data" / "breast_cancer.csv")]
+    done = _run([*args, "--out", str(tmp_path / "p.csv")], home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "temporary server" not in done.stderr and (tmp_path / "p.csv").exists()
+    assert _servers_on(home) == []
+
+    late = _run([*args, "--out", str(tmp_path / "q.csv")], home, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    assert late.returncode == 2, late.stderr[-2000:]
+    assert late.stderr.strip().splitlines() == [
+        "fitflow: error: the embedded Prefect server did not answer within 0 s; raise PREFECT_SERVER_"
+        "EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server"]
+    assert _servers_on(home) == [] and not (tmp_path / "q.csv").exists()
+
+
+def test_a_predict_refused_in_its_flow_ends_stderr_with_its_one_line(home, model_run, tmp_path):
+    """A problem the flow finds (a missing column) after the server started: its line is the last."""
+    rows = pd.read_csv(REPO / "data" / "breast_cancer.csv").drop(columns=["mean_radius"])
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    done = _run([*FITFLOW, "predict", "--model", model_run, "--data", str(tmp_path / "rows.csv"),
+                 "--out", str(tmp_path / "p.csv")], home)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "fitflow: error: input is missing column(s) 'mean_radius' that the model was trained on; "
+        "add them (values may be empty)"), done.stderr[-2000:]
+    assert _servers_on(home) == []
+
+
+def test_a_sweep_runs_on_a_server_that_is_its_own_child_on_a_port_the_os_gave(home, tmp_path):
+    """Held in its trial's second epoch (tests/custom_models.py): the sweep's flow run is running on
+    a server process under the command, on a port from the OS's ephemeral range (Prefect's own
+    ephemeral mode picks 8000-8999); after the command, no process and no port are left."""
+    hold = tmp_path / "hold"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": {"epochs": 2, "patience": 0, "experiment": "embedded-sweep", "model": "custom_models:HoldAtEpochs",
+                 "model_kwargs": {"folder": str(hold), "epochs": [2]}},
+        "space": {"lr": {"choices": [0.01]}}, "sampler": "grid", "n_trials": 1, "parallelism": 1, "prune": False}))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    process = subprocess.Popen([*FITFLOW, "sweep", "--config", str(config)], cwd=REPO,
+                               env={**clean, "FITFLOW_HOME": str(home), "PYTHONPATH": str(REPO / "tests")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until_held(process, hold, 2)
+        (server,) = _servers_on(home)
+        assert server.ppid() == process.pid
+        port = int(server.cmdline()[server.cmdline().index("--port") + 1])
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        assert low <= port <= high and port not in range(8000, 9000)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", method="POST",
+                                         data=json.dumps({"flows": {"name": {"any_": ["sweep"]}}}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert [run["state_type"] for run in json.load(response)] == ["RUNNING"]
+    finally:
+        (hold / "release-2").touch()
+        out = process.communicate(timeout=300)[0].decode()
+    assert process.returncode == 0, out[-3000:]
+    assert "temporary server" not in out
+    assert _servers_on(home) == [] and _refused(port)

@@ -95,7 +95,16 @@ def test_dask_sweep_matches_threads_in_worker_processes_under_the_gpu_limit(mlfl
     assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans)), spans
 
 
-def test_workers_that_track_elsewhere_fail_the_sweep_in_one_line(prefect_server, mlflow_uri, tmp_path, capsys):
+@pytest.fixture
+def prefect_api_url(prefect_server, monkeypatch) -> str:
+    """The session's Prefect server as PREFECT_API_URL: what a sweep on an existing cluster needs."""
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    return PREFECT_API_URL.value()
+
+
+def test_workers_that_track_elsewhere_fail_the_sweep_in_one_line(prefect_api_url, mlflow_uri, tmp_path, capsys):
     # An existing scheduler whose worker was started without this sweep's MLFLOW_TRACKING_URI.
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
@@ -111,10 +120,18 @@ def test_workers_that_track_elsewhere_fail_the_sweep_in_one_line(prefect_server,
     assert MlflowClient(mlflow_uri).get_experiment_by_name("sweep-dask-misconfigured") is None
 
 
-def test_an_unreachable_scheduler_fails_in_one_line(prefect_server, mlflow_uri, capsys):
+def test_an_unreachable_scheduler_fails_in_one_line(prefect_api_url, mlflow_uri, capsys):
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         assert main(["sweep", "--n-trials", "1", "--task-runner", "dask", "--cluster-address", "tcp://127.0.0.1:9"]) == 2
     assert "cannot reach the dask cluster at tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_an_existing_cluster_needs_a_prefect_server_its_workers_can_reach(mlflow_uri, capsys):
+    """Without PREFECT_API_URL the command's own server listens on loopback only: refused before it starts."""
+    assert main(["sweep", "--n-trials", "1", "--task-runner", "dask", "--cluster-address", "tcp://10.0.0.7:8786"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fitflow: error: a sweep on an existing cluster needs a Prefect server its workers can reach; "
+        "set PREFECT_API_URL (docs/scaling-sweeps.md)"]
 
 
 def test_cluster_address_needs_a_cluster_runner(capsys):
