@@ -28,7 +28,7 @@ from tasks.images_augment import AUGMENTS, augment_batch
 from tasks.images_decode import load_pixels, normalise, read_image
 from tasks.images_prepare import ImageSplit, ImagesPrepared
 from tasks.images_preprocessor import ImagePreprocessor
-from tasks.loaders import Batch, BatchIndices, BatchLoader, Loaders
+from tasks.loaders import Batch, BatchIndices, BatchLoader, Loaders, worker_seed_generator
 
 CACHES = ("auto", "on", "off")
 _AUTO_SHARE = 4  # auto caches while the pixels fit in a quarter of the memory available
@@ -132,7 +132,7 @@ def make_image_loaders(prepared: ImagesPrepared, batch_size: int, drop_last: boo
         if num_workers == 0:
             return BatchLoader(dataset, batches, pin_memory)
         return ImageLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                           pin_memory=pin_memory, persistent_workers=True)
+                           pin_memory=pin_memory, persistent_workers=True, generator=worker_seed_generator(seed))
 
     return Loaders(
         train=loader("train", batch_size, True, drop_last, augment),

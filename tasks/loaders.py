@@ -120,6 +120,18 @@ class Loaders:
     test: BatchLoader | DataLoader | None  # None: no test split (Prepared.test)
 
 
+def worker_seed_generator(seed: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from when an iterator starts.
+
+    Its own, not torch's global one (DataLoader's default): dropout draws from the global
+    generator, whose state each epoch checkpoint saves, and a persistent worker loader starts its
+    iterator in the first epoch only, a resumed run in the epoch it resumes at. Drawn from the
+    global generator, that seed would shift the resumed run's dropout masks off the uninterrupted
+    run's, and make results depend on num_workers.
+    """
+    return torch.Generator().manual_seed(seed)
+
+
 def make_loader(
     features: np.ndarray,
     targets: np.ndarray,
@@ -150,7 +162,7 @@ def make_loader(
         return BatchLoader(dataset, batches, pin_memory and device is None)
     return DataLoader(
         dataset, sampler=batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=True,
+        persistent_workers=True, generator=worker_seed_generator(seed),
     )
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Iter
 
 from tasks.checkout import REPO
 from tasks.errors import ConfigError, DataError
-from tasks.loaders import Loaders
+from tasks.loaders import Loaders, worker_seed_generator
 from tasks.tensor_inputs import TensorPreprocessor
 
 log = logging.getLogger("fitflow")
@@ -167,7 +167,8 @@ def make_dataset_loaders(
                                          drop_last=drop_last)
         else:
             sampler = _EveryNth(len(split), rank, world_size)
-        return DataLoader(split, batch_size=per_rank, sampler=sampler, drop_last=drop_last and train, **common)
+        return DataLoader(split, batch_size=per_rank, sampler=sampler, drop_last=drop_last and train,
+                          generator=worker_seed_generator(seed), **common)
 
     val = loader(prepared.val, False)
     return Loaders(train=loader(prepared.train, True), val=val,

@@ -74,12 +74,15 @@ class HoldAtEpochs(nn.Module):
         self.epoch, self.was_training = 0, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._count_epochs()
+        return self.linear(x)
+
+    def _count_epochs(self) -> None:
         if self.training and not self.was_training:
             self.epoch += 1
             if self.epoch in self.hold_at:
                 self._hold(self.epoch)
         self.was_training = self.training
-        return self.linear(x)
 
     def _hold(self, epoch: int) -> None:
         import time
@@ -93,6 +96,21 @@ class HoldAtEpochs(nn.Module):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"held at epoch {epoch} for {self.wait_s} s: nothing released it")
             time.sleep(0.02)
+
+
+class HoldAtEpochsCNN(HoldAtEpochs):
+    """HoldAtEpochs for images: a small conv net sized by in_shape/num_outputs."""
+
+    def __init__(self, in_shape: tuple, num_outputs: int, folder: str, epochs: list[int], wait_s: float = 300) -> None:
+        nn.Module.__init__(self)
+        self.body = nn.Sequential(nn.Conv2d(in_shape[0], 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_outputs))
+        self.folder, self.hold_at, self.wait_s = folder, set(epochs), wait_s
+        self.epoch, self.was_training = 0, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._count_epochs()
+        return self.body(x)
 
 
 def wait_until_held(process, folder, epoch: int) -> None:

@@ -220,6 +220,15 @@ def test_cache_gives_the_same_batches_and_workers_fill_it_for_later_epochs(tmp_p
     _one_line(err, root)
 
 
+def test_loaders_with_workers_leave_torch_global_generator_alone(tmp_path):
+    """As tests/test_training.py's table loader: an iterator's start draws no dropout state."""
+    loaders = make_image_loaders(_prepared(write_class_folders(tmp_path / "p", per_class=6)), 4, num_workers=2)
+    state = torch.get_rng_state()
+    for epoch in (0, 1):
+        _epoch(loaders.train, epoch), list(loaders.val)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_cache_on_that_cannot_fit_is_refused(tmp_path, monkeypatch):
     prepared = _prepared(write_class_folders(tmp_path / "p", per_class=6))
     monkeypatch.setattr("tasks.images_loaders.available_memory", lambda: 4 * 2000)  # val needs 2304 bytes, train 9216

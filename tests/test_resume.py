@@ -172,6 +172,43 @@ def test_an_image_run_that_crashed_resumes_with_fitflow_resume_to_the_same_weigh
     _assert_same_training(client, whole.run_id, failed.info.run_id, tmp_path)
 
 
+def test_a_sigkilled_image_run_with_loader_workers_resumes_to_the_same_weights(mlflow_uri, tmp_path, capsys):
+    """The SIGKILL case for images: a `fitflow train` whose loader workers fill the shared decoded
+    cache is killed in epoch 3; `fitflow resume`, with workers too, ends where a run never
+    interrupted (in this process, no workers) ends, bit for bit."""
+    from image_folders import write_class_folders
+
+    folder = write_class_folders(tmp_path / "pets", per_class=20)
+    hold = tmp_path / "hold"
+    settings = {"data": str(folder), "image_size": 16, "batch_size": 8, "augment": "standard", "epochs": EPOCHS,
+                "patience": 0, "scheduler": "cosine", "experiment": "kill-images", "model": "custom_models:HoldAtEpochsCNN"}
+    whole = train(TrainConfig(**settings, model_kwargs={"folder": str(hold), "epochs": []}, num_threads=1))
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parent)}
+    args = ["train", *[f"--{key.replace('_', '-')}={value}" for key, value in settings.items()],
+            "--model-kwargs", json.dumps({"folder": str(hold), "epochs": [3]}), "--num-workers", "2", "--num-threads", "1"]
+    checkpoints = fitflow_home() / "checkpoints"
+    earlier = set(checkpoints.iterdir())
+    process = subprocess.Popen([str(Path(sys.executable).with_name("fitflow")), *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until_held(process, hold, 3)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    (killed_dir,) = [p.parent for p in checkpoints.glob("*/epoch-00001.pt") if p.parent not in earlier]
+    run_id = killed_dir.name
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # what a SIGKILL leaves behind
+    (hold / "release-3").touch()
+
+    capsys.readouterr()
+    assert main(["resume", run_id, "--num-workers", "2", "--num-threads", "1"]) == 0  # launch settings are resume's own
+    assert f"MLflow run: {run_id}" in capsys.readouterr().out
+    assert client.get_run(run_id).data.tags["fitflow.launch.num_workers"] == "2"
+    _assert_same_training(client, whole.run_id, run_id, tmp_path)
+
+
 def test_a_run_still_training_cannot_be_resumed_a_second_time(table, mlflow_uri, tmp_path, capsys):
     """A real `fitflow train` held in epoch 2 holds its run's lock: `fitflow resume` of that run is
     refused with one line naming the process, changes nothing, and the first process then finishes."""

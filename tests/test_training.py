@@ -47,6 +47,19 @@ def test_loader_with_workers_yields_the_same_batches():
     assert main == workers
 
 
+def test_a_loader_with_workers_leaves_torch_global_generator_alone():
+    """Dropout draws from torch's global generator, whose state each epoch checkpoint saves. A
+    DataLoader draws its workers' base seed when its iterator starts, which a persistent worker
+    loader does in the first epoch only and a resumed run does again in a later one: from the
+    global generator, the resumed run's dropout masks would differ from the uninterrupted run's."""
+    x, y = np.zeros((50, 3), np.float32), np.arange(50)
+    loader = make_loader(x, y, 16, shuffle=True, seed=3, num_workers=1)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_mlp_options():
     model = MLP(5, 3, hidden_sizes=[8, 4], activation="gelu", dropout=0.2, batch_norm=True)
     kinds = [type(layer).__name__ for layer in model]

@@ -263,6 +263,17 @@ def test_worker_processes_yield_the_same_batches(factory):
     assert _rows_of(workers.val) == list(range(40, 49))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_torch_global_generator_alone(factory, workers):
+    """As tests/test_training.py's table loader: an iterator's start draws no dropout state."""
+    prepared = load_factory(factory("def make(): return pairs(40), pairs(9, start=40)"), {})
+    loaders = make_dataset_loaders(prepared, batch_size=8, seed=2, num_workers=workers)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        list(loaders.train), list(loaders.val)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_drop_last_drops_the_partial_train_batch_only(factory):
     prepared = load_factory(factory("def make(): return pairs(30), pairs(9, start=30)"), {})
     loaders = make_dataset_loaders(prepared, batch_size=8, drop_last=True)
