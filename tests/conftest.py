@@ -69,6 +69,16 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """The state of each task run of a flow run, by task name (Completed, Cached, ...)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
 def write_mixed_classification_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
     """Numeric and string features with missing values, and string labels."""
     rng = np.random.default_rng(seed)

@@ -12,10 +12,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_mixed_classification_csv, write_regression_csv
+from conftest import task_states, write_mixed_classification_csv, write_regression_csv
 from mlflow.tracking import MlflowClient
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.train import train
 from tasks import tracking
@@ -24,12 +24,6 @@ from tasks.data import load_table
 from tasks.errors import TrainingError
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def _task_states(flow_run_id: str) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
@@ -101,11 +95,11 @@ def test_same_seed_same_metrics_and_the_prep_cache_is_hit(mlflow_uri):
     assert first.history == second.history and first.test_metrics == second.test_metrics
     client = MlflowClient(mlflow_uri)
     second_flow_run = client.get_run(second.run_id).data.tags["prefect.flow_run_id"]
-    assert _task_states(second_flow_run)["prepare"] == "Cached"
+    assert task_states(second_flow_run)["prepare"] == "Cached"
     other = train(config.model_copy(update={"seed": 1}))
     assert other.history != first.history
     other_flow_run = client.get_run(other.run_id).data.tags["prefect.flow_run_id"]
-    assert _task_states(other_flow_run)["prepare"] == "Completed"  # the seed changes the split
+    assert task_states(other_flow_run)["prepare"] == "Completed"  # the seed changes the split
 
 
 def test_regression_target(mlflow_uri, tmp_path):

@@ -13,10 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
-from image_folders import write_class_folders, write_manifest, write_split_folders
+from conftest import task_states
+from image_folders import pixels, write_class_folders, write_image, write_manifest, write_split_folders
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
@@ -43,6 +46,14 @@ def test_shipped_digits_train_the_cnn_and_the_model_predicts_from_paths_and_byte
     assert dataset.dataset.name == "digits"
     plots = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(result.run_id, "plots")}
     assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/misclassified.png"}
+    # what a user has at prediction time: image paths or bytes; its preprocessing as JSON, no pickle
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert [(c.name, c.type.name) for c in info.signature.inputs.inputs] == [("path", "string"), ("image", "binary")]
+    assert info.saved_input_example_info is not None
+    model_dir = Path(mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "model")))
+    preprocessing = json.loads(next(model_dir.rglob("preprocessor.json")).read_text())
+    assert preprocessing["classes"] == [str(d) for d in range(10)] and len(preprocessing["mean"]) == 1
+    assert not [f for f in model_dir.rglob("*") if f.suffix in (".pkl", ".pickle", ".cloudpickle")]
 
     # A fresh process, no pickle: the model rebuilds from JSON + a state dict and takes paths or bytes
     paths = sorted(str(p) for p in DIGITS.glob("[37]/*.png"))[:6] + sorted(str(p) for p in DIGITS.glob("9/*.png"))[:4]
@@ -88,6 +99,69 @@ def test_other_image_layouts_train_through_the_flow(layout, mlflow_uri, tmp_path
     assert set(result.test_metrics) == {"test_loss", "test_accuracy", "test_auroc", "test_f1_macro"}
 
 
+def test_a_torchvision_architecture_starts_from_a_local_weights_file_and_its_model_predicts(mlflow_uri, tmp_path, caplog):
+    """model torchvision:NAME with its head sized to the classes, grey images fed as three channels,
+    `pretrained` a local state dict whose 10-class head is left out; the logged model rebuilds it."""
+    import torchvision
+
+    folder = write_class_folders(tmp_path / "pets", per_class=8, modes=("L",))  # grey: one channel
+    saved = torchvision.models.resnet18(num_classes=10).state_dict()  # another head: 10 classes
+    torch.save(saved, tmp_path / "resnet18.pt")
+    caplog.set_level("INFO", logger="fitflow")
+    # sgd at lr 1e-9: one epoch leaves the weights (within 1e-4) where the file started them
+    result = train(TrainConfig(data=str(folder), model="torchvision:resnet18", pretrained=str(tmp_path / "resnet18.pt"),
+                               optimizer="sgd", lr=1e-9, epochs=1, image_size=32, batch_size=8, experiment="tv",
+                               num_threads=1))
+    assert "2 tensor(s) left at their initial values (fc.bias, fc.weight)" in caplog.text
+
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fitflow.model"] == "torchvision:resnet18"
+    assert run.data.params["data.channels"] == "1"
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    net = pyfunc.unwrap_python_model().model
+    resnet = net[1]  # behind the grey-to-RGB repeat
+    assert isinstance(resnet, torchvision.models.ResNet) and resnet.fc.weight.shape == (3, 512)
+    for name in ("conv1.weight", "layer4.1.conv2.weight"):  # another random start: ~0.03 apart on average
+        torch.testing.assert_close(resnet.state_dict()[name], saved[name], rtol=0, atol=1e-4)
+    predicted = pyfunc.predict(pd.DataFrame({"path": [str(folder / "owl" / "000.png")]}))
+    assert list(predicted.columns) == ["prediction", "probability_cat", "probability_dog", "probability_owl"]
+
+
+@pytest.mark.parametrize("model, pretrained, message", [
+    ("torchvision:resnet19", None, "torchvision has no classification model 'resnet19'; did you mean 'resnet18'?"),
+    ("torchvision:resnet18", "missing.pt", "pretrained weights file not found"),
+    ("torchvision:resnet18", "mobilenet.pt", "shares no weights with the model"),
+])
+def test_a_bad_torchvision_model_or_weights_file_is_one_line(model, pretrained, message, mlflow_uri, tmp_path,
+                                                              capsys):
+    import torchvision
+
+    folder = write_class_folders(tmp_path / "pets", per_class=6)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=3).state_dict(), tmp_path / "mobilenet.pt")
+    weights = ["--pretrained", str(tmp_path / pretrained)] if pretrained else []
+    capsys.readouterr()
+    assert main(["train", "--data", str(folder), "--model", model, *weights, "--epochs", "1", "--image-size", "16",
+                 "--num-threads", "1", "--experiment", "bad-tv"]) == 2
+    _assert_one_line_and_no_run_running(capsys, message, mlflow_uri, "bad-tv")
+
+
+def test_image_preparation_is_a_named_task_cached_by_content_not_by_mtimes(mlflow_uri, tmp_path):
+    folder = write_class_folders(tmp_path / "pets", per_class=6)
+    config = TrainConfig(data=str(folder), epochs=1, image_size=16, batch_size=8, experiment="image-cache", num_threads=1)
+    client = MlflowClient(mlflow_uri)
+
+    def states() -> dict[str, str]:
+        return task_states(client.get_run(train(config).run_id).data.tags["prefect.flow_run_id"])
+
+    first = states()
+    assert first["index_images"] == "Completed" and first["prepare_images"] == "Completed"
+    for image in folder.rglob("*.png"):
+        os.utime(image, ns=(1, 1))  # a touch or a copy: the same content
+    assert states()["prepare_images"] == "Cached"
+    write_image(folder / "dog" / "002.png", pixels(0, 99))  # one image rewritten
+    assert states()["prepare_images"] == "Completed"
+
+
 def test_the_dataset_example_trains_through_the_cli(mlflow_uri, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # `examples` is importable from the checkout, as in the README's command
     argv = ["train", "--data", "examples.digits_gru:make_datasets", "--model", "examples.digits_gru:DigitsGRU",
@@ -98,6 +172,17 @@ def test_the_dataset_example_trains_through_the_cli(mlflow_uri, capsys, monkeypa
     assert accuracy >= 0.9, out
     (run,) = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("gru").experiment_id])
     assert run.data.params["data.task"] == "classification" and run.data.tags["fitflow.model"] == "examples.digits_gru:DigitsGRU"
+    assert task_states(run.data.tags["prefect.flow_run_id"])["load_datasets"] == "Completed"
+    # the logged model takes arrays of one sample's shape, here (rows, 8, 8)
+    info = mlflow.models.get_model_info(run.data.tags["fitflow.model_uri"])
+    assert info.signature.inputs.inputs[0].shape == (-1, 8, 8) and info.saved_input_example_info is not None
+    from examples.digits_gru import make_datasets
+
+    test = make_datasets()["test"]
+    rows = np.stack([test[i][0].numpy() for i in range(40)])
+    predicted = mlflow.pyfunc.load_model(run.data.tags["fitflow.model_uri"]).predict(rows)
+    assert list(predicted.columns) == ["prediction", *[f"probability_{d}" for d in range(10)]]
+    assert (predicted["prediction"].astype(str) == [str(test[i][1]) for i in range(40)]).mean() >= 0.8
 
 
 def _bad_folder(tmp_path: Path, case: str) -> Path:

@@ -19,6 +19,7 @@ from tasks.images import index_images
 from tasks.images_loaders import make_image_loaders, plan_caches
 from tasks.images_prepare import prepare_images, stratified_split
 from tasks.images_preprocessor import ImagePreprocessor
+from tasks.kinds import detect_kind
 from tasks.preprocessing import Preprocessor
 
 
@@ -38,6 +39,17 @@ def _one_line(err: pytest.ExceptionInfo, *names) -> str:
 
 
 # --- layouts -------------------------------------------------------------------------------
+
+
+def test_the_data_kind_is_read_off_data_and_can_be_forced(tmp_path):
+    folder = write_class_folders(tmp_path / "pets", per_class=3)
+    csv_manifest, parquet_manifest = (write_manifest(tmp_path / "m", name=name) for name in ("labels.csv", "labels.parquet"))
+    notes = tmp_path / "notes.csv"  # a `path` column that names no images: a table
+    pd.DataFrame({"path": ["a.txt", "b.txt"], "label": [0, 1]}).to_csv(notes, index=False)
+    assert [detect_kind(str(d)) for d in (folder, csv_manifest, parquet_manifest, notes)] == ["images", "images", "images", "table"]
+    assert [detect_kind(name) for name in ("digits", "breast_cancer")] == ["images", "table"]  # shipped names
+    assert detect_kind("examples.digits_gru:make_datasets") == "dataset"
+    assert detect_kind(str(csv_manifest), "table") == "table" and detect_kind(str(notes), "images") == "images"
 
 
 def test_class_folders_give_sorted_classes_labels_and_skip_non_images(tmp_path):
