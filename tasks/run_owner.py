@@ -1,11 +1,15 @@
 """Which process trains a run: an exclusive lock on its checkpoint folder, and its pid and host.
 
-While a process trains a run it holds `fcntl.flock` on `train.lock` in the run's checkpoint
-folder: a second `fitflow resume` of the same run (or a retry elsewhere) is refused with one
-line naming the owner, instead of two processes writing the same checkpoints and journal. The
-kernel drops the lock when the process dies, however it dies. The lock holds between processes
-of one machine, and between machines on a shared file system that supports flock (NFSv4, most
-cluster file systems).
+While a process trains a run it holds a POSIX record lock (`fcntl.lockf`) on `train.lock` in
+the run's checkpoint folder: a second `fitflow resume` of the same run (or a retry elsewhere) is
+refused with one line naming the owner, instead of two processes writing the same checkpoints
+and journal. The kernel drops the lock when the process dies, however it dies. A record lock
+belongs to the process, not to the open file: the DataLoader workers forked from the trainer,
+which share its open files, do not hold it (a `flock` they shared outlived a SIGKILLed trainer
+until the orphaned workers noticed, up to 5 s). The cost of that kind of lock: closing any
+descriptor of the file in the process drops it, so the holder never opens the file again
+(`_held`). The lock holds between processes of one machine, and between machines on a shared
+file system with POSIX locks (NFS, most cluster file systems).
 
 A process killed outright (SIGKILL, the OOM killer) runs no code on its way out, and a CLI run
 sends Prefect no heartbeats, so its flow run looks Running forever. `fitflow doctor` reads the
@@ -14,6 +18,7 @@ owner file to decide: on the same host, a pid that no longer exists means the ru
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -72,9 +77,11 @@ def check_free(folder: Path, run_id: str) -> None:
 def _lock(folder: Path, run_id: str) -> int:
     descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
         os.close(descriptor)
+        if err.errno not in (errno.EACCES, errno.EAGAIN):  # EACCES or EAGAIN: another process holds it
+            raise
         owner = owner_of(folder)
         raise ConfigError(f"run {run_id} is being trained by {owner or 'another process'}; wait for it to end "
                           "(or stop that process), then resume it") from None
@@ -85,7 +92,7 @@ def release(folder: Path) -> None:
     """Give the run's lock up (the run ended, or its start failed); nothing when this process holds none."""
     descriptor = _held.pop(Path(folder).resolve(), None)
     if descriptor is not None:
-        os.close(descriptor)  # closing the file drops its flock
+        os.close(descriptor)  # closing the file drops its lock
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from flows.cli import main
 from flows.environment import fitflow_home
 from flows.train import train
 from tasks.config import TrainConfig
+from tasks.errors import ConfigError
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 EPOCHS = 6
@@ -207,6 +209,44 @@ def test_a_sigkilled_image_run_with_loader_workers_resumes_to_the_same_weights(m
     assert f"MLflow run: {run_id}" in capsys.readouterr().out
     assert client.get_run(run_id).data.tags["fitflow.launch.num_workers"] == "2"
     _assert_same_training(client, whole.run_id, run_id, tmp_path)
+
+
+def test_a_killed_trainers_run_lock_is_free_while_the_loader_workers_it_forked_live_on(tmp_path):
+    """DataLoader workers are forked from the training process and share its open files. A lock
+    they shared (flock) outlived a SIGKILLed trainer until its orphaned workers noticed (DataLoader's
+    watchdog looks every 5 s), and `fitflow resume` right after the kill was refused, naming the
+    dead pid. Here a forked child that lives on stands for those workers."""
+    from tasks import run_owner
+
+    folder, ready = tmp_path / "run", tmp_path / "child.pid"
+    code = ("import os, sys, time\n"
+            "from tasks import run_owner\n"
+            "run_owner.claim(sys.argv[1], 'r1')\n"
+            "child = os.fork()\n"
+            "if child == 0:\n"
+            "    time.sleep(300)\n"
+            "    os._exit(0)\n"
+            "open(sys.argv[2] + '.tmp', 'w').write(str(child))\n"
+            "os.replace(sys.argv[2] + '.tmp', sys.argv[2])\n"
+            "time.sleep(300)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    trainer = subprocess.Popen([sys.executable, "-c", code, str(folder), str(ready)], env=env)
+    deadline = time.monotonic() + 120  # only a guard against a hang
+    while not ready.exists():
+        assert trainer.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    child = int(ready.read_text())
+    try:
+        with pytest.raises(ConfigError, match=f"run r1 is being trained by pid {trainer.pid}"):
+            run_owner.check_free(folder, "r1")  # held while the trainer lives
+        trainer.send_signal(signal.SIGKILL)
+        assert trainer.wait(timeout=30) == -signal.SIGKILL
+        os.kill(child, 0)  # the child lives on
+        run_owner.check_free(folder, "r1")
+        run_owner.claim(folder, "r1")
+        run_owner.release(folder)
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_run_still_training_cannot_be_resumed_a_second_time(table, mlflow_uri, tmp_path, capsys):
