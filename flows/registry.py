@@ -172,14 +172,15 @@ _NOT_LEARNED = ("experiment", "run_name")
 
 def unchanged_since_champion(client: MlflowClient, name: str, dataset_digest: str, params: dict[str, str]) -> tuple | None:
     """(champion version, its run) when the champion of `name` was trained on this very dataset with these
-    very hyperparameters (its params, `data.*` facts aside): training again would only reproduce it."""
+    very hyperparameters (its params; `data.*` facts and what `resolved.*` settings came to follow from those two):
+    training again would only reproduce it."""
     champion = _current_champion(client, name)
     if champion is None or not champion.run_id:
         return None
     run = client.get_run(champion.run_id)
     if run.data.tags.get("fitflow.dataset_digest") != dataset_digest:
         return None
-    theirs = {k: v for k, v in run.data.params.items() if not k.startswith("data.") and k not in _NOT_LEARNED}
+    theirs = {k: v for k, v in run.data.params.items() if not k.startswith(("data.", "resolved.")) and k not in _NOT_LEARNED}
     mine = {k: v for k, v in params.items() if k not in _NOT_LEARNED}
     return (champion, run) if theirs == mine else None
 
