@@ -29,9 +29,9 @@ from pydantic import BaseModel, Field
 
 from flows import events
 from flows.doctor import close_runs_of_flow_run
-from flows.environment import artifact_location, tracking_uri
+from flows.environment import artifact_location, fitflow_home, tracking_uri
 from flows.steps import load_table_task
-from tasks import scoring, tracking
+from tasks import run_owner, scoring, tracking
 from tasks.data import resolve_source
 from tasks.drift import DEFAULT_THRESHOLD, drift_table
 from tasks.errors import ConfigError
@@ -252,7 +252,10 @@ def track_prediction(config: PredictConfig, ref: ModelRef, frame: pd.DataFrame, 
         tags["prefect.flow_run_id"] = flow_run.id
     run_name = f"predict-{ref.name}-v{ref.version}" if ref.name else "predict"
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    with tracking.finished_or_failed(client, run_id):
+    # this process recorded as the run's owner: killed outright (SIGKILL, the OOM killer) it runs no code
+    # that ends the run, and a CLI flow run sends no heartbeats; `fitflow doctor` closes it by the owner
+    with (tracking.finished_or_failed(client, run_id),
+          run_owner.recorded_while_open(fitflow_home() / "checkpoints" / run_id, run_id)):
         tracking.log_params(client, run_id, {"model": config.model, "data": config.data, "unseen": config.unseen})
         source = str(resolve_source(config.data))
         tracking.log_dataset(client, run_id, frame, source, None, Path(source).stem, context="prediction")

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,19 @@ def released_at_end(folder: Path) -> Iterator[None]:
         yield
     finally:
         release(folder)
+
+
+@contextmanager
+def recorded_while_open(folder: Path, run_id: str) -> Iterator[None]:
+    """A run that keeps no checkpoints (a prediction run): its owner is recorded while the block
+    runs, so `fitflow doctor` can close the run if the process dies outright; the folder, which
+    holds nothing else, goes when the block ends."""
+    claim(folder, run_id)
+    try:
+        yield
+    finally:
+        release(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def owner_of(folder: Path) -> Owner | None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from flows.environment import fitflow_home
 from tasks import run_owner
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @flow(name="doctor-probe")
@@ -126,3 +128,128 @@ def test_every_flow_closes_its_runs_when_it_crashes_or_is_cancelled(name):
     flow_object = {"train": train_flow, "sweep": sweep, "predict": predict}[name]
     assert close_runs_of_flow_run in flow_object.on_crashed_hooks
     assert close_runs_of_flow_run in flow_object.on_cancellation_hooks
+
+
+def _held_process(args: list[str], tmp_path: Path, hold: Path, epoch: int, python: str = "") -> subprocess.Popen:
+    """A real fitflow command on the session's Prefect server, held at a known point (tests/custom_models.py)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-c", python, *args] if python else [str(Path(sys.executable).with_name("fitflow")), *args]
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until_held(process, hold, epoch)
+    return process
+
+
+def _sweep_held_in_its_trials(tmp_path: Path, experiment: str) -> tuple[subprocess.Popen, MlflowClient]:
+    """`fitflow sweep` of two trials at once, both held at the start of their epoch 2 (their runs exist)."""
+    hold = tmp_path / "hold"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps({
+        "base": {"epochs": 3, "patience": 0, "experiment": experiment, "model": "custom_models:HoldAtEpochs",
+                 "model_kwargs": {"folder": str(hold), "epochs": [2]}},
+        "space": {"lr": {"choices": [0.01, 0.02]}}, "sampler": "grid", "n_trials": 2, "parallelism": 2,
+        "prune": False}))  # JSON is YAML
+    process = _held_process(["sweep", "--config", str(config)], tmp_path, hold, 2)
+    client = MlflowClient()
+    deadline = time.monotonic() + 120  # the second trial reaches its hold too: both child runs exist
+    while len(client.search_runs([client.get_experiment_by_name(experiment).experiment_id])) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return process, client
+
+
+def _parent(client: MlflowClient, experiment: str):
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    return parent
+
+
+def _runs_of(client: MlflowClient, experiment: str) -> dict[str, str]:
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return {("trial-" + r.data.tags["fitflow.trial"]) if "fitflow.trial" in r.data.tags else "parent": r.info.status
+            for r in runs}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_ends_its_parent_and_started_trials_failed(mlflow_uri, tmp_path):
+    """SIGKILL of a real `fitflow sweep` while both its trials train: no code of its own runs, and
+    `fitflow doctor` closes the parent run and each trial run FAILED, its flow run Crashed."""
+    process, client = _sweep_held_in_its_trials(tmp_path, "sweep-kill")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert _runs_of(client, "sweep-kill") == {"parent": "RUNNING", "trial-0": "RUNNING", "trial-1": "RUNNING"}
+
+    assert main(["doctor"]) == 0
+
+    assert _runs_of(client, "sweep-kill") == {"parent": "FAILED", "trial-0": "FAILED", "trial-1": "FAILED"}
+    parent = _parent(client, "sweep-kill")
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(parent.data.tags["prefect.flow_run_id"]).state.type.value == "CRASHED"
+
+
+@pytest.mark.slow
+def test_a_cancelled_sweep_whose_process_is_gone_ends_its_runs_killed(mlflow_uri, tmp_path):
+    """A sweep's flow run cancelled from Prefect after its process was killed (what `fitflow serve` or a
+    worker does): the flow's on_cancellation hook, run as the runner runs it, ends every run KILLED."""
+    from prefect.states import Cancelled
+
+    from flows.sweep import sweep
+
+    process, client = _sweep_held_in_its_trials(tmp_path, "sweep-cancel")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    parent = _parent(client, "sweep-cancel")
+    with get_client(sync_client=True) as prefect:
+        flow_run_id = parent.data.tags["prefect.flow_run_id"]
+        prefect.set_flow_run_state(flow_run_id, Cancelled(message="cancelled from the UI"), force=True)
+        flow_run = prefect.read_flow_run(flow_run_id)
+    for hook in sweep.on_cancellation_hooks:
+        hook(sweep, flow_run, flow_run.state)
+
+    assert _runs_of(client, "sweep-cancel") == {"parent": "KILLED", "trial-0": "KILLED", "trial-1": "KILLED"}
+    assert "ended Cancelled: cancelled from the UI" in client.get_run(parent.info.run_id).data.tags["fitflow.closed_by"]
+
+
+# Holds `fitflow predict` where its prediction run exists and its summary is about to be logged:
+# an audit hook (no code of fitflow's replaced) waits for a file when the summary is opened to be read.
+HOLD_PREDICT_AT_SUMMARY = """
+import pathlib, sys, time
+from flows.cli import main
+folder = pathlib.Path(sys.argv[1])
+def hold(event, args):
+    if event == "open" and str(args[0]).endswith(".summary.json") and "r" in str(args[1] or "r") \\
+            and not (folder / "reached-1").exists():
+        (folder / "reached-1").touch()
+        while not (folder / "release-1").exists():
+            time.sleep(0.02)
+sys.addaudithook(hold)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_predict_ends_its_prediction_run_failed(mlflow_uri, tmp_path):
+    """SIGKILL of a real `fitflow predict` after its prediction run was created (held while it logs
+    the summary): `fitflow doctor` closes the prediction run FAILED, its flow run Crashed."""
+    from flows.train import train
+    from tasks.config import TrainConfig
+
+    trained = train(TrainConfig(epochs=1, patience=0, experiment="predict-kill-model"))
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    process = _held_process([str(hold), "predict", "--model", trained.run_id, "--data", str(REPO / "data" / "breast_cancer.csv"),
+                             "--out", str(tmp_path / "p.csv"), "--experiment", "predict-kill"],
+                            tmp_path, hold, 1, python=HOLD_PREDICT_AT_SUMMARY)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("predict-kill").experiment_id])
+    assert run.info.status == "RUNNING"  # what the SIGKILL left
+
+    assert main(["doctor"]) == 0
+
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "FAILED" and f"pid {process.pid}" in closed.data.tags.get("fitflow.closed_by", "")
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(run.data.tags["prefect.flow_run_id"]).state.type.value == "CRASHED"

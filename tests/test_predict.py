@@ -12,6 +12,7 @@ from conftest import write_mixed_classification_csv
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
+from flows.environment import fitflow_home
 from flows.predict import PredictConfig, predict
 from flows.train import train
 from tasks.config import TrainConfig
@@ -41,6 +42,7 @@ def test_predict_reproduces_the_training_runs_test_predictions_exactly(trained, 
     test.to_csv(tmp_path / "test.csv", index=False)  # raw rows, target included: the summary scores them
 
     out = predict(PredictConfig(model="models:/mixed@champion", data=str(tmp_path / "test.csv"), out=str(tmp_path / "p.parquet")))
+    assert not (fitflow_home() / "checkpoints" / out.run_id).exists()  # its owner record ended with the run
 
     # What the run's best weights predict for its own test split, computed here from the checkpoint
     client = MlflowClient()
