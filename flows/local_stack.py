@@ -3,7 +3,8 @@
 `up` starts a Prefect server with its UI, an MLflow server with its UI (the store under
 $FITFLOW_HOME: `mlflow.db`, artifacts served from `mlartifacts/`) and `fitflow serve` (the
 deployments of prefect.yaml with their schedules and triggers), each in a process group of its
-own, all on 127.0.0.1; prints both URLs once both answer; then waits. Ctrl-C, SIGTERM or
+own, all on 127.0.0.1; prints both URLs once both answer, and that the deployments are served once
+serve has registered them; then waits. Ctrl-C, SIGTERM or
 `fitflow down` stop every process it started, children included.
 
 While it runs, $FITFLOW_HOME/stack.json says where the servers are: every fitflow command of the
@@ -23,10 +24,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import psutil
 
+from flows.deployments import deployment_specs
 from tasks.errors import ConfigError, ServerError
 
 log = logging.getLogger("fitflow")
@@ -89,6 +92,7 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
             service.start(env, logs)
             started.append(service)
         _wait_until_answering(servers, logs)
+        serve_started = time.time()
         serve.start(env, logs)  # needs the Prefect API to register the deployments and their triggers
         started.append(serve)
         state.write_text(json.dumps({"pid": os.getpid(), "prefect_api_url": prefect_api,
@@ -96,6 +100,7 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
                                      "children": [s.popen.pid for s in started]}), encoding="utf-8")
         print(f"Prefect UI:  http://127.0.0.1:{prefect_port}   (API {prefect_api})", flush=True)
         print(f"MLflow UI:   {mlflow_url}", flush=True)
+        _wait_until_served(serve, prefect_api, len(deployment_specs()), serve_started, logs)
         print(f"serving the deployments of prefect.yaml; logs in {logs}; Ctrl-C or `fitflow down` stops it all",
               flush=True)
         while not stop_requested.is_set():
@@ -180,6 +185,32 @@ def _wait_until_answering(services: list[Service], logs: Path) -> None:
             raise ServerError(f"{names} did not answer within {START_TIMEOUT_S} s; see the logs in {logs}")
         if waiting:
             time.sleep(0.5)
+
+
+def _wait_until_served(serve: Service, prefect_api: str, count: int, since: float, logs: Path) -> None:
+    """Until `serve` has registered the `count` deployments of prefect.yaml (it imports the flows first,
+    10-30 s here): before that, `prefect deployment run` answers "Deployment not found"."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _deployments_registered_since(prefect_api, since) < count:
+        if serve.popen.poll() is not None:
+            raise ServerError(f"serve exited with code {serve.popen.returncode} while starting; see {logs / 'serve.log'}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"serve registered no deployments within {START_TIMEOUT_S} s; see {logs / 'serve.log'}")
+        time.sleep(0.5)
+
+
+def _deployments_registered_since(prefect_api: str, since: float) -> int:
+    """Deployments on the Prefect server created or updated after `since` (epoch seconds): this serve's,
+    not those an earlier serve or `prefect deploy` left in the same database."""
+    request = urllib.request.Request(f"{prefect_api}/deployments/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            deployments = json.load(response)
+    except OSError:
+        return 0
+    return sum(max(datetime.fromisoformat(d["created"]), datetime.fromisoformat(d["updated"])).timestamp() >= since
+               for d in deployments)
 
 
 def _stop_on_sigterm():
