@@ -37,9 +37,11 @@ def test_train_flow_on_the_shipped_dataset(mlflow_uri, tmp_path, monkeypatch):
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # params: the hyperparameters plus dataset facts; launch settings are tags; config.json the whole config
+    # params: the hyperparameters plus dataset facts and what `auto` settings came to; launch settings are
+    # tags; config.json the whole config
     config = TrainConfig(experiment="e2e")
-    assert {k for k in run.data.params if not k.startswith("data.")} == set(config.params())
+    assert {k for k in run.data.params if not k.startswith(("data.", "resolved."))} == set(config.params())
+    assert {k for k in run.data.params if k.startswith("resolved.")} == {"resolved.weight_decay"}
     assert {k: v for k, v in run.data.tags.items() if k.startswith("fitflow.launch.")} == config.launch_tags()
     logged = client.download_artifacts(result.run_id, "config.json", str(tmp_path))
     assert TrainConfig.model_validate_json(Path(logged).read_text()) == config
