@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
-        help="train a model on a CSV/Parquet table (the Prefect flow `train`)",
-        description="Train on a table and log params, per-epoch metrics, the dataset and the model to MLflow. "
+        help="train a model on a table, an image folder or your Datasets (the Prefect flow `train`)",
+        description="Train on a table, images or your Datasets and log params, per-epoch metrics, the dataset and the model to MLflow. "
         "Every config field is a flag; --config FILE.yaml sets fields by name and flags override it.",
     )
     train.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
