@@ -187,7 +187,9 @@ def log_dataset(client: MlflowClient, run_id: str, table: pd.DataFrame, source: 
     """Log the raw table as the run's input (`context`: training, or prediction); returns its digest."""
     dataset = _pandas_dataset(table, source, target, name)
     tags = [InputTag(key="mlflow.data.context", value=context)]
-    fields = dataset.to_dict()  # public; the run's dataset entity is made of these fields
+    with warnings.catch_warnings():  # the schema's hint on integer columns is advice for serving inputs
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        fields = dataset.to_dict()  # public; the run's dataset entity is made of these fields
     entity = DatasetEntity(name=fields["name"], digest=fields["digest"], source_type=fields["source_type"],
                            source=fields["source"], schema=fields.get("schema"), profile=fields.get("profile"))
     for attempt in range(3):

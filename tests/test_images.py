@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from image_folders import encode, pixels, write_class_folders, write_image, write_manifest, write_split_folders
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tasks import tracking
 from tasks.errors import ConfigError, DataError
 from tasks.images import index_images
 from tasks.images_loaders import make_image_loaders, plan_caches
@@ -341,3 +345,20 @@ def test_digest_changes_with_content_not_with_mtimes(tmp_path):
     assert prepared.source_digest == index_images(str(root)).digest()
     assert len(pickle.dumps(prepared)) < 3000  # Prefect's cached result: paths, not pixels
     assert len(encode(pixels(0, 0))) < 8192  # these files are hashed whole; big ones by their two ends
+
+
+def test_logging_an_image_index_as_the_runs_dataset_warns_nothing(tmp_path):
+    """MLflow's schema inference printed a UserWarning about integer columns (the index's labels) at
+    the start of every image run: advice on serving inputs with missing values, which a dataset
+    record is never given."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(tracking.experiment_id(client, "images")).info.run_id
+    source = index_images(str(Path(__file__).parents[1] / "data" / "digits"))
+    with warnings.catch_warnings(record=True) as caught:  # not "error": MLflow would drop the schema on it
+        warnings.simplefilter("always")
+        tracking.log_dataset(client, run_id, source.as_frame(), source.root, "label", "digits")
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "digits" and '"name": "label"' in logged.dataset.schema  # the schema is still logged
