@@ -38,7 +38,17 @@ from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_valida
 from tasks.errors import ConfigError
 from tasks.metrics import METRICS
 from tasks.models import build_model
-from tasks.trainer import Given, Run, Trained, build_loaders, metrics_of, task_metrics, training_loss, your_metrics
+from tasks.trainer import (
+    Given,
+    Run,
+    Trained,
+    build_loaders,
+    lower_is_better,
+    metrics_of,
+    task_metrics,
+    training_loss,
+    your_metrics,
+)
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
 from tasks.user_code import user_callbacks
 
@@ -201,7 +211,8 @@ class Trainer:
                     if data.kind == TABLE and config.baseline else None)
         log_test_metrics(self.config, run, trained, metrics, baseline)
         self.baseline_metrics = baseline.metrics if baseline else {}
-        sentence = baseline and baseline_sentence({**metrics, **baseline.metrics}, config.monitor, baseline.model)
+        sentence = baseline and baseline_sentence({**metrics, **baseline.metrics}, config.monitor,
+                                                  lower_is_better(config, prepared, self._given), baseline.model)
         if sentence:
             log.warning(sentence)
         record = test_record(x, y, target)
@@ -297,7 +308,8 @@ class _FitCall:
             _check_same_settings(self.resume, config)
         with on_own_device(config) as config:  # several GPUs: one no other run trains on
             loaders = run_step(build_loaders_task, config, data.prepared)
-            run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True)
+            run = run_step(start_run, config, data.prepared, data.record, resume=self.resume, from_python=True,
+                           given=self.given)
             objects = {name: _type(value) for name, value in vars(self.given).items() if value is not None and value != []}
             if self.given.metrics:
                 objects["metrics"] = [_type(metric) for metric in self.given.metrics]

@@ -2,7 +2,9 @@
 
 `register_model` adds a run's model as a new version of a registered model and decides its
 alias: `champion` moves to it only when it beats the current champion on the monitored metric
-measured on the same test data; otherwise the version becomes `challenger`. The reason, with
+measured on the same test data; otherwise the version becomes `challenger`. Better is as the
+newcomer's run trained: lower or higher as its run recorded (tasks/tracking.py MONITOR_MODE_TAG; a
+metric of yours may be lower-is-better whatever its name), by the metric's name for older runs. The reason, with
 both scores, goes into the version's description and tags, so the registry UI says why.
 
 "The same test data" means the same dataset (the `fitflow.dataset_digest` tag of both runs)
@@ -31,9 +33,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import events
 from tasks.baseline import judged_metric
-from tasks.callbacks import Monitor
 from tasks.errors import ConfigError, FitflowError
 from tasks.rescoring import NotComparable
+from tasks.tracking import recorded_lower_is_better
 
 log = logging.getLogger("fitflow")
 
@@ -90,7 +92,9 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
     champion = _current_champion(client, name)
-    decision = _decide(client, name, str(version), metric, score, run, champion, rescore)
+    # which way is better: as the newcomer trained (a metric of yours may say so against its name)
+    lower = recorded_lower_is_better(monitor, run.data.tags)
+    decision = _decide(client, name, str(version), metric, score, lower, run, champion, rescore)
     client.set_registered_model_alias(name, decision.alias, decision.version)
     client.update_model_version(name, decision.version, description=decision.reason)
     tags = {"fitflow.gate": decision.alias, "fitflow.gate_metric": metric, "fitflow.score": f"{score:.6g}",
@@ -122,7 +126,7 @@ def _announce(decision: Decision, run_id: str, model_uri: str) -> None:
                 [events.mlflow_run(run_id), events.mlflow_model(model_uri)], payload)
 
 
-def _decide(client: MlflowClient, name: str, version: str, metric: str, score: float, run: MlflowRun,
+def _decide(client: MlflowClient, name: str, version: str, metric: str, score: float, lower: bool, run: MlflowRun,
             champion, rescore: Rescore | None) -> Decision:
     if champion is None:
         return Decision(name, version, CHAMPION, metric, score, None, None,
@@ -140,7 +144,7 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
                 cannot = f"it cannot be scored on this version's test data: {err}"
             else:
                 if champion_score is not None:
-                    return _compare(name, version, metric, score, champion.version, champion_score,
+                    return _compare(name, version, metric, score, lower, champion.version, champion_score,
                                     f"re-scored on this version's test data (dataset {new_key['dataset_digest']}; "
                                     f"the champion was tested on other data: {differ} differ)", rescored=True)
                 cannot = f"re-scoring gave no {metric}"
@@ -151,13 +155,12 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
     if champion_score is None:
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
                         f"champion v{champion.version} has no {metric} to compare with; {metric} {score:.4f}")
-    return _compare(name, version, metric, score, champion.version, champion_score,
+    return _compare(name, version, metric, score, lower, champion.version, champion_score,
                     f"on the same test data (dataset {new_key['dataset_digest']})")
 
 
-def _compare(name: str, version: str, metric: str, score: float, champion_version: str, champion_score: float,
-             where: str, rescored: bool = False) -> Decision:
-    lower = Monitor(metric).lower_is_better
+def _compare(name: str, version: str, metric: str, score: float, lower: bool, champion_version: str,
+             champion_score: float, where: str, rescored: bool = False) -> Decision:
     better = score < champion_score if lower else score > champion_score
     relation = ("<" if lower else ">") if better else ("=" if score == champion_score else (">" if lower else "<"))
     verdict = "beats" if better else "does not beat"

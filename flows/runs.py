@@ -3,8 +3,9 @@
 The numbers are MLflow's own (a run's latest value of each metric, as the MLflow UI shows
 them) and MLflow does the sorting. Per-epoch metrics (val_accuracy) hold the last epoch;
 `best_<monitor>` (e.g. best_val_accuracy) holds the value of the weights that were kept, which
-is what a sweep ranks by. Runs without the metric come last; ties go to the run that started first,
-as in a sweep's own ranking. Each table run also shows its linear baseline (`baseline_test_<metric>`,
+is what a sweep ranks by. Losses and errors sort ascending, scores descending; a metric its runs
+monitored sorts the way they recorded it improves (a metric of yours says which way). Runs without
+the metric come last; ties go to the run that started first, as in a sweep's own ranking. Each table run also shows its linear baseline (`baseline_test_<metric>`,
 fitted on its own training split) on the metric it is judged by, the test counterpart of its monitor.
 """
 
@@ -14,12 +15,14 @@ import json
 import re
 from typing import Any
 
+from mlflow.entities import Experiment
 from mlflow.tracking import MlflowClient
 
 from tasks.baseline import BASELINE_PREFIX, beats_baseline, judged_metric
 from tasks.callbacks import Monitor
 from tasks.errors import ConfigError
 from tasks.redaction import redact_uri
+from tasks.tracking import MONITOR_MODE_TAG, recorded_lower_is_better
 
 MAX_PARAM_COLUMNS = 6
 # What MLflow accepts as a metric key, and so inside the backquotes of an order_by clause
@@ -43,11 +46,31 @@ def ranked_runs(uri: str, experiment: str, sort: str = "val_loss", top: int = 20
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ConfigError(f"no MLflow experiment '{experiment}' in {redact_uri(uri)}; experiments: {', '.join(names) or 'none'}")
-    direction = "ASC" if Monitor(sort).lower_is_better else "DESC"
     filter_string = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    direction = "ASC" if _lower_is_better(client, found, filter_string, sort) else "DESC"
     runs = client.search_runs([found.experiment_id], filter_string=filter_string,
                               order_by=[f"metrics.`{sort}` {direction}", "attributes.start_time ASC"], max_results=top)
     return [_row(run, sort) for run in runs]
+
+
+def _lower_is_better(client: MlflowClient, experiment: Experiment, filter_string: str, sort: str) -> bool:
+    """Which way `sort` improves: as the runs that monitored its metric recorded it (tasks/tracking.py MONITOR_MODE_TAG:
+    a metric of yours may be lower-is-better whatever its name), else by its name. `best_val_x`, `test_x`,
+    `baseline_test_x` and `champion_test_x` are all the metric of a run that monitored `val_x`."""
+    stem = re.sub(r"^(best_|baseline_|champion_)?(train_|val_|test_)", "", sort)
+    if stem == sort:
+        return Monitor(sort).lower_is_better
+    recorded = []
+    for mode in ("min", "max"):
+        clauses = [filter_string, f"params.monitor = 'val_{stem}'", f"tags.`{MONITOR_MODE_TAG}` = '{mode}'"]
+        if client.search_runs([experiment.experiment_id], filter_string=" and ".join(c for c in clauses if c),
+                              max_results=1):
+            recorded.append(mode)
+    if len(recorded) > 1:
+        raise ConfigError(f"the runs of experiment '{experiment.name}' disagree on which way val_{stem} improves (some "
+                          "trained with it lower-is-better, others higher-is-better: two metrics of one name); rank "
+                          "them apart, by --sweep or in experiments of their own")
+    return recorded[0] == "min" if recorded else Monitor(sort).lower_is_better
 
 
 def _row(run, sort: str) -> dict[str, Any]:
@@ -57,9 +80,10 @@ def _row(run, sort: str) -> dict[str, Any]:
     tested = (*SHOWN_METRICS, *([judged] if judged else []))
     names = (sort, *tested, *(BASELINE_PREFIX + name for name in tested))
     shown = {name: metrics[name] for name in names if name in metrics}
+    beats = beats_baseline(metrics, monitor, recorded_lower_is_better(monitor, run.data.tags)) if monitor else None
     return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
             "parent": run.data.tags.get("mlflow.parentRunId"), "params": params, "metrics": shown,
-            "judged_by": judged, "beats_baseline": beats_baseline(metrics, monitor) if monitor else None}
+            "judged_by": judged, "beats_baseline": beats}
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:

@@ -55,7 +55,6 @@ from flows.steps import (
 from flows.sweep_config import SweepConfig, check_prefect_for_cluster, check_task_runner
 from flows.train import log_model, start_run
 from tasks import run_owner, search, system_metrics, tracking
-from tasks.callbacks import Monitor
 from tasks.checkout import checkout_first_on_path
 from tasks.config import TrainConfig
 from tasks.data import Prepared
@@ -129,7 +128,7 @@ def run_trials(config: SweepConfig, runner: TaskRunner, n_trials: int, parallel:
     integers, grid = config.integers(), config.sampler == "grid"
     space = {k: v.model_dump() for k, v in config.space.items()}
     study = optuna.create_study(
-        direction="minimize" if Monitor(config.base.monitor).lower_is_better else "maximize",
+        direction="minimize" if recorded_lower_is_better(parent, config.base.monitor) else "maximize",
         sampler=search.make_sampler(config.sampler, space, integers, config.base.seed, n_trials, parallel > 1),
         pruner=search.make_pruner(config.prune, config.prune_warmup_epochs, n_trials),
     )
@@ -296,7 +295,7 @@ def report_trials(config: SweepConfig, parent: Run) -> pd.DataFrame:
     monitor, score = config.base.monitor, f"best_{config.base.monitor}"
     children = parent.client.search_runs(
         [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=10_000)
-    ranking = rank_trials([_row(run, config, score) for run in children], score, Monitor(monitor).lower_is_better)
+    ranking = rank_trials([_row(run, config, score) for run in children], score, recorded_lower_is_better(parent, monitor))
     if ranking.empty or ranking.iloc[0]["state"] != "complete":
         errors = [e for e in ranking.get("error", pd.Series(dtype=object)).dropna()][:1]
         raise TrainingError(f"no trial of the sweep completed ({len(ranking)} ran)"
@@ -322,6 +321,12 @@ def report_trials(config: SweepConfig, parent: Run) -> pd.DataFrame:
         create_table_artifact(key="sweep-ranking", table=table_records(ranking),
                               description=f"Trials of sweep run {parent.run_id}, best {score} first")
     return ranking
+
+
+def recorded_lower_is_better(parent: Run, monitor: str) -> bool:
+    """Which way `monitor` improves, as the sweep's parent run recorded it from the base config (your metric's own
+    say included): the study's direction and the ranking's."""
+    return tracking.recorded_lower_is_better(monitor, parent.client.get_run(parent.run_id).data.tags)
 
 
 def _row(run, config: SweepConfig, score: str) -> dict[str, Any]:

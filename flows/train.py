@@ -51,7 +51,7 @@ from tasks.errors import ConfigError
 from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.trainer import Given, Run, Trained, first_inputs, weight_decay_of
+from tasks.trainer import Given, Run, Trained, first_inputs, lower_is_better, weight_decay_of
 
 log = logging.getLogger("fitflow")
 
@@ -113,7 +113,8 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
         mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),
         best_epoch=trained.best_epoch, epochs_trained=len(trained.history),
-        history=trained.history.history, test_metrics=test_metrics, **beside_baseline(config, test_metrics, baseline),
+        history=trained.history.history, test_metrics=test_metrics,
+        **beside_baseline(config, test_metrics, baseline, lower_is_better(config, prepared)),
         registered=str(decision) if decision else None,
     )
     publish_summary(config, result)
@@ -130,11 +131,13 @@ def train_in_run(config: TrainConfig, prepared: Prepared, loaders: Loaders, run:
     return trained
 
 
-def beside_baseline(config: TrainConfig, test_metrics: dict[str, float], baseline: Baseline | None) -> dict:
-    """TrainResult's baseline fields: the model, its test metrics, the sentence when the network does not beat it."""
+def beside_baseline(config: TrainConfig, test_metrics: dict[str, float], baseline: Baseline | None,
+                    lower_is_better: bool) -> dict:
+    """TrainResult's baseline fields: the model, its test metrics, the sentence when the network does not beat it
+    (`lower_is_better`: which way the monitor improves)."""
     if baseline is None:
         return {}
-    warning = baseline_sentence({**test_metrics, **baseline.metrics}, config.monitor, baseline.model)
+    warning = baseline_sentence({**test_metrics, **baseline.metrics}, config.monitor, lower_is_better, baseline.model)
     return {"baseline_model": baseline.model, "baseline_metrics": baseline.metrics, "baseline_warning": warning}
 
 
@@ -199,7 +202,8 @@ def _resolved(config: TrainConfig, prepared: Prepared) -> dict[str, float]:
 
 @task(name="start_run", cache_policy=NO_CACHE)
 def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_run_id: str | None = None,
-              params: dict[str, str] | None = None, resume: str | None = None, from_python: bool = False) -> Run:
+              params: dict[str, str] | None = None, resume: str | None = None, from_python: bool = False,
+              given: Given | None = None) -> Run:
     """Create the MLflow run, linked to this flow run both ways; log params and the dataset.
 
     With `parent_run_id` it is a child run (a sweep's trial), nested by the explicit
@@ -208,7 +212,8 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     A run being resumed (`resume`, or one an earlier attempt of this flow run left unfinished)
     is reopened instead: same run, same params, its checkpoints continue it. A new run gets the
     hyperparameters as params, the launch settings as tags and the whole config as config.json.
-    `from_python`: the Python API's run (fitflow/), on the caller's objects; only the API resumes it.
+    `from_python`: the Python API's run (fitflow/), on the caller's objects (`given`: its metrics count for
+    which way the monitor improves, recorded as the tag MONITOR_MODE_TAG); only the API resumes it.
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # model logging goes through MLflow's fluent layer
@@ -217,7 +222,7 @@ def start_run(config: TrainConfig, prepared: Prepared, data: DataRecord, parent_
     experiment_id = tracking.experiment_id(client, config.experiment, artifact_location(uri))
     flow_name = "train" if parent_run_id is None and params is None else "sweep"  # resume accepts "train" only
     tags = {"fitflow.flow": flow_name, "mlflow.source.name": f"flows/{flow_name}.py", **config.launch_tags(),
-            **code_version_tags()}
+            **code_version_tags(), tracking.MONITOR_MODE_TAG: tracking.monitor_mode(lower_is_better(config, prepared, given))}
     if from_python:
         tags.update({"fitflow.entry": "python", "mlflow.source.name": "fitflow (Python API)"})
     if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # the account that logs it: the UI's "User" of the run

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tasks.callbacks import Monitor
 from tasks.config import TrainConfig
 from tasks.data import Prepared
 from tasks.linear_fit import fit_linear
@@ -54,18 +53,21 @@ def judged_metric(monitor: str) -> str:
     return "test_" + monitor.split("_", 1)[1]
 
 
-def beats_baseline(metrics: dict[str, float], monitor: str) -> bool | None:
-    """Is the network strictly better than the baseline on the judged metric? None when either is missing."""
+def beats_baseline(metrics: dict[str, float], monitor: str, lower_is_better: bool) -> bool | None:
+    """Is the network strictly better than the baseline on the judged metric? None when either is missing.
+    `lower_is_better`: which way the monitor improves (tasks/trainer.py lower_is_better; a run's own record of it,
+    tasks/tracking.py recorded_lower_is_better): a metric of yours may say so against its name."""
     name = judged_metric(monitor)
     if name not in metrics or BASELINE_PREFIX + name not in metrics:
         return None
     network, baseline = metrics[name], metrics[BASELINE_PREFIX + name]
-    return network < baseline if Monitor(monitor).lower_is_better else network > baseline
+    return network < baseline if lower_is_better else network > baseline
 
 
-def baseline_sentence(metrics: dict[str, float], monitor: str, model: str = "linear baseline") -> str | None:
+def baseline_sentence(metrics: dict[str, float], monitor: str, lower_is_better: bool,
+                      model: str = "linear baseline") -> str | None:
     """One plain sentence when the network does not beat the baseline; None when it does (or no baseline)."""
-    if beats_baseline(metrics, monitor) is not False:
+    if beats_baseline(metrics, monitor, lower_is_better) is not False:
         return None
     name = judged_metric(monitor)
     return (f"The network does not beat the {model} fitted on the same training split: {name} "

@@ -62,7 +62,7 @@ def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outp
     targets = prepared.test.targets  # images: a tensor; tables: a (possibly read-only, cached) array
     targets = targets.clone() if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
     identity = torch.nn.Identity()  # the outputs are given: evaluate only applies the loss and the metrics
-    return evaluate(identity, [(outputs, targets)], loss_of(config, prepared), task_metrics(prepared),
+    return evaluate(identity, [(outputs, targets)], loss_of(config, prepared), task_metrics(prepared, config.metrics),
                     torch.device("cpu"), "test")
 
 

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks import metrics_journal
-from tasks.callbacks import Callback, FitState
+from tasks.callbacks import Callback, FitState, Monitor
 from tasks.checkpoints import Checkpoints, DamagedCheckpoint, checkpoint_files, load_checkpoint
 from tasks.durable_files import atomic_file
 from tasks.errors import ConfigError, TrackingError
@@ -38,6 +38,22 @@ from tasks.redaction import redact_text, redact_uri
 
 log = logging.getLogger("fitflow")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+
+# Which way the run's monitor improves, "min" or "max", as it trained (tasks/user_code.py monitor_lower_is_better):
+# written once when the run is created, read by whatever judges the run later from the run alone.
+MONITOR_MODE_TAG = "fitflow.monitor_mode"
+
+
+def monitor_mode(lower_is_better: bool) -> str:
+    return "min" if lower_is_better else "max"
+
+
+def recorded_lower_is_better(monitor: str, tags: dict[str, str]) -> bool:
+    """Which way a run's `monitor` improves, as the run recorded it; a run logged before fitflow recorded it
+    (no MONITOR_MODE_TAG) goes by the metric's name, as it trained then."""
+    mode = tags.get(MONITOR_MODE_TAG)
+    return Monitor(monitor).lower_is_better if mode not in ("min", "max") else mode == "min"
 
 
 def prepare_store(uri: str) -> None:

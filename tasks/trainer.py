@@ -33,7 +33,7 @@ from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import METRICS, TaskMetrics, metric_names
 from tasks.models import LinearAndMLP, build_model, check_outputs, class_path, load_pretrained, model_spec
 from tasks.training import History, evaluate, fit, optimizer_steps, seed_everything, to_device
-from tasks.user_code import UserMetric, user_callbacks, user_metrics
+from tasks.user_code import UserMetric, monitor_lower_is_better, user_callbacks, user_metrics
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
 
 if TYPE_CHECKING:
@@ -108,6 +108,12 @@ def your_metrics(config: TrainConfig, given: Given | None) -> list[str | object]
 def metrics_of(extra: Sequence[str | object], prepared: Prepared) -> list[UserMetric]:
     p = prepared.preprocessor
     return user_metrics(extra, p.task, len(p.classes or []), taken=("loss", *METRICS[p.task]))
+
+
+def lower_is_better(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,
+                    given: Given | None = None) -> bool:
+    """Which way the config's monitor improves, your metrics (the config's and the caller's) included."""
+    return monitor_lower_is_better(config.monitor, metrics_of(your_metrics(config, given), prepared))
 
 
 def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets,
@@ -230,10 +236,9 @@ def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: 
     scheduler = make_scheduler(config.scheduler, optimizer, config.epochs, config.scheduler_step_size, config.scheduler_gamma,
                                optimizer_steps(len(loaders.train), config.accumulate_grad_batches), config.warmup_steps)
     best_path = run.checkpoint_dir / "best.pt" if run is not None and writes else None
-    monitored = [m.lower_is_better for m in metrics.extra if f"val_{m.name}" == config.monitor]
     stateful = deciding_callbacks(config.monitor, config.min_delta, config.patience, scheduler, best_path,
                                   per_step=config.scheduler in PER_STEP_SCHEDULERS,
-                                  lower_is_better=monitored[0] if monitored else None)
+                                  lower_is_better=monitor_lower_is_better(config.monitor, metrics.extra))
     if linear_start is not None:  # the start is the linear baseline: a candidate for the kept weights (epoch 0)
         start = evaluate(trainee, loaders.val, training_loss(config, prepared, given, device), metrics.to(device),
                          device, "val", autocast_dtype(config.precision, device))

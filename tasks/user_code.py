@@ -14,7 +14,9 @@ Each resolver takes the config's import paths or the objects a Python caller alr
   and 0/1 labels, both (batch, classes); predictions and targets in the target's own units
   (regression). A function's values are averaged over the batches, weighed
   by their rows. Which way is better comes from a Metric's `higher_is_better`, or a function's
-  attribute of that name; without one, names ending in loss, error, rmse or mae go down.
+  attribute of that name; without one, names ending in loss, error, rmse or mae go down. The run
+  records it for its monitor (`monitor_lower_is_better`, tag fitflow.monitor_mode), and everything
+  that judges the run later (baseline, registry gate, sweep, `fitflow runs`) goes by that record.
 - callbacks: a `tasks.callbacks.Callback` subclass (created with no arguments) or a Callback.
 
 Settings go in the class as defaults (`class Focal(FocalLoss): def __init__(self): super().__init__(gamma=2)`).
@@ -33,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from tasks.callbacks import Callback
+from tasks.callbacks import Callback, Monitor
 from tasks.errors import ConfigError
 
 
@@ -113,6 +115,14 @@ def user_metrics(metrics: Sequence[str | Any], task: str, n_classes: int, taken:
         higher = getattr(found, "higher_is_better", None)
         resolved.append(UserMetric(name, source, found, None if higher is None else not higher))
     return resolved
+
+
+def monitor_lower_is_better(monitor: str, metrics: Sequence[UserMetric]) -> bool:
+    """Which way `monitor` improves: as your metric of that name declares it, else by its name (Monitor).
+    Early stopping, the kept weights, the run's record of it (tasks/tracking.py MONITOR_MODE_TAG) and so the
+    baseline sentence, the registry gate, a sweep and `fitflow runs` all take it from here."""
+    declared = [m.lower_is_better for m in metrics if f"val_{m.name}" == monitor]
+    return Monitor(monitor, lower_is_better=declared[0] if declared else None).lower_is_better
 
 
 def is_torchmetrics_metric(obj: Any, as_class: bool = False) -> bool:

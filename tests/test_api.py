@@ -292,6 +292,24 @@ def test_log_model_registers_behind_the_champion_gate(mlflow_uri):
     assert (champion["prediction"].astype(int) == test[1]).mean() > 0.9
 
 
+def test_a_lower_is_better_metric_object_gates_the_champion_by_its_own_direction(mlflow_uri):
+    """error_rate says higher_is_better = False; by its name alone (not a loss, error, rmse or mae) it would go up."""
+    x, y = _problem(seed=6)
+    test = (x[1200:], y[1200:])
+    metrics = [user_code_examples.error_rate]  # an object: only fit's caller holds it, the config does not
+    better = fitflow.compile(Net(8, 3), lr=1e-2, experiment="api-errors", seed=1, metrics=metrics, monitor="val_error_rate")
+    better.fit(x[:1200], y[:1200], epochs=6, batch_size=64)
+    assert MlflowClient(mlflow_uri).get_run(better.run_id).data.tags["fitflow.monitor_mode"] == "min"
+    better.evaluate(*test)
+    assert better.log_model(name="api-errors").endswith("/1") and better.registered.alias == "champion"
+    worse = fitflow.compile(Net(8, 3), lr=1e-4, experiment="api-errors", seed=1, metrics=metrics, monitor="val_error_rate")
+    worse.fit(x[:1200], y[:1200], epochs=1, batch_size=64)
+    tested = worse.evaluate(*test)
+    assert tested["test_error_rate"] > better.registered.score  # the premise: more errors
+    worse.log_model(name="api-errors")
+    assert worse.registered.alias == "challenger" and "does not beat" in worse.registered.reason
+
+
 def test_a_model_the_logged_model_cannot_rebuild_is_refused_with_the_reason(mlflow_uri):
     x, y = _problem(rows=300, seed=7)
     trainer = fitflow.compile(nn.Sequential(nn.Linear(8, 3)), experiment="api-sequential")

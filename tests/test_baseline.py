@@ -22,6 +22,7 @@ from sklearn.datasets import load_diabetes, load_wine
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from flows.cli import main
+from flows.runs import ranked_runs
 from flows.steps import DataRecord, baseline_of_run
 from flows.train import train
 from tasks.baseline import baseline_sentence, beats_baseline, linear_baseline
@@ -182,12 +183,12 @@ def test_the_baseline_is_scored_with_your_loss_function_and_metrics_as_the_netwo
 
 def test_the_sentence_says_when_the_network_does_not_beat_the_baseline():
     metrics = {"test_loss": 0.30, "baseline_test_loss": 0.25, "test_accuracy": 0.90, "baseline_test_accuracy": 0.88}
-    assert beats_baseline(metrics, "val_loss") is False  # judged by test_loss, the counterpart of the monitor
-    assert beats_baseline(metrics, "val_accuracy") is True
-    assert beats_baseline({**metrics, "test_accuracy": 0.88}, "val_accuracy") is False  # a tie does not beat it
-    assert beats_baseline({"test_loss": 0.3}, "val_loss") is None  # no baseline (images, or turned off)
-    assert baseline_sentence(metrics, "val_accuracy", "logistic regression") is None
-    assert baseline_sentence(metrics, "val_loss", "logistic regression") == (
+    assert beats_baseline(metrics, "val_loss", True) is False  # judged by test_loss, the counterpart of the monitor
+    assert beats_baseline(metrics, "val_accuracy", False) is True
+    assert beats_baseline({**metrics, "test_accuracy": 0.88}, "val_accuracy", False) is False  # a tie does not beat it
+    assert beats_baseline({"test_loss": 0.3}, "val_loss", True) is None  # no baseline (images, or turned off)
+    assert baseline_sentence(metrics, "val_accuracy", False, "logistic regression") is None
+    assert baseline_sentence(metrics, "val_loss", True, "logistic regression") == (
         "The network does not beat the logistic regression fitted on the same training split: "
         "test_loss 0.3000 against 0.2500 on the same test rows.")
 
@@ -268,3 +269,51 @@ def test_a_table_where_a_linear_model_is_optimal_says_the_network_does_not_beat_
     assert main(["runs", "--experiment", "linear", "--sort", "test_r2"]) == 0
     printed = capsys.readouterr().out
     assert "(not beaten)" in printed and "1 of 1 run(s) do not beat the linear baseline" in printed
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_lower_is_better_metric_of_yours_judges_the_baseline_and_sorts_fitflow_runs(mlflow_uri, capsys):
+    """error_rate (tests/user_code_examples.py) says higher_is_better = False; by its name alone it would go up."""
+    errors = dict(monitor="val_error_rate", metrics=["user_code_examples:error_rate"], patience=0, linear_path=False,
+                  experiment="errors")
+    weak = train(TrainConfig(epochs=1, lr=1e-6, **errors))  # from random weights, barely moved: many errors
+    good = train(TrainConfig(epochs=25, lr=3e-3, **errors))
+    network, baseline = weak.test_metrics["test_error_rate"], weak.baseline_metrics["baseline_test_error_rate"]
+    assert network > baseline  # the premise
+    assert weak.baseline_warning == ("The network does not beat the logistic regression fitted on the same training "
+                                     f"split: test_error_rate {network:.4f} against {baseline:.4f} on the same test rows.")
+    good_beats = good.test_metrics["test_error_rate"] < good.baseline_metrics["baseline_test_error_rate"]
+    assert (good.baseline_warning is None) == good_beats
+
+    assert main(["runs", "--experiment", "errors", "--sort", "test_error_rate", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["run_id"] for row in rows] == [good.run_id, weak.run_id]  # fewer errors first
+    assert [row["beats_baseline"] for row in rows] == [good_beats, False]
+    assert [row["run_id"] for row in ranked_runs(mlflow_uri, "errors", "best_val_error_rate")] == [good.run_id, weak.run_id]
+
+
+def test_runs_logged_before_the_direction_was_recorded_go_by_the_metric_name(mlflow_uri):
+    """No fitflow.monitor_mode tag: such a run trained (and early-stopped) by the name rule, so it is judged by it."""
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("older")
+    for value in (0.1, 0.3):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_param(run_id, "monitor", "val_error_rate")
+        client.log_metric(run_id, "test_error_rate", value)
+        client.log_metric(run_id, "baseline_test_error_rate", 0.2)
+    rows = ranked_runs(mlflow_uri, "older", "test_error_rate")
+    assert [row["metrics"]["test_error_rate"] for row in rows] == [0.3, 0.1]  # by the name: a rate goes up
+    assert [row["beats_baseline"] for row in rows] == [True, False]
+
+
+def test_fitflow_runs_refuses_to_rank_runs_that_disagree_on_which_way_a_metric_improves(mlflow_uri, capsys):
+    """Two metrics of one name, one lower-is-better, one not: no single order ranks them both right."""
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("two-meanings")
+    for mode in ("min", "max"):
+        run_id = client.create_run(experiment, tags={"fitflow.monitor_mode": mode}).info.run_id
+        client.log_param(run_id, "monitor", "val_error_rate")
+        client.log_metric(run_id, "test_error_rate", 0.1)
+    assert main(["runs", "--experiment", "two-meanings", "--sort", "test_error_rate"]) == 2
+    assert "disagree on which way val_error_rate improves" in capsys.readouterr().err
+    assert main(["runs", "--experiment", "two-meanings", "--sort", "test_accuracy", "--json"]) == 0  # another metric

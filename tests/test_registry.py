@@ -168,3 +168,23 @@ def _wait_for_model_events(name: str, expected: set) -> set:
         if expected <= seen or time.monotonic() > deadline:
             return seen
         time.sleep(0.2)
+
+
+def test_a_lower_is_better_metric_of_yours_promotes_the_lower_value_also_when_rescored(mlflow_uri):
+    """error_rate (tests/user_code_examples.py) says higher_is_better = False; by its name alone it would go up."""
+    client = MlflowClient(mlflow_uri)
+    errors = dict(BASE, monitor="val_error_rate", metrics=["user_code_examples:error_rate"], register_model="err")
+    weak = train(TrainConfig(epochs=1, lr=1e-6, **errors))
+    good = train(TrainConfig(epochs=25, lr=3e-3, **errors))
+    assert good.test_metrics["test_error_rate"] < weak.test_metrics["test_error_rate"]  # the premise
+    assert client.get_run(good.run_id).data.tags["fitflow.monitor_mode"] == "min"
+    champion = client.get_model_version_by_alias("err", "champion")
+    assert champion.run_id == good.run_id and " < " in champion.description and "beats" in champion.description
+    # weak again, tested on another split: the champion is re-scored there, and its fewer errors keep it champion
+    other_split = train(TrainConfig(epochs=1, lr=1e-6, seed=7, **errors))
+    assert client.get_model_version_by_alias("err", "champion").run_id == good.run_id
+    challenger = client.get_model_version_by_alias("err", "challenger")
+    assert challenger.run_id == other_split.run_id and challenger.tags["fitflow.champion_rescored"] == "true"
+    assert "does not beat" in challenger.description and "re-scored" in challenger.description
+    rescored = client.get_run(other_split.run_id).data.metrics
+    assert rescored["champion_test_error_rate"] < rescored["test_error_rate"]

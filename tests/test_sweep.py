@@ -173,6 +173,21 @@ def test_bad_sweep_configs_fail_before_any_run(values, message):
     assert message in str(err.value)
 
 
+def test_a_lower_is_better_metric_of_yours_is_minimised(store):
+    """error_rate (tests/user_code_examples.py) says higher_is_better = False; by its name alone it would go up."""
+    config = load_sweep_config(
+        None, base={"epochs": 3, "patience": 0, "linear_path": False, "monitor": "val_error_rate",
+                    "metrics": ["user_code_examples:error_rate"], "experiment": "sweep-errors"},
+        space={"lr": {"choices": [1e-6, 3e-3]}}, sampler="grid", n_trials=2, parallelism=1, prune=False, name="errors")
+    result = sweep(config)
+    values = [row["best_val_error_rate"] for row in result.trials]
+    assert values[0] < values[1] and [row["lr"] for row in result.trials] == [3e-3, 1e-6]  # fewer errors first
+    assert result.best_params == {"lr": 3e-3} and result.best_value == pytest.approx(values[0], abs=1e-6)
+    parent = MlflowClient(store).get_run(result.parent_run_id)
+    assert parent.data.tags["fitflow.monitor_mode"] == "min"
+    assert parent.data.metrics["best_val_error_rate"] == pytest.approx(values[0], abs=1e-6)
+
+
 def test_a_trial_that_fails_before_training_still_ends_its_run(store):
     """Everything after the child run exists is inside its guard: here the pruner cannot be built
     (a finished trial with two objective values, in a one-objective study), and the run ends FAILED."""
