@@ -305,15 +305,3 @@ def test_runs_logged_before_the_direction_was_recorded_go_by_the_metric_name(mlf
     assert [row["metrics"]["test_error_rate"] for row in rows] == [0.3, 0.1]  # by the name: a rate goes up
     assert [row["beats_baseline"] for row in rows] == [True, False]
 
-
-def test_fitflow_runs_refuses_to_rank_runs_that_disagree_on_which_way_a_metric_improves(mlflow_uri, capsys):
-    """Two metrics of one name, one lower-is-better, one not: no single order ranks them both right."""
-    client = MlflowClient(mlflow_uri)
-    experiment = client.create_experiment("two-meanings")
-    for mode in ("min", "max"):
-        run_id = client.create_run(experiment, tags={"fitflow.monitor_mode": mode}).info.run_id
-        client.log_param(run_id, "monitor", "val_error_rate")
-        client.log_metric(run_id, "test_error_rate", 0.1)
-    assert main(["runs", "--experiment", "two-meanings", "--sort", "test_error_rate"]) == 2
-    assert "disagree on which way val_error_rate improves" in capsys.readouterr().err
-    assert main(["runs", "--experiment", "two-meanings", "--sort", "test_accuracy", "--json"]) == 0  # another metric

@@ -173,12 +173,20 @@ def test_one_hot_columns_of_a_split_read_the_splits_own_rows():
 RUNS_REFUSED = {
     "a backquote in --sort": (["--sort", "val`loss"], "--sort 'val`loss' is not a metric name"),
     "a quote in --sweep": (["--sweep", "abc'"], "--sweep \"abc'\" is not a run id"),
+    # two metrics of one name, one lower-is-better: no single order ranks both right
+    "runs that disagree on which way --sort improves": (["--sort", "test_error_rate"],
+                                                        "disagree on which way val_error_rate improves"),
 }
 
 
 @pytest.mark.parametrize("case", RUNS_REFUSED, ids=list(RUNS_REFUSED))
 def test_fitflow_runs_refuses_what_mlflow_search_cannot_parse(case, mlflow_uri, capsys):
-    MlflowClient(mlflow_uri).create_experiment("ranked")
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("ranked")
+    for mode in ("min", "max"):  # runs that recorded opposite directions for their monitor val_error_rate
+        run_id = client.create_run(experiment, tags={"fitflow.monitor_mode": mode}).info.run_id
+        client.log_param(run_id, "monitor", "val_error_rate")
+        client.log_metric(run_id, "test_error_rate", 0.1)
     flags, message = RUNS_REFUSED[case]
     assert main(["runs", "--experiment", "ranked", *flags]) == 2
     err = capsys.readouterr().err
