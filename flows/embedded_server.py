@@ -25,11 +25,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flows.environment import fitflow_home, running_stack
 from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
+from tasks.checkout import REPO
 from tasks.errors import ServerError
 
 T = TypeVar("T")
@@ -95,11 +97,19 @@ def prefect_server_starting(meanwhile: Sequence[Callable[[], object]] = ()) -> I
 class _EmbeddedServer:
     """The process Prefect's own temporary server runs (`SubprocessASGIServer`: uvicorn on
     `create_app`, ephemeral, no UI), started without importing Prefect's server package here:
-    that import alone took 3 s of the command's own start-up."""
+    that import alone took 3 s of the command's own start-up.
+
+    It runs under flows/embedded_server_process.py, which stops it once this process is gone
+    (killed outright, `stop` never called): it holds the read end of a pipe whose write end,
+    the lifeline, only this process holds. Nothing else may hold that end, or the server would
+    outlive the command: it is not inherited by programs this process starts (os.pipe), and a
+    process forked from this one without a new program (DataLoader workers) closes it at once.
+    """
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.api_url = ""
+        self.lifeline: int | None = None
 
     def start(self) -> None:
         import prefect
@@ -111,12 +121,19 @@ class _EmbeddedServer:
         self.api_url = f"http://127.0.0.1:{port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", **EPHEMERAL_SERVER_ENV,
                **get_current_settings().to_environment_variables(exclude_unset=True)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory",
-             SERVER_APP_FACTORY, "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL,
-        )
+        # the checkout on the path: `-m` finds it from any working directory, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        server_end, self.lifeline = os.pipe()
+        _closed_in_forked_children(self.lifeline)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flows.embedded_server_process", str(server_end),
+                 "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory", SERVER_APP_FACTORY,
+                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                env=env, stdin=subprocess.DEVNULL, pass_fds=(server_end,),
+            )
+        finally:
+            os.close(server_end)
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -130,15 +147,38 @@ class _EmbeddedServer:
                            "EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.lifeline is not None:
+            _lifelines.discard(self.lifeline)
+            os.close(self.lifeline)
+            self.lifeline = None
+
+
+_lifelines: set[int] = set()  # the write ends held by this process, closed in each child forked from it
+
+
+def _closed_in_forked_children(lifeline: int) -> None:
+    _close_lifelines_at_fork()
+    _lifelines.add(lifeline)
+
+
+@cache
+def _close_lifelines_at_fork() -> None:
+    os.register_at_fork(after_in_child=_close_lifelines)  # once: a handler cannot be removed
+
+
+def _close_lifelines() -> None:
+    for lifeline in _lifelines:
+        with suppress(OSError):
+            os.close(lifeline)
+    _lifelines.clear()
 
 
 def _healthy(api_url: str) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -79,6 +81,23 @@ def _servers_on(home: Path) -> list[psutil.Process]:
 def _refused(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _port_of(server: psutil.Process) -> int:
+    return int(server.cmdline()[server.cmdline().index("--port") + 1])
+
+
+def _servers_left_after_waiting(home: Path) -> list[psutil.Process]:
+    """The server processes still on `home` once they are gone, or after 60 s (a guard, not a
+    speed limit: a server ends about as fast as it stops at a command's normal end). Any left are
+    killed, so a failing run leaves none behind."""
+    deadline = time.monotonic() + 60
+    while _servers_on(home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _servers_on(home)
+    for server in left:
+        server.kill()
+    return left
 
 
 def test_a_server_that_does_not_come_up_is_one_line_and_leaves_no_process(home):
@@ -221,3 +240,72 @@ def test_a_sweep_runs_on_a_server_that_is_its_own_child_on_a_port_the_os_gave(ho
     assert process.returncode == 0, out[-3000:]
     assert "temporary server" not in out
     assert _servers_on(home) == [] and _refused(port)
+
+
+# A command killed outright (SIGKILL, the OOM killer) runs no `finally`: its server ends on its own.
+
+def test_a_sigkilled_train_takes_its_server_with_it(home, tmp_path):
+    """A real `fitflow train` held in epoch 2, SIGKILLed: its server process, until then its child,
+    exits by itself (before, it lived on under pid 1, holding its memory and Prefect's database)."""
+    hold = tmp_path / "hold"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    process = subprocess.Popen(
+        [*FITFLOW, "train", "--epochs", "2", "--patience", "0", "--experiment", "embedded-kill",
+         "--model", "custom_models:HoldAtEpochs", "--model-kwargs", json.dumps({"folder": str(hold), "epochs": [2]})],
+        cwd=REPO, env={**clean, "FITFLOW_HOME": str(home), "PYTHONPATH": str(REPO / "tests")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until_held(process, hold, 2)
+        (server,) = _servers_on(home)
+        assert server.ppid() == process.pid
+        port = _port_of(server)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        left = _servers_left_after_waiting(home)
+        process.communicate(timeout=60)  # the server holds the command's stdout until it ends
+    assert left == [] and _refused(port)
+
+
+FORKS_AND_DIES = """
+import os, signal, sys, time
+from pathlib import Path
+from flows.environment import configure_environment
+configure_environment()
+from flows.embedded_server import prefect_server_starting
+
+hold = Path(sys.argv[1])
+with prefect_server_starting() as on_server:
+    from prefect.settings import PREFECT_API_URL
+
+    url = on_server(PREFECT_API_URL.value)
+    child = os.fork()  # as DataLoader forks its workers (no exec): every descriptor is copied
+    if child == 0:
+        while not (hold / "release").exists():
+            time.sleep(0.05)
+        os._exit(0)
+    (hold / "seen").write_text(f"{url} {child}")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_the_command_forked_does_not_keep_its_server_alive(home, tmp_path):
+    """A child the command forked (a DataLoader worker, user code) outlives the SIGKILLed command:
+    the server ends all the same, while that child still runs."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    with (tmp_path / "out").open("wb") as out:  # not a pipe: the forked child holds it to the end
+        command = subprocess.run([sys.executable, "-c", FORKS_AND_DIES, str(hold)], cwd=REPO, stdout=out,
+                                 stderr=subprocess.STDOUT, env={**clean, "FITFLOW_HOME": str(home)}, timeout=300)
+    try:
+        assert command.returncode == -signal.SIGKILL, (tmp_path / "out").read_text()[-3000:]
+        url, child = (hold / "seen").read_text().split()
+        left = _servers_left_after_waiting(home)
+        assert psutil.Process(int(child)).status() != psutil.STATUS_ZOMBIE  # holding all it was forked with
+    finally:
+        (hold / "release").touch()
+        _servers_left_after_waiting(home)
+    assert left == [] and _refused(urlparse(url).port)
