@@ -7,13 +7,10 @@ Heavy libraries (torch, prefect, mlflow) are imported only once a command runs, 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import typing
-from collections.abc import Callable
-from functools import partial
 from typing import Any, NoReturn
 
 from pydantic.fields import FieldInfo
@@ -184,40 +181,12 @@ def _resume(args: argparse.Namespace) -> int:
     return _run_train_flow(load_config(None, **launch), resume=args.run_id)
 
 
-def imports_of_a_run() -> list[str]:
-    """What a training run imports once it runs (CPU s here, docs/benchmarks.md): torch._dynamo
-    (1.0: every torch.optim optimizer imports it), torch.export's tracer (0.4: the pytorch flavor's
-    pt2 export; a private module, so tests/test_cli.py checks that it imports), matplotlib's
-    Figure (about 0.3: the learning-curve plot)."""
-    return ["torch._dynamo", "torch.export._trace", "matplotlib.figure"]
-
-
-def work_before_a_run() -> list[Callable[[], object]]:
-    """What the command does while its embedded Prefect server starts instead of later: with the
-    local sqlite store, import MLflow's SQL store (0.5 s of CPU: its first open imports it); map the
-    installed packages for MLflow's requirement check of the model logging (0.56 s); then the
-    imports of `imports_of_a_run` (tasks/mlflow_private.py says why the first two are private)."""
-    def import_sqlite_store() -> None:
-        from flows.environment import tracking_uri
-        from tasks.mlflow_private import import_sqlite_store
-
-        if tracking_uri().startswith("sqlite:"):
-            import_sqlite_store()
-
-    def map_installed_packages() -> None:
-        from tasks.mlflow_private import map_installed_packages
-
-        map_installed_packages()
-
-    return [import_sqlite_store, map_installed_packages,
-            *(partial(importlib.import_module, name) for name in imports_of_a_run())]
-
-
 def _run_train_flow(config: TrainConfig, resume: str | None = None) -> int:
     from flows.environment import configure_environment
     from flows.log_filter import quiet_user_error_tracebacks
 
     configure_environment()  # before prefect is imported: it reads its settings at import
+    from flows.early_work import work_before_a_run
     from flows.embedded_server import prefect_server_starting
 
     with prefect_server_starting(meanwhile=work_before_a_run()) as on_server:

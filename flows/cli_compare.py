@@ -69,7 +69,7 @@ def _sweep(args: argparse.Namespace) -> int:
     _environment()
     # workers elsewhere need a server they can reach, not the embedded one on loopback
     check_prefect_for_cluster(config, os.environ.get("PREFECT_API_URL"))
-    from flows.cli import work_before_a_run  # a trial does what a training run does
+    from flows.early_work import work_before_a_run  # a trial does what a training run does
     from flows.embedded_server import prefect_server_starting
 
     with prefect_server_starting(meanwhile=work_before_a_run()) as on_server:

@@ -150,9 +150,9 @@ def test_a_plain_train_run_imports_no_registry_sweep_ddp_image_code_or_torchmetr
 def test_what_a_run_imports_while_its_server_starts_exists():
     """flows/cli.py imports these while the embedded Prefect server starts; one is a private torch
     module (torch.export's tracer): a torch upgrade that moves it fails here, not silently."""
-    from flows.cli import imports_of_a_run
+    from flows.early_work import RUN_IMPORTS
 
-    code = f"import importlib\nfor name in {imports_of_a_run()!r}:\n    importlib.import_module(name)\n"
+    code = f"import importlib\nfor name in {RUN_IMPORTS!r}:\n    importlib.import_module(name)\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
 
