@@ -200,7 +200,7 @@ def test_two_threads_exporting_at_once_both_get_the_flavor(tmp_path):
     assert not saved["overlapped"]  # the second trace began only after the first had ended
 
 
-def test_log_pyfunc_model_logs_one_model_with_both_flavors(mlflow_uri, monkeypatch):
+def test_log_pyfunc_model_logs_one_model_with_both_flavors(mlflow_uri, monkeypatch, tmp_path):
     """The quick suite's check of the whole logging step (the runs above are slow): an untrained
     MLP on the shipped table, logged and read back in this process with pickle off."""
     config = TrainConfig(epochs=1)
@@ -209,7 +209,8 @@ def test_log_pyfunc_model_logs_one_model_with_both_flavors(mlflow_uri, monkeypat
     p = prepared.preprocessor
     spec = model_spec("mlp", p.n_features, len(p.classes), {"dropout": 0.5})
     client = MlflowClient(mlflow_uri)
-    run_id = client.create_run(client.create_experiment("both")).info.run_id
+    # an artifact location of its own: MLflow's default for a sqlite store is ./mlruns of the working directory
+    run_id = client.create_run(client.create_experiment("both", (tmp_path / "artifacts").as_uri())).info.run_id
     rows = table.drop(columns=[config.target]).head(7)
 
     uri = tracking.log_pyfunc_model(client, run_id, build_model(spec).eval(), spec, p, rows)
