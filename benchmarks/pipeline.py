@@ -144,8 +144,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
-def _run(argv: list[str], env: dict[str, str], timeout: int = 900) -> None:
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(argv: list[str], env: dict[str, str], timeout: int = 900, cwd: str | Path = REPO) -> None:
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited {done.returncode}: {done.stderr[-2000:]}")
 
@@ -156,7 +156,9 @@ def _fitflow_train(data: str, target: str, epochs: int, batch_size: int = 64) ->
 
 
 def _bare(data: str, target: str, epochs: int, uri: str, batch_size: int = 64) -> list[str]:
-    return [sys.executable, "-c", BARE_SCRIPT, data, target, str(epochs), uri, str(batch_size)]
+    """The script's command line. Run it in a folder of its own (`cwd`): with a sqlite store, MLflow
+    puts its artifacts in ./mlruns of the working directory, as it does for a user's script."""
+    return [sys.executable, "-c", BARE_SCRIPT, str(REPO / data), target, str(epochs), uri, str(batch_size)]
 
 
 def end_to_end(rounds: int, epochs: int) -> list:
@@ -171,10 +173,10 @@ def end_to_end(rounds: int, epochs: int) -> list:
         cold_start = time.perf_counter()
         _run(train, env)  # fresh Prefect home: migrations; the prepared data is cached from here on
         cold = time.perf_counter() - cold_start
-        _run(bare, bare_env)  # its sqlite store migrates once
+        _run(bare, bare_env, cwd=tmp)  # its sqlite store migrates once
         result = compare(f"end to end: fitflow train (embedded Prefect server) vs bare torch + MLflow script, "
                          f"{epochs} epochs, breast_cancer (warm)",
-                         ("bare script -> sqlite", lambda: _run(bare, bare_env)),
+                         ("bare script -> sqlite", lambda: _run(bare, bare_env, cwd=tmp)),
                          ("fitflow train", lambda: _run(train, env)), rounds, warmup=False, target="<= 1.3",
                          note=_lightning_note())
         help_s = min(_wall([fitflow, "--help"], env) for _ in range(3))
@@ -193,20 +195,20 @@ def memory_on_a_large_table(rows: int, batch_size: int) -> list:
         train = _fitflow_train(table, "label", 1, batch_size)
         bare = _bare(table, "label", 1, f"sqlite:///{tmp}/bare.db", batch_size)
         _run(train, env, timeout=1800)  # the first run prepares and caches, as any first run of a table does
-        _run(bare, bare_env, timeout=1800)  # and the script's store migrates
+        _run(bare, bare_env, timeout=1800, cwd=tmp)  # and the script's store migrates
         fitflow_s, fitflow_peak = _peak_rss(train, env)
-        bare_s, bare_peak = _peak_rss(bare, bare_env)
+        bare_s, bare_peak = _peak_rss(bare, bare_env, cwd=tmp)
     return [Measurement(f"peak RSS, fitflow train / bare script, {rows:,} rows", fitflow_peak / bare_peak, "x",
                         target="<= 1.5", note=f"fitflow {fitflow_peak / 1e9:.2f} GB in {fitflow_s:.1f} s, bare script {bare_peak / 1e9:.2f} GB "
                                               f"in {bare_s:.1f} s (1 epoch of batch {batch_size} each) {_lightning_note()}".strip())]
 
 
-def _peak_rss(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+def _peak_rss(argv: list[str], env: dict[str, str], cwd: str | Path = REPO) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of a process: the kernel's high-water mark (wait4's
     ru_maxrss), the largest of the process and its children, not their sum."""
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a full pipe would block the process
         start = time.perf_counter()
-        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)

@@ -66,7 +66,9 @@ def test_the_end_to_end_baseline_is_torch_and_mlflow_only_and_logs_what_fitflow_
 
     uri = f"sqlite:///{tmp_path / 'bare.db'}"
     check = "\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'flows', 'tasks', 'fitflow'}))"
-    done = subprocess.run([sys.executable, "-c", BARE_SCRIPT + check, *SMALL_TABLE, "2", uri], cwd=REPO,
+    data, target = SMALL_TABLE
+    # in a folder of its own: with a sqlite store MLflow writes the model to ./mlruns of the working directory
+    done = subprocess.run([sys.executable, "-c", BARE_SCRIPT + check, str(REPO / data), target, "2", uri], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
