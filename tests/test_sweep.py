@@ -188,7 +188,7 @@ def test_a_lower_is_better_metric_of_yours_is_minimised(store):
     assert parent.data.metrics["best_val_error_rate"] == pytest.approx(values[0], abs=1e-6)
 
 
-def test_a_trial_that_fails_before_training_still_ends_its_run(store):
+def test_a_trial_that_fails_before_training_still_ends_its_run(store, tmp_path):
     """Everything after the child run exists is inside its guard: here the pruner cannot be built
     (a finished trial with two objective values, in a one-objective study), and the run ends FAILED."""
     from flows.steps import load_and_prepare
@@ -199,7 +199,8 @@ def test_a_trial_that_fails_before_training_still_ends_its_run(store):
     two_objectives = optuna.trial.create_trial(values=[0.1, 0.2], params={}, distributions={})
     basis = PruningBasis(optuna.study.StudyDirection.MINIMIZE, optuna.pruners.NopPruner(), [two_objectives])
     client = MlflowClient(store)
-    experiment = client.create_experiment("sweep-guard")
+    # artifacts under tmp_path: MLflow's default for a sqlite store is ./mlruns of the working directory
+    experiment = client.create_experiment("sweep-guard", (tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment).info.run_id
 
     with pytest.raises(ValueError):
