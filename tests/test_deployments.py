@@ -103,6 +103,19 @@ def test_serve_runs_triggered_runs_and_cancels_promptly(server_env, tmp_path):
         assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
         assert run.data.tags["prefect.flow_run_id"] == str(done.id)
 
+        # The same deployment runs any data kind: the shipped image folder, and your own Datasets
+        # (the dataset example of the README), each through the form's fields alone.
+        for experiment, parameters, logged in (
+                ("served-images", {"data": "digits", "image_size": 8, "epochs": 1}, {"data.data_kind": "images"}),
+                ("served-dataset", {"data": "examples.digits_gru:make_datasets", "model": "examples.digits_gru:DigitsGRU",
+                                    "epochs": 1}, {"model": "examples.digits_gru:DigitsGRU"})):
+            kind = run_deployment("train/default", parameters={**parameters, "patience": 0, "experiment": experiment},
+                                  timeout=300)
+            assert kind.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+            (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+            assert run.info.status == "FINISHED" and run.data.params["data"] == parameters["data"]
+            assert {k: run.data.params.get(k) for k in logged} == logged and "test_accuracy" in run.data.metrics
+
         # A long run, cancelled while it trains: it stops, keeps its last epoch, ends KILLED.
         long = run_deployment("train/default", parameters={"epochs": 100000, "patience": 0, "experiment": "cancelled"},
                               timeout=0)
