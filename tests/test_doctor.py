@@ -105,16 +105,22 @@ def test_doctor_closes_a_sigkilled_fitflow_train(mlflow_uri, tmp_path):
     process = subprocess.Popen([str(Path(sys.executable).with_name("fitflow")), *args], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_until_held(process, hold, 2)
+    _sigkill_then_doctor(process, mlflow_uri, "doctor-kill")
+
+
+def _sigkill_then_doctor(process: subprocess.Popen, mlflow_uri: str, experiment: str) -> None:
+    """SIGKILL a held fitflow command whose one MLflow run is in `experiment`; that run is left RUNNING,
+    and `fitflow doctor` closes it FAILED naming the dead pid, its flow run Crashed."""
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("doctor-kill").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "RUNNING"  # what the SIGKILL left
 
     assert main(["doctor"]) == 0
 
     closed = client.get_run(run.info.run_id)
-    assert closed.info.status == "FAILED" and f"pid {process.pid}" in closed.data.tags["fitflow.closed_by"]
+    assert closed.info.status == "FAILED" and f"pid {process.pid}" in closed.data.tags.get("fitflow.closed_by", "")
     with get_client(sync_client=True) as prefect:
         assert prefect.read_flow_run(run.data.tags["prefect.flow_run_id"]).state.type.value == "CRASHED"
 
@@ -241,15 +247,4 @@ def test_a_sigkilled_predict_ends_its_prediction_run_failed(mlflow_uri, tmp_path
     process = _held_process([str(hold), "predict", "--model", trained.run_id, "--data", str(REPO / "data" / "breast_cancer.csv"),
                              "--out", str(tmp_path / "p.csv"), "--experiment", "predict-kill"],
                             tmp_path, hold, 1, python=HOLD_PREDICT_AT_SUMMARY)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
-    client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("predict-kill").experiment_id])
-    assert run.info.status == "RUNNING"  # what the SIGKILL left
-
-    assert main(["doctor"]) == 0
-
-    closed = client.get_run(run.info.run_id)
-    assert closed.info.status == "FAILED" and f"pid {process.pid}" in closed.data.tags.get("fitflow.closed_by", "")
-    with get_client(sync_client=True) as prefect:
-        assert prefect.read_flow_run(run.data.tags["prefect.flow_run_id"]).state.type.value == "CRASHED"
+    _sigkill_then_doctor(process, mlflow_uri, "predict-kill")
