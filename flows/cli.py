@@ -21,6 +21,7 @@ from tasks.config import Launch, TrainConfig, check_run_id, load_config
 from tasks.errors import ConfigError, FitflowError, TrackingError
 
 EXIT_USAGE = 2
+PRELOADED_COMMANDS = ("train", "resume", "sweep", "predict")  # with `fitflow up`, they start in its preloaded process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -323,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         elif "--resume" in unknown:
             hint = "; continue a run with `fitflow resume RUN_ID`"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    if args.command in PRELOADED_COMMANDS:
+        from flows.preloaded_client import run_preloaded
+
+        exit_code = run_preloaded(sys.argv[1:] if argv is None else argv)
+        if exit_code is not None:  # it ran in a fork of `fitflow up`'s preloaded process
+            return exit_code
     try:
         return args.handler(args)
     except FitflowError as err:

@@ -7,6 +7,10 @@ own, all on 127.0.0.1; prints both URLs once both answer, and that the deploymen
 serve has registered them; then waits. Ctrl-C, SIGTERM or
 `fitflow down` stop every process it started, children included.
 
+It also starts the preloaded process (flows/preloaded.py): torch, MLflow and Prefect imported once,
+so that `fitflow train`, `resume`, `sweep` and `predict` start in a fork of it instead of importing
+them again.
+
 While it runs, $FITFLOW_HOME/stack.json says where the servers are: every fitflow command of the
 same FITFLOW_HOME reads it (flows/environment.py), so `fitflow train`, `sweep` and `predict` use
 these servers instead of an embedded Prefect server and the sqlite file, and show up in both UIs.
@@ -17,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -85,6 +91,9 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
                                   "--workers", "1"], f"{mlflow_url}/health"),
     ]
     serve = Service("serve", [sys.executable, "-m", "flows.cli", "serve", "--limit", str(limit)], None)
+    # a Unix socket's path is limited to 107 bytes: a short private folder, not FITFLOW_HOME
+    socket_dir = Path(tempfile.mkdtemp(prefix="fitflow-"))
+    preloaded = Service("preloaded", [sys.executable, "-m", "flows.preloaded", str(socket_dir / "socket")], None)
     started: list[Service] = []
     stop_requested = _stop_on_sigterm()
     try:
@@ -95,12 +104,20 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
         serve_started = time.time()
         serve.start(env, logs)  # needs the Prefect API to register the deployments and their triggers
         started.append(serve)
-        state.write_text(json.dumps({"pid": os.getpid(), "prefect_api_url": prefect_api,
-                                     "prefect_ui_url": f"http://127.0.0.1:{prefect_port}", "mlflow_url": mlflow_url,
-                                     "children": [s.popen.pid for s in started]}), encoding="utf-8")
+        stack = {"pid": os.getpid(), "prefect_api_url": prefect_api, "prefect_ui_url": f"http://127.0.0.1:{prefect_port}",
+                 "mlflow_url": mlflow_url, "children": [s.popen.pid for s in started]}
+        _write_atomically(state, stack)
+        # with the environment of a command of this shell, which it compares with each command's:
+        # it reads stack.json as they do
+        preloaded.start(dict(os.environ), logs)
+        started.append(preloaded)
+        _write_atomically(state, {**stack, "children": [s.popen.pid for s in started]})
         print(f"Prefect UI:  http://127.0.0.1:{prefect_port}   (API {prefect_api})", flush=True)
         print(f"MLflow UI:   {mlflow_url}", flush=True)
         _wait_until_served(serve, prefect_api, len(deployment_specs()), serve_started, logs)
+        _wait_until_preloaded(preloaded, socket_dir / "socket", logs)
+        _write_atomically(state, {**stack, "children": [s.popen.pid for s in started],
+                                  "preloaded_socket": str(socket_dir / "socket")})
         print(f"serving the deployments of prefect.yaml; logs in {logs}; Ctrl-C or `fitflow down` stops it all",
               flush=True)
         while not stop_requested.is_set():
@@ -116,7 +133,8 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
         for service in reversed(started):
             stop_process_group(service.popen.pid)
             service.popen.wait(timeout=STOP_TIMEOUT_S)
-        print("stopped the Prefect server, the MLflow server and serve", flush=True)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        print("stopped the Prefect server, the MLflow server, serve and the preloaded process", flush=True)
 
 
 def down(home: Path) -> str:
@@ -199,6 +217,25 @@ def _wait_until_served(serve: Service, prefect_api: str, count: int, since: floa
         time.sleep(0.5)
 
 
+def _wait_until_preloaded(preloaded: Service, socket_path: Path, logs: Path) -> None:
+    """Until the preloaded process listens (it imports torch, MLflow and Prefect first: 5-10 s here)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not socket_path.exists():
+        if preloaded.popen.poll() is not None:
+            raise ServerError(f"the preloaded process exited with code {preloaded.popen.returncode} while starting; "
+                              f"see {logs / 'preloaded.log'}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"the preloaded process was not ready within {START_TIMEOUT_S} s; see {logs / 'preloaded.log'}")
+        time.sleep(0.5)
+
+
+def _write_atomically(path: Path, content: dict) -> None:
+    """Commands read stack.json at any moment: never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content), encoding="utf-8")
+    os.replace(partial, path)
+
+
 def _deployments_registered_since(prefect_api: str, since: float) -> int:
     """Deployments on the Prefect server created or updated after `since` (epoch seconds): this serve's,
     not those an earlier serve or `prefect deploy` left in the same database."""
@@ -232,6 +269,9 @@ def _answers(url: str) -> bool:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        # as the servers bind: a port whose last connections are still in TIME_WAIT (a `fitflow up`
+        # stopped a moment ago) is free to them
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -48,3 +48,14 @@ def prepare_server_database() -> None:
         await add_block_types()
 
     asyncio.run(prepare())
+
+
+def refresh_settings() -> None:
+    """Read Prefect's settings again from the environment and the working directory (.env,
+    prefect.toml): the preloaded process of `fitflow up` (flows/preloaded.py) imported Prefect before
+    the command it forks into had its environment. Prefect reads them once, at import, into its
+    global settings context; `refresh_global_settings_context` is what Prefect itself calls after
+    its plugins change the environment, and is not documented."""
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import pandas as pd
 import psutil
 import pytest
 from conftest import write_mixed_classification_csv
+from custom_models import wait_until_held
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DEADLINE_S = 600  # bounds a hang only (cold servers, runs in fresh processes, on 2 shared cores)
 pytestmark = pytest.mark.slow
@@ -34,19 +37,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FITFLOW_"))}
-    return {**env, "FITFLOW_HOME": str(home), "FITFLOW_REPO": str(REPO)}
+    return {**env, "FITFLOW_HOME": str(home), "FITFLOW_REPO": str(REPO), **extra}
 
 
 class Up:
     """A `fitflow up` process, with everything it started recorded while it runs."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **extra_env: str) -> None:
         self.home, self.ports = home, (_free_port(), _free_port())
         self.log = open(home.parent / "up.log", "w")
         self.popen = subprocess.Popen([str(BIN / "fitflow"), "up", "--prefect-port", str(self.ports[0]),
-                                       "--mlflow-port", str(self.ports[1])], cwd=REPO, env=_env(home),
+                                       "--mlflow-port", str(self.ports[1])], cwd=REPO, env=_env(home, **extra_env),
                                       stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + DEADLINE_S
         while "serving the deployments of prefect.yaml" not in self.output():  # the last line `up` prints
@@ -78,9 +81,9 @@ def _answers(url: str) -> bool:
         return response.status == 200
 
 
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "fitflow"), *args], cwd=REPO, env=_env(home), capture_output=True, text=True,
-                          timeout=DEADLINE_S)
+def _cli(home: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fitflow"), *args], cwd=REPO, env=_env(home, **extra_env), capture_output=True,
+                          text=True, timeout=DEADLINE_S)
 
 
 def _wait_for(condition, what: str):
@@ -163,10 +166,97 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
             assert third.parameters["data"] == str(table) and third.parameters["register_model"] == "loop"
             assert third.state.name == "Unchanged"  # the training source has no new rows: nothing to learn
 
+        # both commands ran in forks of the preloaded process (the environment of `up`'s shell)
+        forks = _preloaded_commands(home)
+        assert [(command.split()[0], code) for command, code in forks.values()] == [("train", 0), ("predict", 0)]
+
         down = _cli(home, "down")
         assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr
         up.assert_all_gone()
         assert up.popen.returncode == 0, up.output()
+    finally:
+        up.close()
+
+
+def _preloaded_commands(home: Path) -> dict[int, tuple[str, int | None]]:
+    """pid -> (the command's arguments, its exit status or None while it runs), from the preloaded process's log."""
+    commands: dict[int, tuple[str, int | None]] = {}
+    for line in (home / "logs" / "preloaded.log").read_text().splitlines():
+        if match := re.search(r"pid (\d+): fitflow (.*) \(in ", line):
+            commands[int(match[1])] = (match[2], None)
+        elif match := re.search(r"pid (\d+): exit (-?\d+)", line):
+            commands[int(match[1])] = (commands[int(match[1])][0], int(match[2]))
+    return commands
+
+
+def _held_train(home: Path, hold: Path, experiment: str) -> subprocess.Popen:
+    """`fitflow train` held at the start of its epoch 2 (tests/custom_models.py), its run logged."""
+    args = ["train", "--epochs", "3", "--patience", "0", "--experiment", experiment, "--model", "custom_models:HoldAtEpochs",
+            "--model-kwargs", json.dumps({"folder": str(hold / experiment), "epochs": [2]})]
+    process = subprocess.Popen([str(BIN / "fitflow"), *args], cwd=REPO, env=_env(home, PYTHONPATH=str(TESTS)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until_held(process, hold / experiment, 2)
+    return process
+
+
+def _run_status(mlflow: MlflowClient, experiment: str) -> str:
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+    return run.info.status
+
+
+def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_path):
+    """With `fitflow up`, a command runs in a fork of its preloaded process: the same output, exit
+    status and runs; Ctrl-C, a killed command and `fitflow down` each end the run KILLED, not
+    RUNNING; a command whose environment differs at import runs in its own process."""
+    home, hold = tmp_path / "home", tmp_path / "hold"
+    home.mkdir()
+    up = Up(home, PYTHONPATH=str(TESTS))  # the held model's module, for `up` and the commands alike
+    try:
+        mlflow = MlflowClient(up.stack["mlflow_url"])
+        trained = _cli(home, "train", "--epochs", "2", "--experiment", "forked", PYTHONPATH=str(TESTS))
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert "MLflow run:" in trained.stdout and "test_accuracy=" in trained.stdout  # the child wrote to our pipe
+        assert _run_status(mlflow, "forked") == "FINISHED"
+        bad = _cli(home, "train", "--data", str(tmp_path / "missing.csv"), PYTHONPATH=str(TESTS))
+        assert bad.returncode == 2 and bad.stderr.startswith("fitflow: error: data file not found") and \
+            bad.stderr.count("\n") == 1, bad.stderr
+        assert [(c.split()[0], code) for c, code in _preloaded_commands(home).values()] == [("train", 0), ("train", 2)]
+
+        # another value of a variable read at import: declined, the command runs in its own process
+        other = _cli(home, "train", "--data", str(tmp_path / "missing.csv"), PYTHONPATH=str(TESTS),
+                     MLFLOW_HTTP_REQUEST_TIMEOUT="7")
+        assert other.returncode == 2 and other.stderr.count("\n") == 1
+        log = (home / "logs" / "preloaded.log").read_text()
+        assert "declined train: environment variables read at import differ: MLFLOW_HTTP_REQUEST_TIMEOUT" in log
+        assert len(_preloaded_commands(home)) == 2
+
+        # Ctrl-C reaches the child through the command
+        interrupted = _held_train(home, hold, "ctrl-c")
+        (child,) = [pid for pid, (_, code) in _preloaded_commands(home).items() if code is None]
+        interrupted.send_signal(signal.SIGINT)
+        assert interrupted.wait(timeout=120) == 130 and b"fitflow: interrupted" in interrupted.stdout.read()
+        assert _preloaded_commands(home)[child][1] == 130 and _run_status(mlflow, "ctrl-c") == "KILLED"
+
+        # a command killed outright: its child is interrupted, its run does not stay RUNNING
+        killed = _held_train(home, hold, "sigkill")
+        (child,) = [pid for pid, (_, code) in _preloaded_commands(home).items() if code is None]
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+        _wait_for(lambda: _preloaded_commands(home)[child][1] is not None, "the killed command's child to end")
+        assert _preloaded_commands(home)[child][1] == 130 and _run_status(mlflow, "sigkill") == "KILLED"
+
+        # `fitflow down` while a command runs: interrupted as by Ctrl-C, then everything is gone
+        running = _held_train(home, hold, "down")
+        (child,) = [pid for pid, (_, code) in _preloaded_commands(home).items() if code is None]
+        family = [psutil.Process(child)]
+        down = _cli(home, "down")
+        assert down.returncode == 0, down.stderr
+        assert running.wait(timeout=120) == 130
+        up.family += family
+        up.assert_all_gone()
+        # the run was ended before the MLflow server stopped: its store says so
+        assert _run_status(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "down") == "KILLED"
+        assert not Path(up.stack["preloaded_socket"]).parent.exists()  # its private folder is removed
     finally:
         up.close()
 

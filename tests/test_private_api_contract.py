@@ -223,3 +223,16 @@ def test_the_package_map_built_early_is_the_one_the_requirement_check_uses(monke
     assert scans == [1]
     requirements_utils.warn_dependency_requirement_mismatches(["torch", "mlflow"])
     assert scans == [1]  # the check did not scan again
+
+
+def test_refreshing_prefects_settings_reads_the_environment_changed_after_import():
+    """The preloaded process of `fitflow up` imports Prefect before the command it forks into has its
+    environment (flows/preloaded.py); the child reads Prefect's settings again."""
+    script = ("import os; import prefect; from prefect.settings import get_current_settings; "
+              "from flows.prefect_private import refresh_settings; "
+              "os.environ['PREFECT_API_URL'] = 'http://127.0.0.1:9/api'; before = get_current_settings().api.url; "
+              "refresh_settings(); print(before, get_current_settings().api.url)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["None", "http://127.0.0.1:9/api"]
