@@ -45,9 +45,18 @@ def tracking_uri() -> str:
 
 
 def artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store go beside the database (MLflow's default is ./mlruns of the CWD)."""
+    """Where a new experiment of the store at `uri` keeps its artifacts; None: the server's default.
+
+    A sqlite store's go beside the database (MLflow's default is ./mlruns of the CWD). On the MLflow
+    server of `fitflow up`, whose store is this FITFLOW_HOME's sqlite file, the same folder: its
+    default would be `mlflow-artifacts:/`, which only a server can resolve, so an experiment made
+    with the stack up could not take a run once it is down (on the sqlite file, as `make run`)."""
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    home = fitflow_home()
+    stack = running_stack(home)
+    if stack is not None and uri == stack["mlflow_url"]:
+        return (home / "mlartifacts").as_uri()
     return None
 
 

@@ -295,8 +295,12 @@ def main(socket_path: str) -> int:
 
     gc.freeze()  # the preloaded objects stay out of the children's collections: fewer pages copied
     preloaded = Preloaded(Path(socket_path), log, environment)
+    import threading
+
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     preloaded.write_log(f"ready in {time.monotonic() - started:.1f} s, pid {os.getpid()}"
-                     + (f"; not importable, left to the commands: {', '.join(missing)}" if missing else ""))
+                        + (f"; not importable, left to the commands: {', '.join(missing)}" if missing else "")
+                        + (f"; WARNING: threads a fork does not copy: {', '.join(others)}" if others else ""))
     signal.signal(signal.SIGTERM, lambda *_: setattr(preloaded, "stop_requested", True))  # acted on by serve()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # `fitflow up` stops it with SIGTERM
     request = preloaded.serve()

@@ -101,12 +101,20 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """The id of the named experiment, created on first use (safe against a concurrent create)."""
+    """The id of the named experiment, created on first use (safe against a concurrent create), its
+    artifacts in `artifact_location` (None: the store's default)."""
     for _ in range(2):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 raise ConfigError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) or use another --experiment")
+            if (experiment.artifact_location.startswith("mlflow-artifacts:")
+                    and not client.tracking_uri.startswith(("http://", "https://"))):
+                # a store opened directly (the sqlite file), an experiment an MLflow server made: its
+                # artifacts need that server; found after training, it would fail the run at its model
+                raise ConfigError(f"MLflow experiment '{name}' keeps its artifacts on an MLflow server "
+                                  f"({experiment.artifact_location}), which this local store cannot reach; start that "
+                                  "server (`fitflow up`) or set MLFLOW_TRACKING_URI to it, or use another --experiment")
             return experiment.experiment_id
         try:
             return client.create_experiment(name, artifact_location=artifact_location)

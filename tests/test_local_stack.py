@@ -213,6 +213,7 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
     up = Up(home, PYTHONPATH=str(TESTS))  # the held model's module, for `up` and the commands alike
     try:
         mlflow = MlflowClient(up.stack["mlflow_url"])
+        mlflow.create_experiment("server-made")  # as a script of the user's: the server's default artifact store
         trained = _cli(home, "train", "--epochs", "2", "--experiment", "forked", PYTHONPATH=str(TESTS))
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert "MLflow run:" in trained.stdout and "test_accuracy=" in trained.stdout  # the child wrote to our pipe
@@ -255,8 +256,20 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         up.family += family
         up.assert_all_gone()
         # the run was ended before the MLflow server stopped: its store says so
-        assert _run_status(MlflowClient(f"sqlite:///{home / 'mlflow.db'}"), "down") == "KILLED"
+        local = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        assert _run_status(local, "down") == "KILLED"
         assert not Path(up.stack["preloaded_socket"]).parent.exists()  # its private folder is removed
+
+        # with the stack down, the same home's sqlite store takes runs of experiments made with it up:
+        # fitflow's (its artifacts in the home's folder), and one line for the server's own kind
+        again = _cli(home, "train", "--epochs", "1", "--experiment", "forked")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert len(local.search_runs([local.get_experiment_by_name("forked").experiment_id])) == 2
+        refused = _cli(home, "train", "--epochs", "1", "--experiment", "server-made")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.splitlines()[-1].startswith("fitflow: error: MLflow experiment 'server-made' keeps its "
+                                                          "artifacts on an MLflow server (mlflow-artifacts:/")
+        assert not local.search_runs([local.get_experiment_by_name("server-made").experiment_id])
     finally:
         up.close()
 
