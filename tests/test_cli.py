@@ -174,3 +174,30 @@ def test_help_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_command_exits_with_mains_status_after_every_exit_handler_and_its_output_whole(tmp_path):
+    """`fitflow` (flows/cli.py `run`) ends without the interpreter's teardown, once the exit handlers
+    have run: the exit status is main's (0, 2 for a usage error or bad input, 1 with the traceback
+    for an error that escapes), every line written reaches a pipe, and a library's exit handler
+    (here one registered during the command, as Prefect's and MLflow's are) still runs."""
+    script = ("import atexit, sys\nfrom flows import cli\nimport tasks.errors\n"
+              "def command(argv):\n"
+              "    atexit.register(lambda: print('exit handler ran'))\n"
+              "    print('x' * 200_000)\n"
+              "    if argv == ['escape']:\n"
+              "        raise RuntimeError('escaped')\n"
+              "    return fitflow_main(argv)\n"
+              "fitflow_main, cli.main = cli.main, command\n"
+              "sys.exit(cli.run(sys.argv[1:]))\n")
+    outcomes = {}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the streams buffered, as usual
+    for argv in (["--help"], ["train", "--bogus"], ["train", "--data", str(tmp_path / "missing.csv")], ["escape"]):
+        done = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stdout.count("x" * 200_000) == 1 and done.stdout.rstrip().endswith("exit handler ran"), argv
+        outcomes[argv[-1]] = (done.returncode, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "")
+    assert outcomes["--help"] == (0, "")
+    assert outcomes["--bogus"] == (2, "fitflow: error: unrecognized arguments: --bogus (see fitflow --help)")
+    assert outcomes[str(tmp_path / "missing.csv")][0] == 2
+    assert outcomes["escape"] == (1, "RuntimeError: escaped")
