@@ -38,6 +38,35 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
+# What the suite and its tools may leave in the checkout (git ignores each): caches, the browser
+# test's screenshots and the reliability report. Anything else a test writes there is a bug: MLflow's
+# ./mlruns of a sqlite tracking URI was one, three times, until a clone of a CI run showed it.
+LEFT_IN_THE_CHECKOUT = ("__pycache__/", ".pytest_cache/", ".hypothesis/", "test-artifacts/", ".egg-info/")
+
+
+def _new_files_in_the_checkout() -> set[str] | None:
+    """Untracked and ignored entries of the checkout as `git status` lists them (a new folder as one
+    entry); None outside a git checkout."""
+    import subprocess
+
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return {line[3:] for line in done.stdout.splitlines() if line[:2] in ("??", "!!")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout():
+    before = _new_files_in_the_checkout()
+    yield
+    after = _new_files_in_the_checkout()
+    if before is None or after is None:
+        return
+    written = sorted(e for e in after - before if not any(part in e for part in LEFT_IN_THE_CHECKOUT))
+    assert not written, (f"the tests wrote into the checkout {REPO} (or it was changed while they ran): {written}; "
+                         "write to tmp_path or FITFLOW_HOME instead")
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server for the session (each harness migrates a fresh database)."""
