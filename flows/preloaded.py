@@ -204,6 +204,7 @@ class Preloaded:
         from flows.prefect_private import refresh_settings
 
         refresh_settings()  # the command's working directory may hold a prefect.toml or .env
+        _consoles_for_this_terminal()
 
     def _command_gone(self, pid: int) -> None:
         conn, _ = self.children[pid]
@@ -250,6 +251,21 @@ def _installed_stamp() -> dict[str, int]:
         if entry.endswith(("site-packages", "dist-packages")) and os.path.isdir(entry):
             stamp[entry] = os.stat(entry).st_mtime_ns
     return stamp
+
+
+def _consoles_for_this_terminal() -> None:
+    """Prefect's console log handlers chose their colours when the preloaded process configured them,
+    for its log file (none); the child writes to the command's stderr: a terminal gets colours, as in
+    a process of its own. Each handler gets the console Prefect builds for that stream now."""
+    import logging
+
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}:
+        styles = PROCESS_LOGGING_CONFIG.get("handlers", {}).get(handler.get_name() or "", {}).get("styles")
+        handler.console = PrefectConsoleHandler(stream=handler.stream, styles=styles).console
 
 
 def _fresh_random_state() -> None:

@@ -199,6 +199,28 @@ def _held_train(home: Path, hold: Path, experiment: str) -> subprocess.Popen:
     return process
 
 
+def _on_a_terminal(home: Path, *args: str, **extra_env: str) -> str:
+    """What `fitflow ARGS` writes to a terminal (a pseudo-terminal as its stdin, stdout and stderr)."""
+    import pty
+
+    terminal, its_end = pty.openpty()
+    process = subprocess.Popen([str(BIN / "fitflow"), *args], cwd=REPO, env=_env(home, TERM="xterm-256color", **extra_env),
+                               stdin=its_end, stdout=its_end, stderr=its_end)
+    os.close(its_end)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # EIO: every process holding the terminal has closed it
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(terminal)
+    assert process.wait(timeout=DEADLINE_S) == 0, written.decode(errors="replace")[-3000:]
+    return written.decode(errors="replace")
+
+
 def _run_status(mlflow: MlflowClient, experiment: str) -> str:
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
     return run.info.status
@@ -222,6 +244,10 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         assert bad.returncode == 2 and bad.stderr.startswith("fitflow: error: data file not found") and \
             bad.stderr.count("\n") == 1, bad.stderr
         assert [(c.split()[0], code) for c, code in _preloaded_commands(home).values()] == [("train", 0), ("train", 2)]
+        # on a terminal, Prefect's log lines are coloured as in a process of its own
+        on_a_terminal = _on_a_terminal(home, "train", "--epochs", "1", "--experiment", "terminal", PYTHONPATH=str(TESTS))
+        assert "\x1b[36mINFO\x1b[0m" in on_a_terminal and "MLflow run:" in on_a_terminal, on_a_terminal[-3000:]
+        assert len(_preloaded_commands(home)) == 3
 
         # another value of a variable read at import: declined, the command runs in its own process
         other = _cli(home, "train", "--data", str(tmp_path / "missing.csv"), PYTHONPATH=str(TESTS),
@@ -229,7 +255,7 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         assert other.returncode == 2 and other.stderr.count("\n") == 1
         log = (home / "logs" / "preloaded.log").read_text()
         assert "declined train: environment variables read at import differ: MLFLOW_HTTP_REQUEST_TIMEOUT" in log
-        assert len(_preloaded_commands(home)) == 2
+        assert len(_preloaded_commands(home)) == 3
 
         # Ctrl-C reaches the child through the command
         interrupted = _held_train(home, hold, "ctrl-c")
