@@ -43,8 +43,8 @@ from tasks.trainer import (
     Run,
     Trained,
     build_loaders,
+    check_before_run,
     lower_is_better,
-    metrics_of,
     task_metrics,
     training_loss,
     your_metrics,
@@ -301,8 +301,9 @@ class _FitCall:
                           "validation_data": LABELS[data.kind] if data.validation_given else None,
                           **({"val_fraction": validation_split} if validation_split is not None else {})})
         _check_metrics(self.metrics, data.prepared.preprocessor.task)
-        # Your metrics and callbacks by import path resolve now, before a run starts: a bad one is an argument error
-        _as_value_error(metrics_of, your_metrics(config, self.given), data.prepared)
+        # The model, the monitor, your metrics and callbacks by import path resolve now, before a run starts: a bad
+        # one is an argument error
+        _as_value_error(check_before_run, config, data.prepared, self.given)
         _as_value_error(user_callbacks, config.callbacks)
         if self.resume:
             _check_same_settings(self.resume, config)

@@ -62,7 +62,7 @@ from tasks.errors import ConfigError, TrainingError
 from tasks.redaction import redact_uri
 from tasks.rescoring import rescorer
 from tasks.sweep_report import plot_metric_by_param, rank_trials, table_records
-from tasks.trainer import Run, build_loaders
+from tasks.trainer import Run, build_loaders, check_before_run
 
 log = logging.getLogger("fitflow")
 
@@ -89,6 +89,7 @@ def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
     base = config.base
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fitflow logs one line per trial instead
     prepared, data = load_and_prepare(base)
+    check_before_run(base, prepared)  # a wrong model name or monitor fails here, not in every trial
     name = config.name or f"sweep-{config.sampler}"
     n_trials, parallel = budget(config)
     # The runner connects to (and checks) a cluster before the parent run exists: a wrong address or

@@ -51,7 +51,7 @@ from tasks.errors import ConfigError
 from tasks.loaders import Loaders
 from tasks.plots import plot_learning_curves
 from tasks.redaction import redact_uri
-from tasks.trainer import Given, Run, Trained, first_inputs, lower_is_better, weight_decay_of
+from tasks.trainer import Given, Run, Trained, check_before_run, first_inputs, lower_is_better, weight_decay_of
 
 log = logging.getLogger("fitflow")
 
@@ -78,7 +78,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
 
 def train_flow(resume: str | None = None, **fields) -> TrainResult:
-    """Load -> prepare -> loaders -> train -> test -> log the model (one MLflow run).
+    """Load -> prepare -> check -> loaders -> train -> test -> log the model (one MLflow run).
 
     `resume`: an MLflow run id to continue from its last epoch checkpoint, with the
     hyperparameters of its config.json; only the launch settings given here apply.
@@ -88,6 +88,7 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     if resume:  # continue that run, with the config it was started with (flows/resume.py)
         config = config_of_run(check_run_id(resume), config.launch)
     prepared, data = load_and_prepare(config)  # a table, images or your Datasets (flows/steps.py)
+    check_before_run(config, prepared)  # a wrong model name or monitor fails here, before there is an MLflow run
     if config.register_model and not resume:  # a retrain of what the champion already learned: stop here
         same = champion_of_same_inputs(config, data)
         if same is not None:

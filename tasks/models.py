@@ -197,16 +197,32 @@ def _torchvision_model(arch: str, spec: dict[str, Any]) -> nn.Module:
     """
     import torchvision
 
-    if arch not in torchvision.models.list_models(torchvision.models):
-        close = difflib.get_close_matches(arch, torchvision.models.list_models(torchvision.models), n=1)
-        raise ConfigError(f"torchvision has no classification model '{arch}'" + (f"; did you mean '{close[0]}'?" if close else
-                          "; see torchvision.models.list_models()"))
+    _check_torchvision_name(arch)
     try:
         net = torchvision.models.get_model(arch, weights=None, num_classes=spec["out_features"], **spec["kwargs"])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot build torchvision:{arch} ({err}); check model_kwargs") from None
     channels = spec["in_shape"][0] if spec.get("in_shape") else 3
     return nn.Sequential(RepeatChannels(3), net) if channels == 1 else net
+
+
+def check_model_name(name: str) -> None:
+    """A ConfigError unless `name` names a model: mlp, cnn, an architecture torchvision has, or an
+    import path of an nn.Module class (imported now, as training would)."""
+    if name.startswith("torchvision:"):
+        _check_torchvision_name(name.removeprefix("torchvision:"))
+    elif not is_builtin(name):
+        import_model_class(name)
+
+
+def _check_torchvision_name(arch: str) -> None:
+    import torchvision
+
+    known = torchvision.models.list_models(torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1)
+        raise ConfigError(f"torchvision has no classification model '{arch}'" + (f"; did you mean '{close[0]}'?" if close else
+                          "; see torchvision.models.list_models()"))
 
 
 def check_outputs(model: nn.Module, sample: Any, out_features: int, name: str) -> None:

@@ -31,7 +31,15 @@ from tasks.labels import balanced_pos_weight
 from tasks.linear_fit import baseline_penalty, fit_linear
 from tasks.loaders import Loaders, make_loaders
 from tasks.metrics import METRICS, TaskMetrics, metric_names
-from tasks.models import LinearAndMLP, build_model, check_outputs, class_path, load_pretrained, model_spec
+from tasks.models import (
+    LinearAndMLP,
+    build_model,
+    check_model_name,
+    check_outputs,
+    class_path,
+    load_pretrained,
+    model_spec,
+)
 from tasks.training import History, evaluate, fit, optimizer_steps, seed_everything, to_device
 from tasks.user_code import UserMetric, monitor_lower_is_better, user_callbacks, user_metrics
 from tasks.user_dataset import UserDatasets, make_dataset_loaders
@@ -129,13 +137,15 @@ def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
         return model_spec(class_path(type(given)), in_features, len(p.classes) if p.classes else 1,
                           config.model_kwargs, in_shape)
     model = config.model
+    inputs = (f"{in_features} features" if in_features is not None else f"shape {tuple(in_shape)}" if in_shape is not None
+              else "tuples or dicts")
     if model == "auto":  # the MLP for feature vectors (tables, flat Dataset items), the CNN for images
         if in_features is not None:
             model = "mlp"
         elif in_shape is not None and len(in_shape) == 3:
             model = "cnn"
         else:
-            raise ConfigError(f"model auto has no built-in model for inputs of shape {in_shape or 'tuple/dict'}; "
+            raise ConfigError(f"model auto has no built-in model for these inputs ({inputs}); "
                               "name yours with --model package.module:Class")
     if model == "mlp":
         kwargs = {"hidden_sizes": config.hidden_sizes, "activation": config.activation,
@@ -147,8 +157,8 @@ def spec_of_model(config: TrainConfig, prepared: Prepared | ImagesPrepared | Use
         kwargs = config.model_kwargs
     fits = in_features is not None if model == "mlp" else in_shape is not None and len(in_shape) == 3
     if model in ("mlp", "cnn") and not fits:
-        raise ConfigError(f"model {model} needs {'feature vectors' if model == 'mlp' else 'images'} (inputs of shape "
-                          f"{in_shape or 'tuple/dict'} here); use model auto or name yours with --model package.module:Class")
+        raise ConfigError(f"model {model} needs {'feature vectors' if model == 'mlp' else 'images'} (the inputs here: "
+                          f"{inputs}); use model auto or name yours with --model package.module:Class")
     return model_spec(model, in_features, len(p.classes) if p.classes else 1, kwargs, in_shape)
 
 
@@ -191,6 +201,16 @@ def check_monitor(config: TrainConfig, prepared: Prepared, extra: Sequence[UserM
     known = metric_names(task_name, "train") + metric_names(task_name, "val") + [f"val_{m.name}" for m in extra]
     if config.monitor not in known:
         raise ConfigError(f"monitor '{config.monitor}' is not logged for {task_name}; use one of {', '.join(known)}")
+
+
+def check_before_run(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets, given: Given | None = None) -> None:
+    """What would otherwise fail a run just after its MLflow run starts, as a ConfigError before it has one: the
+    model (its kind fits the data, a torchvision name exists, an import path imports) and the monitor (a metric
+    the run logs, yours included)."""
+    spec = spec_of_model(config, prepared, given.model if given is not None else None)
+    if given is None or given.model is None:
+        check_model_name(spec["model"])
+    check_monitor(config, prepared, task_metrics(prepared, your_metrics(config, given)).extra)
 
 
 def train_model(config: TrainConfig, prepared: Prepared, loaders: Loaders, run: Run | None = None,

@@ -352,6 +352,7 @@ FRAME = pd.DataFrame(X, columns=[f"f{i}" for i in range(8)]).assign(label=Y)
     ({}, {"x": X, "y": Y, "callbacks": ["user_code_examples:NotACallback"]}, ValueError, "not a Callback"),
     ({}, {"x": X, "y": Y, "callbacks": ["print"]}, TypeError, "'print' is not a fitflow.callbacks.Callback"),
     ({"accumulate_grad_batches": 0}, None, ValueError, "'accumulate_grad_batches'"),
+    ({"monitor": "val_r2"}, {"x": X, "y": Y}, ValueError, "monitor 'val_r2' is not logged for classification"),
 ], ids=lambda value: None)
 def test_bad_arguments_raise_one_clear_error_naming_the_argument(mlflow_uri, compile_args, fit_args, error, names):
     compile_args = {"model": Net(8, 3), **compile_args}

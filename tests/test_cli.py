@@ -49,6 +49,14 @@ BAD_INPUTS = {
     ),
     "infinite value": (lambda p: ["--data", _write(p, "inf.csv", HEADER + ROWS + "inf,1,b\n")], "column 'x' row 61 holds an infinite value"),
     "duplicate columns": (lambda p: ["--data", _write(p, "dup.csv", "x,x,label\n" + ROWS)], "duplicate column names: 'x'"),
+    "unknown monitor": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--monitor", "val_r2"],
+                        "monitor 'val_r2' is not logged for classification; use one of"),
+    "unknown torchvision model": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--model", "torchvision:resnet19"],
+                                  "torchvision has no classification model 'resnet19'; did you mean 'resnet18'?"),
+    "model that does not import": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--model", "no_such_package.nets:Net"],
+                                   "cannot import model 'no_such_package.nets:Net' (No module named 'no_such_package')"),
+    "image model for a table": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--model", "cnn"],
+                                "model cnn needs images (the inputs here: 2 features)"),
     "negative epochs": (lambda p: ["--epochs", "-3"], "'epochs': Input should be greater than or equal to 1"),
     "unknown optimizer": (lambda p: ["--optimizer", "adamax"], "invalid choice: 'adamax'"),
     "unknown yaml field": (lambda p: ["--config", _write(p, "c.yaml", "epoch: 3\n")], "unknown config field 'epoch'"),
@@ -77,7 +85,7 @@ def test_bad_input_exits_2_with_one_clear_line(case, tmp_path, mlflow_uri, capsy
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("fitflow: error:") and message in last, last
-    assert not [run for run in _runs(mlflow_uri) if run.info.status == "RUNNING"]
+    assert not _runs(mlflow_uri)  # refused before an MLflow run exists: none left behind, not even a FAILED one
 
 
 def test_yaml_file_and_flag_overrides(tmp_path):

@@ -173,6 +173,15 @@ def test_bad_sweep_configs_fail_before_any_run(values, message):
     assert message in str(err.value)
 
 
+def test_a_monitor_the_base_does_not_log_fails_before_the_parent_run(store):
+    """Checked once on the base config, before the parent run exists: no parent, no trial runs."""
+    config = load_sweep_config(None, base={"epochs": 1, "monitor": "val_r2", "experiment": "sweep-bad-monitor"},
+                               space={"lr": {"choices": [1e-3, 3e-3]}}, sampler="grid", n_trials=2, prune=False)
+    with pytest.raises(ConfigError, match="monitor 'val_r2' is not logged for classification"):
+        sweep(config)
+    assert MlflowClient(store).get_experiment_by_name("sweep-bad-monitor") is None
+
+
 def test_a_lower_is_better_metric_of_yours_is_minimised(store):
     """error_rate (tests/user_code_examples.py) says higher_is_better = False; by its name alone it would go up."""
     config = load_sweep_config(
