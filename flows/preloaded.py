@@ -27,12 +27,12 @@ so it waits with one thread on `selectors` and learns of a child's end from its 
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -54,7 +54,7 @@ class Preloaded:
     each child's exit status to its command, and stops a child whose command went away."""
 
     def __init__(self, path: Path, log, environment: dict[str, str]) -> None:
-        self.path, self.log = path, log
+        self.log = log
         self.environment = environment  # as the libraries saw it when imported
         self.interpreter = interpreter()
         self.installed = _installed_stamp()
@@ -114,8 +114,7 @@ class Preloaded:
             self.write_log(f"declined {' '.join(request['argv'][:1])}: {declined}; it runs in its own process")
             _send(conn, {"declined": declined})
             conn.close()
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             return None
         sys.stdout.flush()
         sys.stderr.flush()
@@ -127,8 +126,7 @@ class Preloaded:
             os.setpgid(pid, pid)  # as the child does first thing: whichever runs first, no SIGTERM of the group reaches it
         except OSError:
             pass
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)  # the child has its copies
         pidfd = os.pidfd_open(pid)  # readable once the child has ended
         self.children[pid] = (conn, pidfd)
         self.selector.register(conn, selectors.EVENT_READ, ("command", pid))
@@ -138,25 +136,26 @@ class Preloaded:
         return None
 
     def _read_request(self, conn: socket.socket) -> tuple[dict, list[int]]:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, array.array("i", [0, 0, 0]).itemsize * 3)
-        _peer_pid, uid, _gid = array.array("i", creds)
+        """The request and its three descriptors; on any error none of the descriptors received stays open."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _peer_pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():
             raise ValueError(f"a process of user id {uid} connected; only this user's commands are run")
         conn.settimeout(10)  # the command sends its request as it connects; none stalls the others for long
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
-        while not data.endswith(b"\n"):
-            more = conn.recv(MAX_REQUEST_BYTES)
-            if not more or len(data) > MAX_REQUEST_BYTES:
-                for fd in fds:
-                    os.close(fd)
-                raise ValueError("an incomplete request")
-            data += more
-        conn.settimeout(None)
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError(f"a request with {len(fds)} descriptors instead of stdin, stdout and stderr")
-        return json.loads(data), fds
+        try:
+            while not data.endswith(b"\n"):
+                more = conn.recv(MAX_REQUEST_BYTES)
+                if not more or len(data) > MAX_REQUEST_BYTES:
+                    raise ValueError("an incomplete request")
+                data += more
+            conn.settimeout(None)
+            if len(fds) != 3:
+                raise ValueError(f"a request with {len(fds)} descriptors instead of stdin, stdout and stderr")
+            return json.loads(data), fds  # malformed JSON: a ValueError
+        except BaseException:
+            _close_all(fds)
+            raise
 
     def _why_not(self, request: dict) -> str | None:
         if request.get("interpreter") != self.interpreter:
@@ -238,6 +237,11 @@ class Preloaded:
     def write_log(self, line: str) -> None:
         self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         self.log.flush()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _send(conn: socket.socket, message: dict) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,8 +31,6 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -255,6 +254,18 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         assert other.returncode == 2 and other.stderr.count("\n") == 1
         log = (home / "logs" / "preloaded.log").read_text()
         assert "declined train: environment variables read at import differ: MLFLOW_HTTP_REQUEST_TIMEOUT" in log
+        assert len(_preloaded_commands(home)) == 3
+
+        # what is not a command's request is refused and logged, and the descriptors it carried are closed
+        server = psutil.Process(up.stack["children"][-1])
+        assert "flows.preloaded" in server.cmdline()
+        open_before = server.num_fds()
+        for payload in (b"{not json\n", b'{"argv": ["train"]'):  # malformed; cut short (the sender hangs up)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(up.stack["preloaded_socket"])
+                socket.send_fds(conn, [payload], [0, 1, 2])
+        _wait_for(lambda: (home / "logs" / "preloaded.log").read_text().count("refused a request") == 2, "two refusals")
+        _wait_for(lambda: server.num_fds() == open_before, f"the server back at its {open_before} open descriptors")
         assert len(_preloaded_commands(home)) == 3
 
         # Ctrl-C reaches the child through the command
