@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -246,6 +247,15 @@ def _batch_size(sample: Any) -> int:
         return len(sample)
     first = next(iter(sample.values())) if isinstance(sample, dict) else sample[0]
     return _batch_size(first)
+
+
+def check_pretrained_file(path: str) -> None:
+    """A `pretrained` path that names no readable file, refused before the run starts; what the file
+    holds is checked as it loads (load_pretrained): reading it here would read a large file twice."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"pretrained weights file not found: {path}; give the path of a saved state dict")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"pretrained weights file {path} is not readable by this user; check its permissions")
 
 
 def load_pretrained(model: nn.Module, path: str) -> list[str]:

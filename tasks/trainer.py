@@ -36,6 +36,7 @@ from tasks.models import (
     build_model,
     check_model_name,
     check_outputs,
+    check_pretrained_file,
     class_path,
     load_pretrained,
     model_spec,
@@ -205,11 +206,13 @@ def check_monitor(config: TrainConfig, prepared: Prepared, extra: Sequence[UserM
 
 def check_before_run(config: TrainConfig, prepared: Prepared | ImagesPrepared | UserDatasets, given: Given | None = None) -> None:
     """What would otherwise fail a run just after its MLflow run starts, as a ConfigError before it has one: the
-    model (its kind fits the data, a torchvision name exists, an import path imports) and the monitor (a metric
-    the run logs, yours included)."""
+    model (its kind fits the data, a torchvision name exists, an import path imports), the pretrained weights file
+    (it exists and can be read) and the monitor (a metric the run logs, yours included)."""
     spec = spec_of_model(config, prepared, given.model if given is not None else None)
     if given is None or given.model is None:
         check_model_name(spec["model"])
+    if config.pretrained:
+        check_pretrained_file(config.pretrained)
     check_monitor(config, prepared, task_metrics(prepared, your_metrics(config, given)).extra)
 
 

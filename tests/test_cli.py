@@ -57,6 +57,8 @@ BAD_INPUTS = {
                                    "cannot import model 'no_such_package.nets:Net' (No module named 'no_such_package')"),
     "image model for a table": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--model", "cnn"],
                                 "model cnn needs images (the inputs here: 2 features)"),
+    "missing pretrained file": (lambda p: ["--data", _write(p, "ok.csv", HEADER + ROWS), "--pretrained", str(p / "w.pt")],
+                                "pretrained weights file not found: "),
     "negative epochs": (lambda p: ["--epochs", "-3"], "'epochs': Input should be greater than or equal to 1"),
     "unknown optimizer": (lambda p: ["--optimizer", "adamax"], "invalid choice: 'adamax'"),
     "unknown yaml field": (lambda p: ["--config", _write(p, "c.yaml", "epoch: 3\n")], "unknown config field 'epoch'"),

@@ -344,22 +344,25 @@ def assert_owned_by_the_worker_account(team_stack: TeamStack, mlflow_client, run
 
 
 # --- alerts ------------------------------------------------------------------------------------------
-def test_a_failed_run_reaches_the_alert_webhook_of_the_env_file(team_stack, worker, prefect, mlflow_client, webhook):
+def test_a_failed_run_reaches_the_alert_webhook_of_the_env_file(team_stack, worker, prefect, mlflow_client, webhook,
+                                                                 tmp_path):
     """FITFLOW_NOTIFY_URL in .env: the setup job created the alerts; a run of the deployment that fails
-    (a pretrained weights file the worker does not have, found missing after its MLflow run started) sends one naming
-    both runs and the reason."""
+    (a pretrained weights file that holds no state dict, found as it loads after the MLflow run started) sends one
+    naming both runs and the reason."""
     from prefect.deployments import run_deployment
 
     names = sorted(a.name for a in prefect.read_automations() if a.name.startswith("fitflow:"))  # not the deployments' triggers
     assert names == ["fitflow: champion changed", "fitflow: drift detected", "fitflow: flow run failed"]
+    not_weights = tmp_path / "weights.pt"
+    not_weights.write_text("these are not weights\n")  # the worker runs on this machine: it reads this file
     failing = run_deployment(DEPLOYMENT, parameters={"epochs": 1, "experiment": f"{EXPERIMENT}-alerts",
-                                                     "pretrained": "/nonexistent/weights.pt"}, timeout=0, client=prefect)
+                                                     "pretrained": str(not_weights)}, timeout=0, client=prefect)
     flow_run = wait_for_final_state(prefect, failing.id, team_stack)
     assert flow_run.state.is_failed(), flow_run.state
     run = mlflow_run_of(mlflow_client, flow_run.id)
     assert run.info.status == "FAILED"
     message = webhook.wait_for(flow_run.name, run.info.run_id)
-    assert "flow 'train'" in message and "Failed" in message and "pretrained weights file not found" in message, message
+    assert "flow 'train'" in message and "Failed" in message and "is not a torch state dict" in message, message
 
 
 # --- schedules ---------------------------------------------------------------------------------------
