@@ -12,7 +12,12 @@ cut into the same test split (the split settings: target, task, seed, fractions)
 newcomer was tested on other data (a new data version, other split settings), the champion is
 re-scored on the newcomer's test split (`rescore`, tasks/rescoring.py) and the gate decides on
 that; both figures are logged on the newcomer's run (its own `test_<metric>` and
-`champion_test_<metric>`). A champion that cannot be scored there (other classes, another
+`champion_test_<metric>`). Rows the champion trained or was validated on are left out of that
+comparison, and the newcomer is scored again on the rows that remain (`gate_test_<metric>`; the
+count is in the reason and the `fitflow.gate_rows` tag): a new data version that keeps the old
+rows would otherwise test the champion partly on its training data. Each version registered here
+records its own seen rows for that (`fitflow/seen_rows.npz` on its run; tables only). A champion
+registered without them is re-scored on all the test rows, and the reason says so. A champion that cannot be scored there (other classes, another
 task, a model of your own Datasets) leaves the newcomer `challenger`, "not comparable"; move
 `champion` by hand if it should ship. Each decision is a Prefect event, `fitflow.model.promoted`
 or `fitflow.model.rejected`. Two registrations of the same name at the very same moment may
@@ -22,8 +27,10 @@ both read the old champion; run them one after the other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from mlflow.entities import Run as MlflowRun
 from mlflow.exceptions import MlflowException
@@ -34,7 +41,8 @@ from prefect.cache_policies import NO_CACHE
 from flows import events
 from tasks.baseline import judged_metric
 from tasks.errors import ConfigError, FitflowError
-from tasks.rescoring import NotComparable
+from tasks.rescoring import NotComparable, Rescored
+from tasks.seen_rows import ARTIFACT_DIR, ARTIFACT_NAME, SeenRows
 from tasks.tracking import recorded_lower_is_better
 
 log = logging.getLogger("fitflow")
@@ -55,6 +63,7 @@ class Decision:
     champion_score: float | None
     reason: str
     rescored: bool = False  # champion_score is the champion's re-scored on this version's test split
+    rows: str | None = None  # rescored: which of those test rows both were scored on
 
     @property
     def uri(self) -> str:
@@ -75,8 +84,14 @@ def evaluation_data_key(run: MlflowRun) -> dict[str, str | None]:
     return key
 
 
-# Scores a model (by URI) on the registering run's test split: `test_<metric>` values, or NotComparable.
-Rescore = Callable[[str], dict[str, float]]
+class Rescore(Protocol):
+    """The registering run's test split, to score the champion on (tasks/rescoring.py Rescorer)."""
+
+    def __call__(self, champion_uri: str, newcomer_uri: str, champion_seen: SeenRows | None) -> Rescored:
+        """Both models' `test_<metric>` values on the test rows the champion did not see; NotComparable."""
+
+    def seen_rows(self) -> SeenRows | None:
+        """The rows the registering run trained and validated on (None: not recorded for its kind of data)."""
 
 
 def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str, monitor: str,
@@ -91,10 +106,13 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
     _ensure_registered_model(client, name)
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id).version
+    seen = rescore.seen_rows() if rescore is not None else None
+    if seen is not None:  # for the gate of a later version, should this one be champion then
+        _log_seen_rows(client, run_id, seen)
     champion = _current_champion(client, name)
     # which way is better: as the newcomer trained (a metric of yours may say so against its name)
     lower = recorded_lower_is_better(monitor, run.data.tags)
-    decision = _decide(client, name, str(version), metric, score, lower, run, champion, rescore)
+    decision = _decide(client, name, str(version), metric, score, lower, run, model_uri, champion, rescore)
     client.set_registered_model_alias(name, decision.alias, decision.version)
     client.update_model_version(name, decision.version, description=decision.reason)
     tags = {"fitflow.gate": decision.alias, "fitflow.gate_metric": metric, "fitflow.score": f"{score:.6g}",
@@ -105,10 +123,16 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
         tags["fitflow.champion_score"] = f"{decision.champion_score:.6g}"
     if decision.rescored:
         tags["fitflow.champion_rescored"] = "true"
+    if decision.rows is not None:
+        tags["fitflow.gate_rows"] = decision.rows
+    if decision.score != score:  # its own score on the rows the gate compared, not on all its test rows
+        tags["fitflow.gate_score"] = f"{decision.score:.6g}"
     for key, value in tags.items():
         client.set_model_version_tag(name, decision.version, key, value)
     if decision.champion_score is not None:  # both figures side by side on the newcomer's run
         client.log_metric(run_id, f"champion_{metric}", decision.champion_score)
+        if decision.score != score:  # the newcomer's, on the test rows the champion did not see
+            client.log_metric(run_id, f"gate_{metric}", decision.score)
     client.set_tag(run_id, "fitflow.gate", f"{decision.alias}: {decision.reason}"[:5000])
     log.info("registered %s", decision)
     _announce(decision, run_id, model_uri)
@@ -127,7 +151,7 @@ def _announce(decision: Decision, run_id: str, model_uri: str) -> None:
 
 
 def _decide(client: MlflowClient, name: str, version: str, metric: str, score: float, lower: bool, run: MlflowRun,
-            champion, rescore: Rescore | None) -> Decision:
+            model_uri: str, champion, rescore: Rescore | None) -> Decision:
     if champion is None:
         return Decision(name, version, CHAMPION, metric, score, None, None,
                         f"first version of '{name}' ({metric} {score:.4f})")
@@ -139,14 +163,27 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
         cannot = "no re-scoring was asked for"
         if rescore is not None:
             try:
-                champion_score = rescore(f"models:/{name}/{champion.version}").get(metric)
+                seen = _seen_rows(client, champion.run_id) if champion.run_id else None
+                rescored = rescore(f"models:/{name}/{champion.version}", model_uri, seen)
             except (NotComparable, FitflowError, MlflowException) as err:
                 cannot = f"it cannot be scored on this version's test data: {err}"
             else:
-                if champion_score is not None:
-                    return _compare(name, version, metric, score, lower, champion.version, champion_score,
-                                    f"re-scored on this version's test data (dataset {new_key['dataset_digest']}; "
-                                    f"the champion was tested on other data: {differ} differ)", rescored=True)
+                champion_score = rescored.champion.get(metric)
+                newcomer_score = score if rescored.newcomer is None else rescored.newcomer.get(metric)
+                if champion_score is not None and newcomer_score is not None:
+                    rows = f"{rescored.kept} of {rescored.total}"
+                    if seen is None:
+                        which = (f"all {rows} test rows; the champion's training rows were not recorded, "
+                                 "some of them may be among these")
+                    elif rescored.newcomer is None:
+                        which = f"all {rows} test rows, none of them one the champion trained or was validated on"
+                    else:
+                        which = (f"{rows} test rows: the {rescored.total - rescored.kept} the champion trained or "
+                                 "was validated on left out, both models scored on the rest")
+                    return _compare(name, version, metric, newcomer_score, lower, champion.version, champion_score,
+                                    f"re-scored on this version's test data ({which}; dataset "
+                                    f"{new_key['dataset_digest']}; the champion was tested on other data: {differ} "
+                                    "differ)", rescored=True, rows=rows)
                 cannot = f"re-scoring gave no {metric}"
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
                         f"not comparable with champion v{champion.version}: tested on different data "
@@ -160,13 +197,13 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
 
 
 def _compare(name: str, version: str, metric: str, score: float, lower: bool, champion_version: str,
-             champion_score: float, where: str, rescored: bool = False) -> Decision:
+             champion_score: float, where: str, rescored: bool = False, rows: str | None = None) -> Decision:
     better = score < champion_score if lower else score > champion_score
     relation = ("<" if lower else ">") if better else ("=" if score == champion_score else (">" if lower else "<"))
     verdict = "beats" if better else "does not beat"
     reason = f"{metric} {score:.4f} {relation} {champion_score:.4f} of champion v{champion_version}: {verdict} it {where}"
     return Decision(name, version, CHAMPION if better else CHALLENGER, metric, score, champion_version,
-                    champion_score, reason, rescored)
+                    champion_score, reason, rescored, rows)
 
 
 # Where a run is logged, not what it learns: a retrain logged elsewhere is still the same model.
@@ -186,6 +223,26 @@ def unchanged_since_champion(client: MlflowClient, name: str, dataset_digest: st
     theirs = {k: v for k, v in run.data.params.items() if not k.startswith(("data.", "resolved.")) and k not in _NOT_LEARNED}
     mine = {k: v for k, v in params.items() if k not in _NOT_LEARNED}
     return (champion, run) if theirs == mine else None
+
+def _log_seen_rows(client: MlflowClient, run_id: str, seen: SeenRows) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ARTIFACT_NAME
+        path.write_bytes(seen.to_bytes())
+        client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+
+
+def _seen_rows(client: MlflowClient, run_id: str) -> SeenRows | None:
+    """The rows the run trained and validated on, as recorded when it was registered; None when they were not."""
+    if f"{ARTIFACT_DIR}/{ARTIFACT_NAME}" not in {item.path for item in client.list_artifacts(run_id, ARTIFACT_DIR)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"{ARTIFACT_DIR}/{ARTIFACT_NAME}", tmp)
+        try:
+            return SeenRows.from_bytes(Path(path).read_bytes())
+        except ValueError as err:  # never a silent fallback to every row
+            raise NotComparable(f"its recorded training rows ({ARTIFACT_DIR}/{ARTIFACT_NAME} of run {run_id}) "
+                                f"cannot be read: {err}") from None
+
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:

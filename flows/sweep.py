@@ -60,7 +60,7 @@ from tasks.config import TrainConfig
 from tasks.data import Prepared
 from tasks.errors import ConfigError, TrainingError
 from tasks.redaction import redact_uri
-from tasks.rescoring import rescorer
+from tasks.rescoring import Rescorer
 from tasks.sweep_report import plot_metric_by_param, rank_trials, table_records
 from tasks.trainer import Run, build_loaders, check_before_run
 
@@ -102,7 +102,7 @@ def sweep(config: SweepConfig = DEFAULT_SWEEP) -> SweepResult:
     best = ranking.iloc[0]
     # the trials share the base config's data and split: a champion tested on other data is re-scored on it
     decision = (register_model_task(parent.client, base.register_model, best["run_id"], best["model_uri"], base.monitor,
-                                    rescore=rescorer(base, prepared, data.frame if data.kind == "table" else None))
+                                    rescore=Rescorer(base, prepared, data.frame if data.kind == "table" else None))
                 if base.register_model else None)
     if decision:
         parent.client.set_tag(parent.run_id, "fitflow.registered", str(decision))

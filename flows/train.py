@@ -106,10 +106,10 @@ def train_flow(resume: str | None = None, **fields) -> TrainResult:
     decision = None
     if config.register_model:
         from flows.registry import register_model_task  # registry code only for a run that registers
-        from tasks.rescoring import rescorer
+        from tasks.rescoring import Rescorer
 
         decision = register_model_task(run.client, config.register_model, run.run_id, model_uri, config.monitor,
-                                       rescore=rescorer(config, prepared, data.frame if data.kind == "table" else None))
+                                       rescore=Rescorer(config, prepared, data.frame if data.kind == "table" else None))
     result = TrainResult(
         run_id=run.run_id, experiment_id=run.experiment_id, model_uri=model_uri,
         mlflow_url=tracking.run_url(tracking_uri(), run.experiment_id, run.run_id),

@@ -222,10 +222,18 @@ def prepare(table: pd.DataFrame, spec: PrepSpec, validation: pd.DataFrame | None
 def raw_test_rows(table: pd.DataFrame, spec: PrepSpec, task: str, validation_given: bool = False) -> pd.DataFrame:
     """The raw rows of the test split that `prepare` cuts from `table` (the same rows, in order):
     what another model, with its own preprocessing, is scored on to be compared on this run's test data."""
+    return raw_splits(table, spec, task, validation_given)[2]
+
+
+def raw_splits(table: pd.DataFrame, spec: PrepSpec, task: str,
+               validation_given: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The raw rows of the train, validation and test splits that `prepare` cuts from `table`, in order
+    (with a validation file, the validation split cut from `table` is empty)."""
     targets = target_columns(spec.target)
     table = _without_missing_targets(table, targets, task == "multilabel" and len(targets) == 1)
     split = PrepSpec(**{**asdict(spec), "val_fraction": 0.0}) if validation_given else spec
-    return table.iloc[split_rows(table[targets[0]], task, split)[2]].reset_index(drop=True)
+    rows = split_rows(table[targets[0]], task, split)
+    return tuple(table.iloc[part].reset_index(drop=True) for part in rows)
 
 
 def encode_split(preprocessor: Preprocessor, frame: pd.DataFrame, rows: np.ndarray | None) -> Split:

@@ -6,17 +6,24 @@ pyfunc's `model_inputs`); its outputs are then put in the challenger's output sp
 the challenger's order; regression values through the champion's target scaling into the
 challenger's), and the challenger's own loss and metrics score them against the challenger's
 test targets. So both figures come from the same rows, the same targets and the same metric code.
+
+Rows the champion trained or was validated on (tasks/seen_rows.py, logged when it was registered)
+are left out, and the newcomer is scored again on the rows that remain: scored on rows it learned
+from, a champion would look better than it is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from tasks.config import TrainConfig, target_columns
-from tasks.data import Prepared, raw_test_rows
+from tasks.data import Prepared, load_table, raw_splits, raw_test_rows
 from tasks.images_prepare import ImagesPrepared
+from tasks.seen_rows import SeenRows
 from tasks.trainer import loss_of, prep_spec, task_metrics
 from tasks.training import evaluate, predict_outputs
 
@@ -57,26 +64,71 @@ def outputs_in_this_run(other, inputs: pd.DataFrame, preprocessor) -> torch.Tens
     return outputs[:, [its.index(name) for name in mine]]
 
 
-def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outputs: torch.Tensor) -> dict[str, float]:
-    """`test_<metric>` of these outputs against this run's test targets, with this run's loss and metrics."""
+def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outputs: torch.Tensor,
+                  rows: np.ndarray | None = None) -> dict[str, float]:
+    """`test_<metric>` of these outputs against this run's test targets (those of `rows`, a boolean
+    mask, when given), with this run's loss and metrics."""
     targets = prepared.test.targets  # images: a tensor; tables: a (possibly read-only, cached) array
     targets = targets.clone() if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
+    if rows is not None:
+        targets = targets[torch.from_numpy(rows)]
     identity = torch.nn.Identity()  # the outputs are given: evaluate only applies the loss and the metrics
     return evaluate(identity, [(outputs, targets)], loss_of(config, prepared), task_metrics(prepared, config.metrics),
                     torch.device("cpu"), "test")
 
 
-def rescorer(config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None):
-    """A function that scores a logged fitflow model (by URI) on this run's test split: the registry's `rescore`."""
-    import mlflow
+@dataclass
+class Rescored:
+    """The champion's `test_<metric>` values on this run's test rows less those it trained or was
+    validated on (`kept` of `total`), and the newcomer's on the same rows (None when none was left
+    out: its own test figures stand)."""
+    champion: dict[str, float]
+    newcomer: dict[str, float] | None
+    kept: int
+    total: int
 
-    from tasks.model_loading import load_fitflow_model
 
-    def rescore(model_uri: str) -> dict[str, float]:
-        inputs = raw_test_inputs(config, prepared, table)
-        # Read as data, never by running its code (a model from code runs model_code.py when MLflow loads it):
-        # whoever can register a version would run code here. Not a fitflow model: ConfigError, not comparable.
-        other = load_fitflow_model(model_uri, tracking_uri=mlflow.get_tracking_uri(), own_network=config.model)
-        return score_on_test(config, prepared, outputs_in_this_run(other, inputs, prepared.preprocessor))
+class Rescorer:
+    """Scores a logged fitflow model (by URI) on this run's test split, for the registry's gate; and
+    this run's own seen rows, which the gate logs with the version it registers."""
 
-    return rescore
+    def __init__(self, config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None) -> None:
+        self.config, self.prepared, self.table = config, prepared, table
+
+    def seen_rows(self) -> SeenRows | None:
+        """The rows this run trained and validated on (None for images and your Datasets: only table rows are recorded)."""
+        if not isinstance(self.prepared, Prepared) or self.table is None:
+            return None
+        train, val, _ = raw_splits(self.table, prep_spec(self.config), self.prepared.preprocessor.task,
+                                   self.config.validation_data is not None)
+        if self.config.validation_data is not None:  # the validation file's rows were seen too
+            val = load_table(self.config.validation_data)
+        return SeenRows.of([train, val], self.prepared.preprocessor.input_columns)
+
+    def __call__(self, champion_uri: str, newcomer_uri: str, champion_seen: SeenRows | None) -> Rescored:
+        import mlflow
+
+        from tasks.model_loading import load_fitflow_model
+
+        inputs = raw_test_inputs(self.config, self.prepared, self.table)
+        unseen = None
+        if champion_seen is not None:
+            try:
+                unseen = ~champion_seen.seen(inputs)
+            except KeyError as err:
+                raise NotComparable(f"{err.args[0]} the champion was trained on") from None
+            if not unseen.any():
+                raise NotComparable(f"the champion trained or was validated on every one of the {len(inputs)} test rows")
+            if unseen.all():
+                unseen = None
+
+        def score(uri: str) -> dict[str, float]:
+            # Read as data, never by running its code (a model from code runs model_code.py when MLflow loads it):
+            # whoever can register a version would run code here. Not a fitflow model: ConfigError, not comparable.
+            model = load_fitflow_model(uri, tracking_uri=mlflow.get_tracking_uri(), own_network=self.config.model)
+            rows = inputs if unseen is None else inputs[unseen]
+            return score_on_test(self.config, self.prepared, outputs_in_this_run(model, rows, self.prepared.preprocessor),
+                                 unseen)
+
+        kept = len(inputs) if unseen is None else int(unseen.sum())
+        return Rescored(score(champion_uri), None if unseen is None else score(newcomer_uri), kept, len(inputs))
