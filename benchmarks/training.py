@@ -22,7 +22,8 @@ from benchmarks.workload import (
     epoch_clock,
     make_data,
     make_model,
-    metrics_epoch,
+    metrics_validation,
+    train_pass,
     tutorial_epoch,
 )
 
@@ -90,8 +91,8 @@ def epoch_time(n_train: int, n_val: int, rounds: int, epochs: int) -> list:
     ]
     spent: dict[str, list[float]] = {}
     with _timing_callbacks(spent):
-        per_epoch, whole, used = _epochs_and_runs(fitflow, data, generator, epochs, rounds, size)
-    results += [per_epoch, whole, used]
+        per_epoch, *more = _epochs_and_runs(fitflow, data, generator, epochs, rounds, size)
+    results += [per_epoch, *more]
     epoch_s = statistics.median(per_epoch.candidate_s) / epochs
     calls = (rounds + 1) * epochs  # every epoch of every fitflow run in the comparison, the warm-up included
     for name, times in sorted(spent.items(), key=lambda item: -sum(item[1])):
@@ -112,24 +113,30 @@ def _epochs_and_runs(fitflow: FitflowRunner, data, generator, epochs: int, round
     baseline = "hand loop, fused Adam, metrics by hand"
     runs: dict[str, list[float]] = {baseline: [], "fitflow": []}
     cpu: dict[str, list[float]] = {baseline: [], "fitflow": []}
+    passes: dict[str, list[float]] = {baseline: [], "fitflow": []}
 
     def hand() -> float:
-        start, cpu_start, epochs_s = time.perf_counter(), time.process_time(), 0.0
+        start, cpu_start, epochs_s, passes_s = time.perf_counter(), time.process_time(), 0.0, 0.0
         model = make_model()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         for _ in range(epochs):
             epoch_start = time.perf_counter()
-            metrics_epoch(model, optimizer, data, generator)
+            total = train_pass(model, optimizer, data, generator, BATCH)
+            passes_s += time.perf_counter() - epoch_start
+            metrics_validation(model, data, total)
             epochs_s += time.perf_counter() - epoch_start
         runs[baseline].append(time.perf_counter() - start)
         cpu[baseline].append(time.process_time() - cpu_start)
+        passes[baseline].append(passes_s)
         return epochs_s
 
     def fit() -> float:
-        start, cpu_start, clock = time.perf_counter(), time.process_time(), epoch_clock()
-        fitflow.fit([clock])
+        start, cpu_start, clock, passes_s = time.perf_counter(), time.process_time(), epoch_clock(), []
+        with _on_validation_start(lambda: passes_s.append(time.perf_counter() - clock.start)):
+            fitflow.fit([clock])
         runs["fitflow"].append(time.perf_counter() - start)
         cpu["fitflow"].append(time.process_time() - cpu_start)
+        passes["fitflow"].append(sum(passes_s))
         return sum(clock.epochs)
 
     per_epoch = compare(f"epoch vs hand loop with fused Adam and the same metrics, per epoch ({size})",
@@ -141,7 +148,29 @@ def _epochs_and_runs(fitflow: FitflowRunner, data, generator, epochs: int, round
     used = _paired(f"epoch vs hand loop with fused Adam and the same metrics, CPU time of whole runs ({size})", baseline,
                    cpu, note="the same runs' CPU seconds, every thread of the process (the writer and delivery threads "
                              "included): the work done, without the waits (fsync, the machine's other load)")
-    return per_epoch, whole, used
+    trained = _paired(f"epoch vs hand loop with fused Adam, the training passes alone ({size})", baseline, passes,
+                      note="the same runs, each epoch's training pass only (fitflow's: from the epoch's start to its "
+                           "validation's): the loop's per-step cost, without validation, metrics and callbacks")
+    return per_epoch, whole, used, trained
+
+
+@contextmanager
+def _on_validation_start(record):
+    """Calls `record()` as fit's validation pass starts (fit looks `evaluate` up in tasks.training at each epoch)."""
+    import tasks.training as loop
+
+    evaluate = loop.evaluate
+
+    def timed(*args, **kwargs):
+        if (args[5] if len(args) > 5 else kwargs.get("split")) == "val":
+            record()
+        return evaluate(*args, **kwargs)
+
+    loop.evaluate = timed
+    try:
+        yield
+    finally:
+        loop.evaluate = evaluate
 
 
 def _paired(name: str, baseline: str, seconds: dict[str, list[float]], note: str, candidate: str = "fitflow") -> Comparison:

@@ -71,7 +71,7 @@ def tutorial_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dat
 def best_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
                batch: int = BATCH) -> float:
     """The best hand-written loop: batch gather, losses summed on device, one sync per epoch."""
-    total = _train_pass(model, optimizer, data, generator, batch)
+    total = train_pass(model, optimizer, data, generator, batch)
     model.eval()
     correct, val_loss = torch.zeros(()), torch.zeros(())
     with torch.inference_mode():
@@ -84,14 +84,13 @@ def best_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, g
     return float(correct) / len(data.y_val)
 
 
-def metrics_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
-                  batch: int = BATCH) -> dict[str, float]:
-    """The best hand loop that also computes what fitflow logs, by hand, once per epoch: train and
-    validation loss, then accuracy, macro-F1 and the exact AUROC over the whole validation split
-    (torchmetrics' functional forms, one call each on the kept outputs)."""
+def metrics_validation(model: nn.Module, data: Data, total: torch.Tensor, batch: int = BATCH) -> dict[str, float]:
+    """After a training pass (`train_pass`, whose summed batch losses are `total`), what fitflow logs,
+    computed by hand once per epoch: the strictest hand loop's epoch is the two. Train and validation
+    loss, then accuracy, macro-F1 and the exact AUROC over the whole validation split (torchmetrics'
+    functional forms, one call each on the kept outputs)."""
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc, multiclass_f1_score
 
-    total = _train_pass(model, optimizer, data, generator, batch)
     model.eval()
     outputs, val_loss = [], torch.zeros(())
     with torch.inference_mode():
@@ -107,7 +106,7 @@ def metrics_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data
                 "auroc": float(multiclass_auroc(probs, data.y_val, CLASSES))}
 
 
-def _train_pass(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
+def train_pass(model: nn.Module, optimizer: torch.optim.Optimizer, data: Data, generator: torch.Generator,
                 batch: int) -> torch.Tensor:
     model.train()
     order = torch.randperm(len(data.y), generator=generator)
