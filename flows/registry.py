@@ -17,11 +17,12 @@ comparison, and the newcomer is scored again on the rows that remain (`gate_test
 count is in the reason and the `fitflow.gate_rows` tag): a new data version that keeps the old
 rows would otherwise test the champion partly on its training data. Each version registered here
 records its own seen rows for that (`fitflow/seen_rows.npz` on its run; tables only). A champion
-registered without them is re-scored on all the test rows, and the reason says so. A champion that cannot be scored there (other classes, another
-task, a model of your own Datasets) leaves the newcomer `challenger`, "not comparable"; move
-`champion` by hand if it should ship. Each decision is a Prefect event, `fitflow.model.promoted`
-or `fitflow.model.rejected`. Two registrations of the same name at the very same moment may
-both read the old champion; run them one after the other.
+registered without them is re-scored on all the test rows, and the reason says so. A champion
+that cannot be scored there (other classes, another task, a model of your own Datasets) leaves
+the newcomer `challenger`, "not comparable"; move `champion` by hand if it should ship. Each
+decision is a Prefect event, `fitflow.model.promoted` or `fitflow.model.rejected`. Two
+registrations of the same name at the very same moment may both read the old champion; run them
+one after the other.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Decision:
     champion_score: float | None
     reason: str
     rescored: bool = False  # champion_score is the champion's re-scored on this version's test split
-    rows: str | None = None  # rescored: which of those test rows both were scored on
+    rows: str | None = None  # rescored: how many of those test rows both were scored on ("12 of 86")
+    left_out: int = 0  # rows the champion had seen, left out: `score` is then the newcomer's on the rest
 
     @property
     def uri(self) -> str:
@@ -125,13 +127,13 @@ def register_model(client: MlflowClient, name: str, run_id: str, model_uri: str,
         tags["fitflow.champion_rescored"] = "true"
     if decision.rows is not None:
         tags["fitflow.gate_rows"] = decision.rows
-    if decision.score != score:  # its own score on the rows the gate compared, not on all its test rows
+    if decision.left_out:  # its own score on the rows the gate compared, not on all its test rows
         tags["fitflow.gate_score"] = f"{decision.score:.6g}"
     for key, value in tags.items():
         client.set_model_version_tag(name, decision.version, key, value)
     if decision.champion_score is not None:  # both figures side by side on the newcomer's run
         client.log_metric(run_id, f"champion_{metric}", decision.champion_score)
-        if decision.score != score:  # the newcomer's, on the test rows the champion did not see
+        if decision.left_out:  # the newcomer's, on the test rows the champion did not see
             client.log_metric(run_id, f"gate_{metric}", decision.score)
     client.set_tag(run_id, "fitflow.gate", f"{decision.alias}: {decision.reason}"[:5000])
     log.info("registered %s", decision)
@@ -171,19 +173,21 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
                 champion_score = rescored.champion.get(metric)
                 newcomer_score = score if rescored.newcomer is None else rescored.newcomer.get(metric)
                 if champion_score is not None and newcomer_score is not None:
-                    rows = f"{rescored.kept} of {rescored.total}"
+                    left_out = rescored.total - rescored.kept
                     if seen is None:
-                        which = (f"all {rows} test rows; the champion's training rows were not recorded, "
+                        which = (f"all {rescored.total} test rows; the champion's training rows were not recorded, "
                                  "some of them may be among these")
-                    elif rescored.newcomer is None:
-                        which = f"all {rows} test rows, none of them one the champion trained or was validated on"
+                    elif not left_out:
+                        which = (f"all {rescored.total} test rows, none of them one the champion trained or was "
+                                 "validated on")
                     else:
-                        which = (f"{rows} test rows: the {rescored.total - rescored.kept} the champion trained or "
-                                 "was validated on left out, both models scored on the rest")
+                        which = (f"{rescored.kept} of {rescored.total} test rows: the {left_out} the champion trained "
+                                 "or was validated on left out, both models scored on the rest")
                     return _compare(name, version, metric, newcomer_score, lower, champion.version, champion_score,
                                     f"re-scored on this version's test data ({which}; dataset "
                                     f"{new_key['dataset_digest']}; the champion was tested on other data: {differ} "
-                                    "differ)", rescored=True, rows=rows)
+                                    "differ)", rescored=True, rows=f"{rescored.kept} of {rescored.total}",
+                                    left_out=left_out)
                 cannot = f"re-scoring gave no {metric}"
         return Decision(name, version, CHALLENGER, metric, score, champion.version, None,
                         f"not comparable with champion v{champion.version}: tested on different data "
@@ -197,13 +201,14 @@ def _decide(client: MlflowClient, name: str, version: str, metric: str, score: f
 
 
 def _compare(name: str, version: str, metric: str, score: float, lower: bool, champion_version: str,
-             champion_score: float, where: str, rescored: bool = False, rows: str | None = None) -> Decision:
+             champion_score: float, where: str, rescored: bool = False, rows: str | None = None,
+             left_out: int = 0) -> Decision:
     better = score < champion_score if lower else score > champion_score
     relation = ("<" if lower else ">") if better else ("=" if score == champion_score else (">" if lower else "<"))
     verdict = "beats" if better else "does not beat"
     reason = f"{metric} {score:.4f} {relation} {champion_score:.4f} of champion v{champion_version}: {verdict} it {where}"
     return Decision(name, version, CHAMPION if better else CHALLENGER, metric, score, champion_version,
-                    champion_score, reason, rescored, rows)
+                    champion_score, reason, rescored, rows, left_out)
 
 
 # Where a run is logged, not what it learns: a retrain logged elsewhere is still the same model.

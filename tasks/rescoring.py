@@ -96,7 +96,8 @@ class Rescorer:
         self.config, self.prepared, self.table = config, prepared, table
 
     def seen_rows(self) -> SeenRows | None:
-        """The rows this run trained and validated on (None for images and your Datasets: only table rows are recorded)."""
+        """The rows this run trained and validated on (None for images and your Datasets: only table rows
+        are recorded)."""
         if not isinstance(self.prepared, Prepared) or self.table is None:
             return None
         train, val, _ = raw_splits(self.table, prep_spec(self.config), self.prepared.preprocessor.task,
@@ -118,7 +119,8 @@ class Rescorer:
             except KeyError as err:
                 raise NotComparable(f"{err.args[0]} the champion was trained on") from None
             if not unseen.any():
-                raise NotComparable(f"the champion trained or was validated on every one of the {len(inputs)} test rows")
+                raise NotComparable(f"the champion trained or was validated on every one of the {len(inputs)} "
+                                    "test rows")
             if unseen.all():
                 unseen = None
 
@@ -127,8 +129,8 @@ class Rescorer:
             # whoever can register a version would run code here. Not a fitflow model: ConfigError, not comparable.
             model = load_fitflow_model(uri, tracking_uri=mlflow.get_tracking_uri(), own_network=self.config.model)
             rows = inputs if unseen is None else inputs[unseen]
-            return score_on_test(self.config, self.prepared, outputs_in_this_run(model, rows, self.prepared.preprocessor),
-                                 unseen)
+            outputs = outputs_in_this_run(model, rows, self.prepared.preprocessor)
+            return score_on_test(self.config, self.prepared, outputs, unseen)
 
         kept = len(inputs) if unseen is None else int(unseen.sum())
         return Rescored(score(champion_uri), None if unseen is None else score(newcomer_uri), kept, len(inputs))
