@@ -109,6 +109,19 @@ def test_a_champion_whose_seen_rows_were_not_recorded_is_rescored_on_every_test_
     assert "gate_test_accuracy" not in metrics and "fitflow.gate_score" not in version.tags
 
 
+def test_a_champion_whose_seen_rows_record_is_damaged_is_not_comparable_rather_than_scored_on_every_row(
+        mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    train(TrainConfig(epochs=1, lr=1e-6, **BASE))
+    (recorded,) = (tmp_path / "mlartifacts").rglob("seen_rows.npz")
+    recorded.write_bytes(recorded.read_bytes()[:100])  # cut short
+    better = train(TrainConfig(epochs=20, lr=3e-3, seed=7, **BASE))
+    challenger = _version(client, "challenger")
+    assert challenger.run_id == better.run_id and "not comparable" in challenger.description
+    assert "recorded training rows (fitflow/seen_rows.npz of run" in challenger.description
+    assert "champion_test_accuracy" not in client.get_run(better.run_id).data.metrics
+
+
 def test_two_data_versions_rescoring_decides_and_each_decision_is_a_prefect_event(mlflow_uri, tmp_path):
     client = MlflowClient(mlflow_uri)
     v1 = write_mixed_classification_csv(tmp_path / "v1.csv", seed=0)
