@@ -229,6 +229,7 @@ def unchanged_since_champion(client: MlflowClient, name: str, dataset_digest: st
     mine = {k: v for k, v in params.items() if k not in _NOT_LEARNED}
     return (champion, run) if theirs == mine else None
 
+
 def _log_seen_rows(client: MlflowClient, run_id: str, seen: SeenRows) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ARTIFACT_NAME

@@ -38,7 +38,7 @@ class SeenRows:
         missing = [name for name in self.columns if name not in frame.columns]
         if missing:
             raise KeyError(f"the rows lack the input column(s) {', '.join(map(repr, missing))}")
-        return np.isin(row_fingerprints(frame, self.columns), self.fingerprints, assume_unique=False)
+        return np.isin(row_fingerprints(frame, self.columns), self.fingerprints)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
