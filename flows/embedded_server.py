@@ -29,6 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flows.embedded_server_process import GRACE_S
 from flows.environment import fitflow_home, running_stack
 from flows.prefect_private import EPHEMERAL_SERVER_ENV, SERVER_APP_FACTORY
 from tasks.checkout import REPO
@@ -99,11 +100,12 @@ class _EmbeddedServer:
     `create_app`, ephemeral, no UI), started without importing Prefect's server package here:
     that import alone took 3 s of the command's own start-up.
 
-    It runs under flows/embedded_server_process.py, which stops it once this process is gone
-    (killed outright, `stop` never called): it holds the read end of a pipe whose write end,
-    the lifeline, only this process holds. Nothing else may hold that end, or the server would
-    outlive the command: it is not inherited by programs this process starts (os.pipe), and a
-    process forked from this one without a new program (DataLoader workers) closes it at once.
+    It runs under flows/embedded_server_process.py, which stops it at the byte `stop` writes to
+    a pipe, or once this process is gone (killed outright, `stop` never called): it holds the
+    read end of that pipe, whose write end, the lifeline, only this process holds. Nothing else
+    may hold that end, or a killed command's server would outlive it: it is not inherited by
+    programs this process starts (os.pipe), and a process forked from this one without a new
+    program (DataLoader workers) closes it at once.
     """
 
     def __init__(self) -> None:
@@ -127,7 +129,7 @@ class _EmbeddedServer:
         _closed_in_forked_children(self.lifeline)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "flows.embedded_server_process", str(server_end),
+                [sys.executable, "-m", "flows.embedded_server_process", str(server_end), str(server_log()),
                  "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory", SERVER_APP_FACTORY,
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
                 env=env, stdin=subprocess.DEVNULL, pass_fds=(server_end,),
@@ -147,18 +149,26 @@ class _EmbeddedServer:
                            "EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server")
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        """The byte on the lifeline: the server sends its further output to SERVER_LOG, then stops
+        as at SIGTERM, and kills itself GRACE_S later if still running."""
         if self.lifeline is not None:
+            with suppress(OSError):  # BrokenPipeError: the server has ended already
+                os.write(self.lifeline, b"\0")
             _lifelines.discard(self.lifeline)
             os.close(self.lifeline)
             self.lifeline = None
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=GRACE_S + 5)
+            except subprocess.TimeoutExpired:  # its lifeline thread did not get to run
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+def server_log() -> Path:
+    """Where the embedded servers of this FITFLOW_HOME write once their command is done with them."""
+    return fitflow_home() / "logs" / "embedded-prefect-server.log"
 
 
 _lifelines: set[int] = set()  # the write ends held by this process, closed in each child forked from it

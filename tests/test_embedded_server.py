@@ -122,6 +122,20 @@ def test_the_flow_runs_on_the_commands_own_server_which_stops_with_it(home):
     assert _refused(url.port)
 
 
+def test_what_the_server_writes_once_the_command_is_done_goes_to_its_log(home):
+    """Prefect's services log what their shutdown cancels (a cancelled task-run flush: an error
+    with a traceback); under a command's last line that read as a crash (a refused `fitflow train`,
+    CI). At DEBUG the task-run recorder says when it starts and when it stops: the first line
+    reaches the command's stderr, the second only the log."""
+    done = _run([sys.executable, "-c", COMMAND], home, PREFECT_SERVER_LOGGING_LEVEL="DEBUG")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TaskRunRecorder started" in done.stderr
+    assert "TaskRunRecorder stopped" not in done.stderr + done.stdout
+    log = (home / "logs" / "embedded-prefect-server.log").read_text()
+    assert "TaskRunRecorder stopped" in log and "TaskRunRecorder started" not in log
+    assert _servers_on(home) == []
+
+
 def test_work_the_run_does_anyway_is_done_while_the_server_starts(home, tmp_path):
     """`meanwhile` (the CLI passes: import MLflow's sqlite store, map the installed packages, import
     torch._dynamo, torch.export's tracer, matplotlib's Figure): done before the flow runs on the embedded server, a failure left for the flow;
