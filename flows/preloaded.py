@@ -76,6 +76,7 @@ class Preloaded:
         while not (self.stopping and not self.children):
             if self.stop_requested and not self.stopping:
                 self.stop()
+                continue  # with no command running, nothing would wake the select below: it waited for good
             for key, _ in self.selector.select():
                 kind = key.data
                 if kind == "signal":

@@ -173,6 +173,7 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
         assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr
         up.assert_all_gone()
         assert up.popen.returncode == 0, up.output()
+        assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")  # on its SIGTERM
     finally:
         up.close()
 
@@ -321,6 +322,8 @@ def test_ctrl_c_stops_everything_up_started(tmp_path):
         up.assert_all_gone()
         assert up.popen.returncode == 0 and "stopped the Prefect server" in up.output()
         assert _cli(home, "down").stdout.startswith("no stack is up")
+        # the idle preloaded process ended on its SIGTERM, not by `up`'s SIGKILL 30 s later
+        assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")
     finally:
         up.close()
 
