@@ -266,10 +266,9 @@ def load_pretrained(model: nn.Module, path: str) -> list[str]:
     head for another number of classes) are left out; a file that shares no tensor with the
     model is an error, not a silent fresh start. Loaded with weights_only: no code runs.
     """
+    check_pretrained_file(path)  # again: the file may have gone since the check before the run
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"pretrained weights file not found: {path}; give the path of a saved state dict") from None
     except Exception as err:  # a pickle with code, a truncated file, another format
         raise ConfigError(f"pretrained file {path} is not a torch state dict ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200]}); save one with torch.save(model.state_dict(), path)") from None
