@@ -77,6 +77,7 @@ def test_a_champion_tested_on_other_data_is_rescored_on_the_newcomers_test_rows_
     assert 0 < len(kept) < len(new_test) / 2  # the premise: most of them v1 learned from
     assert champion.tags["fitflow.gate_rows"] == f"{len(kept)} of {len(new_test)}"
     assert f"the {len(new_test) - len(kept)} the champion trained or was validated on left out" in champion.description
+    assert f"only {len(kept)} rows: a small sample, the decision may not hold on more data" in champion.description
     # each figure is that version's accuracy on those rows, as its own predictions give it
     rows, run = table.iloc[kept], client.get_run(better.run_id)
     for version, metric in (("1", "champion_test_accuracy"), ("2", "gate_test_accuracy")):
@@ -102,6 +103,7 @@ def test_a_champion_whose_seen_rows_were_not_recorded_is_rescored_on_every_test_
     rows = raw_test_rows(load_table("breast_cancer"), prep_spec(other_split), "classification")
     assert version.tags["fitflow.gate_rows"] == f"{len(rows)} of {len(rows)}"
     assert "the champion's training rows were not recorded, some of them may be among these" in version.description
+    assert "small sample" not in version.description  # 86 rows
     predicted = mlflow.pyfunc.load_model("models:/bc/1").predict(rows.drop(columns=["diagnosis"]))
     expected = float((predicted["prediction"] == rows["diagnosis"]).mean())
     metrics = client.get_run(better.run_id).data.metrics
