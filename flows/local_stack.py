@@ -5,7 +5,9 @@ $FITFLOW_HOME: `mlflow.db`, artifacts served from `mlartifacts/`) and `fitflow s
 deployments of prefect.yaml with their schedules and triggers), each in a process group of its
 own, all on 127.0.0.1; prints both URLs once both answer, and that the deployments are served once
 serve has registered them; then waits. Ctrl-C, SIGTERM or
-`fitflow down` stop every process it started, children included.
+`fitflow down` stop every process it started, children included. An `up` killed outright
+(SIGKILL, an OOM kill) leaves them running: `fitflow down`, or the next `up` of the same home,
+stops them (stack.json lists them).
 
 It also starts the preloaded process (flows/preloaded.py): torch, MLflow and Prefect imported once,
 so that `fitflow train`, `resume`, `sweep` and `predict` start in a fork of it instead of importing
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +75,14 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
     if running is not None:
         raise ConfigError(f"the stack is already up (process {running['pid']}): {running['prefect_ui_url']} and "
                           f"{running['mlflow_url']}; stop it with `fitflow down`")
+    if state.exists():  # an `up` killed outright: its servers would hold the ports and the databases
+        try:
+            left = json.loads(state.read_text(encoding="utf-8"))
+        except ValueError:  # cut short: nothing in it can be trusted to name a process
+            state.unlink()
+        else:
+            _stop_what_up_left(state, left)
+            print(f"stopped what the killed `fitflow up` (process {left.get('pid')}) left running", flush=True)
     for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
         if not _port_free(port):
             raise ConfigError(f"port {port} on 127.0.0.1 is in use; stop what listens there or choose {flag}")
@@ -150,10 +161,25 @@ def down(home: Path) -> str:
             owner.wait(timeout=STOP_TIMEOUT_S * 3)
         except psutil.TimeoutExpired:
             owner.kill()
-    for pid in stack.get("children", []):  # an `up` killed outright leaves its children: stop them here
-        stop_process_group(pid)
-    state.unlink(missing_ok=True)
+    _stop_what_up_left(state, stack)
     return f"stopped the stack of process {stack['pid']} ({stack['prefect_ui_url']}, {stack['mlflow_url']})"
+
+
+def _stop_what_up_left(state: Path, stack: dict) -> None:
+    """What an `up` killed outright leaves: its children, the preloaded process's socket folder and
+    the stack file. A pid of the file that now names a process started after the file was written
+    is not one of them (the pid was reused) and is left alone."""
+    written = state.stat().st_mtime
+    for pid in stack.get("children", []):
+        child = _process(pid)
+        if child is not None and child.create_time() <= written + 1:  # create_time: in clock ticks
+            stop_process_group(pid)
+    if "preloaded_socket" in stack:  # the socket and its private folder, and nothing else (never a tree)
+        socket_path = Path(stack["preloaded_socket"])
+        with suppress(OSError):
+            socket_path.unlink(missing_ok=True)
+            socket_path.parent.rmdir()
+    state.unlink(missing_ok=True)
 
 
 def read_stack(home: Path) -> dict | None:

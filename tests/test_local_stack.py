@@ -44,8 +44,8 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 class Up:
     """A `fitflow up` process, with everything it started recorded while it runs."""
 
-    def __init__(self, home: Path, **extra_env: str) -> None:
-        self.home, self.ports = home, (_free_port(), _free_port())
+    def __init__(self, home: Path, ports: tuple[int, int] | None = None, **extra_env: str) -> None:
+        self.home, self.ports = home, ports or (_free_port(), _free_port())
         self.log = open(home.parent / "up.log", "w")
         self.popen = subprocess.Popen([str(BIN / "fitflow"), "up", "--prefect-port", str(self.ports[0]),
                                        "--mlflow-port", str(self.ports[1])], cwd=REPO, env=_env(home, **extra_env),
@@ -326,6 +326,33 @@ def test_ctrl_c_stops_everything_up_started(tmp_path):
         assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")
     finally:
         up.close()
+
+
+def test_an_up_killed_outright_leaves_servers_that_the_next_up_stops(tmp_path):
+    """SIGKILL: `up` runs no `finally`; its servers live on, holding the ports and the databases. The
+    next `up` of the home (on the same ports) stops them from stack.json, then starts afresh."""
+    home = tmp_path / "home"
+    home.mkdir()
+    killed = Up(home)
+    socket_dir = Path(killed.stack["preloaded_socket"]).parent
+    try:
+        killed.popen.send_signal(signal.SIGKILL)
+        assert killed.popen.wait(timeout=30) == -signal.SIGKILL
+        left = [p for p in killed.family[1:] if p.is_running()]
+        assert len(left) >= 4 and socket_dir.exists()  # the premise: both servers, serve, the preloaded process
+
+        again = Up(home, killed.ports)
+        try:
+            assert f"stopped what the killed `fitflow up` (process {killed.popen.pid}) left running" in again.output()
+            _, alive = psutil.wait_procs(left, timeout=60)
+            assert not alive, [p.cmdline() for p in alive]
+            assert not socket_dir.exists() and again.stack["pid"] == again.popen.pid
+            again.popen.send_signal(signal.SIGINT)
+            again.assert_all_gone()
+        finally:
+            again.close()
+    finally:
+        killed.close()
 
 
 def test_bad_ports_are_one_line_and_exit_2(tmp_path):
