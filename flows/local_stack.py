@@ -77,11 +77,11 @@ def up(home: Path, prefect_port: int, mlflow_port: int, limit: int) -> None:
                           f"{running['mlflow_url']}; stop it with `fitflow down`")
     if state.exists():  # an `up` killed outright: its servers would hold the ports and the databases
         try:
-            left = json.loads(state.read_text(encoding="utf-8"))
+            left, written = json.loads(state.read_text(encoding="utf-8")), state.stat().st_mtime
         except ValueError:  # cut short: nothing in it can be trusted to name a process
             state.unlink()
         else:
-            _stop_what_up_left(state, left)
+            _stop_what_up_left(state, left, written)
             print(f"stopped what the killed `fitflow up` (process {left.get('pid')}) left running", flush=True)
     for port, flag in ((prefect_port, "--prefect-port"), (mlflow_port, "--mlflow-port")):
         if not _port_free(port):
@@ -153,7 +153,7 @@ def down(home: Path) -> str:
     state = stack_file(home)
     if not state.exists():
         return f"no stack is up (no {state})"
-    stack = json.loads(state.read_text(encoding="utf-8"))
+    stack, written = json.loads(state.read_text(encoding="utf-8")), state.stat().st_mtime
     owner = _process(stack["pid"])
     if owner is not None:  # `up` stops its own children on SIGTERM, then exits
         owner.send_signal(signal.SIGTERM)
@@ -161,15 +161,15 @@ def down(home: Path) -> str:
             owner.wait(timeout=STOP_TIMEOUT_S * 3)
         except psutil.TimeoutExpired:
             owner.kill()
-    _stop_what_up_left(state, stack)
+    _stop_what_up_left(state, stack, written)
     return f"stopped the stack of process {stack['pid']} ({stack['prefect_ui_url']}, {stack['mlflow_url']})"
 
 
-def _stop_what_up_left(state: Path, stack: dict) -> None:
+def _stop_what_up_left(state: Path, stack: dict, written: float) -> None:
     """What an `up` killed outright leaves: its children, the preloaded process's socket folder and
     the stack file. A pid of the file that now names a process started after the file was written
-    is not one of them (the pid was reused) and is left alone."""
-    written = state.stat().st_mtime
+    (`written`, its mtime; an `up` that stopped normally has removed it) is not one of them (the pid
+    was reused) and is left alone."""
     for pid in stack.get("children", []):
         child = _process(pid)
         if child is not None and child.create_time() <= written + 1:  # create_time: in clock ticks
