@@ -23,7 +23,8 @@ def import_time_environment(env: dict[str, str]) -> dict[str, str]:
 
 def interpreter() -> dict[str, object]:
     """What a command and the process must share besides the environment: the same Python, flags and options."""
-    return {"executable": sys.executable, "prefix": sys.prefix, "flags": list(sys.flags), "warnoptions": sys.warnoptions}
+    return {"executable": sys.executable, "prefix": sys.prefix, "flags": list(sys.flags), "warnoptions": sys.warnoptions,
+            "xoptions": {name: str(value) for name, value in sys._xoptions.items()}}  # -X, e.g. tracemalloc
 
 
 def run_preloaded(argv: list[str]) -> int | None:

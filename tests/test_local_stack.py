@@ -255,6 +255,13 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         assert other.returncode == 2 and other.stderr.count("\n") == 1
         log = (home / "logs" / "preloaded.log").read_text()
         assert "declined train: environment variables read at import differ: MLFLOW_HTTP_REQUEST_TIMEOUT" in log
+        # another -X option of the interpreter (tracemalloc, importtime, ...): the same
+        x_option = subprocess.run([sys.executable, "-X", "fitflow_test", "-m", "flows.cli", "train", "--data",
+                                   str(tmp_path / "missing.csv")], cwd=REPO, env=_env(home, PYTHONPATH=str(TESTS)),
+                                  capture_output=True, text=True, timeout=DEADLINE_S)
+        assert x_option.returncode == 2 and x_option.stderr.count("\n") == 1, x_option.stderr
+        log = (home / "logs" / "preloaded.log").read_text()
+        assert log.count("declined train: another Python or other interpreter options") == 1
         assert len(_preloaded_commands(home)) == 3
 
         # what is not a command's request is refused and logged, and the descriptors it carried are closed

@@ -111,7 +111,8 @@ def test_the_system_metrics_monitor_hands_out_its_collectors_without_starting_a_
 
 
 # underscore names that their library documents as its API
-DOCUMENTED = {("os", "_exit")}  # https://docs.python.org/3/library/os.html#os._exit (flows/cli.py `run`)
+DOCUMENTED = {("os", "_exit"),  # https://docs.python.org/3/library/os.html#os._exit (flows/cli.py `run`)
+              ("sys", "_xoptions")}  # https://docs.python.org/3/library/sys.html#sys._xoptions (flows/preloaded_client.py)
 
 
 def test_no_other_module_uses_a_private_api():
