@@ -149,8 +149,8 @@ class _EmbeddedServer:
                            "EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a running server")
 
     def stop(self) -> None:
-        """The byte on the lifeline: the server sends its further output to SERVER_LOG, then stops
-        as at SIGTERM, and kills itself GRACE_S later if still running."""
+        """The byte on the lifeline: the server sends its further output to `server_log()`, then
+        stops as at SIGTERM, and kills itself GRACE_S later if still running."""
         if self.lifeline is not None:
             with suppress(OSError):  # BrokenPipeError: the server has ended already
                 os.write(self.lifeline, b"\0")

@@ -30,7 +30,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-GRACE_S = 5  # as the command's own stop: SIGTERM, then SIGKILL 5 s later if still running
+GRACE_S = 5  # from its SIGTERM to its SIGKILL, should its graceful shutdown hang
 
 
 def _stop_when_the_command_is_done(lifeline: int, log: str) -> None:
