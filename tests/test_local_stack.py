@@ -319,25 +319,10 @@ def test_commands_start_in_the_preloaded_process_and_end_as_in_their_own(tmp_pat
         up.close()
 
 
-def test_ctrl_c_stops_everything_up_started(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    up = Up(home)
-    try:
-        assert len(up.family) >= 4  # up, both servers (and their workers), serve
-        up.popen.send_signal(signal.SIGINT)
-        up.assert_all_gone()
-        assert up.popen.returncode == 0 and "stopped the Prefect server" in up.output()
-        assert _cli(home, "down").stdout.startswith("no stack is up")
-        # the idle preloaded process ended on its SIGTERM, not by `up`'s SIGKILL 30 s later
-        assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")
-    finally:
-        up.close()
-
-
-def test_an_up_killed_outright_leaves_servers_that_the_next_up_stops(tmp_path):
+def test_an_up_killed_outright_leaves_servers_that_the_next_up_stops_and_ctrl_c_stops_everything(tmp_path):
     """SIGKILL: `up` runs no `finally`; its servers live on, holding the ports and the databases. The
-    next `up` of the home (on the same ports) stops them from stack.json, then starts afresh."""
+    next `up` of the home (on the same ports) stops them from stack.json, then starts afresh; its
+    Ctrl-C stops everything it started. (One test: each `up` costs about a minute on 2 cores.)"""
     home = tmp_path / "home"
     home.mkdir()
     killed = Up(home)
@@ -354,8 +339,13 @@ def test_an_up_killed_outright_leaves_servers_that_the_next_up_stops(tmp_path):
             _, alive = psutil.wait_procs(left, timeout=60)
             assert not alive, [p.cmdline() for p in alive]
             assert not socket_dir.exists() and again.stack["pid"] == again.popen.pid
+            assert len(again.family) >= 4  # up, both servers (and their workers), serve
             again.popen.send_signal(signal.SIGINT)
             again.assert_all_gone()
+            assert again.popen.returncode == 0 and "stopped the Prefect server" in again.output()
+            assert _cli(home, "down").stdout.startswith("no stack is up")
+            # the idle preloaded process ended on its SIGTERM, not by `up`'s SIGKILL 30 s later
+            assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")
         finally:
             again.close()
     finally:
