@@ -154,15 +154,14 @@ def down(home: Path) -> str:
     if not state.exists():
         return f"no stack is up (no {state})"
     stack, written = json.loads(state.read_text(encoding="utf-8")), state.stat().st_mtime
-    owner = _process(stack["pid"])
+    owner, killed = _process(stack["pid"]), ""
     if owner is not None:  # `up` stops its own children on SIGTERM, then exits
         owner.send_signal(signal.SIGTERM)
-        try:
-            owner.wait(timeout=STOP_TIMEOUT_S * 3)
-        except psutil.TimeoutExpired:
+        if not _exits(owner, timeout=STOP_TIMEOUT_S * 3):
             owner.kill()
+            killed = f"; it had not exited {STOP_TIMEOUT_S * 3} s after SIGTERM: killed, see {home / 'logs'}"
     _stop_what_up_left(state, stack, written)
-    return f"stopped the stack of process {stack['pid']} ({stack['prefect_ui_url']}, {stack['mlflow_url']})"
+    return f"stopped the stack of process {stack['pid']} ({stack['prefect_ui_url']}, {stack['mlflow_url']}){killed}"
 
 
 def _stop_what_up_left(state: Path, stack: dict, written: float) -> None:
@@ -311,6 +310,17 @@ def _process(pid: int) -> psutil.Process | None:
         return proc if proc.status() != psutil.STATUS_ZOMBIE else None
     except (psutil.NoSuchProcess, ValueError):
         return None
+
+
+def _exits(proc: psutil.Process, timeout: float) -> bool:
+    """Whether `proc` exits within `timeout` s. Exited counts once it is a zombie: `up` is not this
+    process's child, and its parent (a shell, a supervisor, a test) may reap it only later."""
+    deadline = time.monotonic() + timeout
+    while proc.is_running() and _process(proc.pid) is not None:  # is_running: False once the pid is reused
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:

@@ -169,8 +169,10 @@ def test_up_runs_the_loop_and_down_leaves_nothing_behind(tmp_path):
         forks = _preloaded_commands(home)
         assert [(command.split()[0], code) for command, code in forks.values()] == [("train", 0), ("predict", 0)]
 
+        # `up` is this test's child, not reaped until assert_all_gone: a zombie that `down` counts as exited
         down = _cli(home, "down")
-        assert down.returncode == 0 and "stopped the stack" in down.stdout, down.stderr
+        assert down.returncode == 0 and down.stdout.startswith("stopped the stack"), down.stderr
+        assert "had not exited" not in down.stdout, down.stdout
         up.assert_all_gone()
         assert up.popen.returncode == 0, up.output()
         assert (home / "logs" / "preloaded.log").read_text().splitlines()[-1].endswith(" stopped")  # on its SIGTERM
