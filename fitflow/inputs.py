@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from flows.steps import DataRecord, prepare_task, run_step
 from tasks.arrays import array_targets, prepare_arrays
 from tasks.config import TrainConfig
-from tasks.data import Prepared, PrepSpec, Split, encode_split, split_rows
+from tasks.data import Prepared, PrepSpec, Split, encode_split, raw_splits, split_rows
 from tasks.user_dataset import UserDatasets, datasets_from
 
 TABLE, ARRAYS, DATASET = "table", "arrays", "dataset"
@@ -40,6 +40,8 @@ class FitData:
     prepared: Prepared | UserDatasets
     record: DataRecord
     validation_given: bool
+    spec: PrepSpec | None = None  # tables: how fit's DataFrame was split
+    validation_frame: pd.DataFrame | None = None  # tables: validation_data
 
 
 def kind_of(x: Any, y: Any, target: str | None, argument: str = "x") -> str:
@@ -87,7 +89,8 @@ def fit_data(x: Any, y: Any, target: str | None, validation_data: Any, validatio
         spec = PrepSpec(target=target, task=config.task, val_fraction=split, test_fraction=0.0,
                         max_categories=config.max_categories, seed=config.seed)
         prepared = run_step(prepare_task, x, spec, validation_data)  # in a flow run: cached on the content
-        return FitData(kind, prepared, DataRecord(TABLE, x, LABELS[TABLE], target), validation_data is not None)
+        return FitData(kind, prepared, DataRecord(TABLE, x, LABELS[TABLE], target), validation_data is not None, spec,
+                       validation_data)
     if kind == ARRAYS:
         train = _arrays(*x if y is None else (x, y), "x")
         val = _arrays(*validation_data, "validation_data") if validation_data is not None else None
@@ -127,6 +130,13 @@ def split_for(fitted: FitData, x: Any, y: Any, target: str | None, argument: str
         _check_labels(p.task, labels, f"{argument}'s y", len(p.classes or []))
         return replace(fitted.prepared, val=Split(features.astype(np.float32), array_targets(labels, p.task)), test=None)
     return replace(fitted.prepared, val=x, test=None)
+
+
+def seen_frames(fitted: FitData) -> list[pd.DataFrame]:
+    """A table fit's raw training and validation rows: every row of its DataFrame (fit cuts no test
+    split) less those without a target, and validation_data's."""
+    train, val, _ = raw_splits(fitted.record.frame, fitted.spec, fitted.prepared.preprocessor.task, fitted.validation_given)
+    return [train, val if fitted.validation_frame is None else fitted.validation_frame]
 
 
 def test_record(x: Any, y: Any, target: str | None) -> DataRecord:

@@ -14,19 +14,21 @@ or loss object) goes to the engine as `Given` (tasks/trainer.py).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect import flow
 from pydantic import ValidationError
 
 from fitflow.callbacks import EarlyStopping
-from fitflow.inputs import LABELS, TABLE, FitData, fit_data, kind_of, model_inputs, split_for, test_record
+from fitflow.inputs import LABELS, TABLE, FitData, fit_data, kind_of, model_inputs, seen_frames, split_for, test_record
 from flows.registry import Decision, register_model
 from flows.resume import config_of_run
 from flows.steps import build_loaders_task, on_own_device, run_step
@@ -35,6 +37,7 @@ from tasks import run_owner, system_metrics, tracking
 from tasks.baseline import baseline_sentence, linear_baseline
 from tasks.callbacks import Callback
 from tasks.config import IMPORT_PATH, TrainConfig, check_run_id, describe_validation_error
+from tasks.data import Prepared
 from tasks.errors import ConfigError
 from tasks.metrics import METRICS
 from tasks.models import build_model
@@ -51,6 +54,9 @@ from tasks.trainer import (
 )
 from tasks.training import History, call_model, evaluate, predict_outputs, to_device
 from tasks.user_code import user_callbacks
+
+if TYPE_CHECKING:
+    from tasks.rescoring import GivenRowsRescorer
 
 log = logging.getLogger("fitflow")
 
@@ -147,6 +153,7 @@ class Trainer:
         self._run: Run | None = None
         self._trained: Trained | None = None
         self._tested = False
+        self._evaluated: tuple[pd.DataFrame, Prepared] | None = None  # a table's evaluate: its frame, it encoded
         self.baseline_metrics: dict[str, float] = {}  # after evaluate on a DataFrame: the linear baseline's
 
     def fit(self, x: Any, y: Any = None, *, target: str | None = None, validation_data: Any = None,
@@ -189,7 +196,7 @@ class Trainer:
         fitted = call.as_flow({"data": LABELS[kind], **call.settings}) if flow else call.run()
         self.config, self._data, self._run, self._trained = fitted.config, fitted.data, fitted.run, fitted.trained
         self.model, self.history, self.run_id = fitted.trained.model, fitted.trained.history, fitted.run.run_id
-        self._tested = False
+        self._tested, self._evaluated = False, None
         return self.history
 
     def evaluate(self, x: Any, y: Any = None, *, target: str | None = None, batch_size: int | None = None) -> dict[str, float]:
@@ -220,6 +227,7 @@ class Trainer:
                                       context="testing")
         run.client.set_tag(run.run_id, "fitflow.test_digest", digest)
         self._tested = True
+        self._evaluated = (x, prepared) if data.kind == TABLE else None
         return metrics
 
     def predict(self, x: Any, *, batch_size: int = 4096) -> np.ndarray:
@@ -261,8 +269,21 @@ class Trainer:
         model_uri = log_trained_model(self.config, data.prepared, data.record, run, trained)
         if name is None:
             return model_uri
-        self.registered = register_model(run.client, name, run.run_id, model_uri, self.config.monitor)
+        self.registered = register_model(run.client, name, run.run_id, model_uri, self.config.monitor, self._rescorer())
         return self.registered.uri
+
+    def _rescorer(self) -> GivenRowsRescorer | None:
+        """For the gate, as the flow's: a champion tested on other data is scored on evaluate's rows less
+        those it trained or was validated on; this version's own seen rows (fit's) are recorded. Tables only."""
+        from tasks.rescoring import GivenRowsRescorer  # loads the model-loading code: only when registering
+
+        if self._evaluated is None:
+            return None
+        frame, prepared = self._evaluated
+        loss = self._given.loss_fn  # the figures compared are then all of the loss this model was tested with
+        if isinstance(loss, torch.nn.Module):  # scored on the CPU; the trainer's own stays where it trains
+            loss = copy.deepcopy(loss).cpu()
+        return GivenRowsRescorer(self.config, replace(prepared, test=prepared.val), frame, seen_frames(self._data), loss)
 
     def _fitted(self, method: str) -> tuple[FitData, Trained, Run]:
         if self._trained is None:

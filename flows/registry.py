@@ -16,7 +16,8 @@ that; both figures are logged on the newcomer's run (its own `test_<metric>` and
 comparison, and the newcomer is scored again on the rows that remain (`gate_test_<metric>`; the
 count is in the reason and the `fitflow.gate_rows` tag): a new data version that keeps the old
 rows would otherwise test the champion partly on its training data. Each version registered here
-records its own seen rows for that (`fitflow/seen_rows.npz` on its run; tables only). A champion
+with a `rescore` (the flows', the Python API's for a DataFrame) records its own seen rows for that
+(`fitflow/seen_rows.npz` on its run; tables only). A champion
 registered without them is re-scored on all the test rows, and the reason says so. A champion
 that cannot be scored there (other classes, another task, a model of your own Datasets) leaves
 the newcomer `challenger`, "not comparable"; move `champion` by hand if it should ship. Each

@@ -14,6 +14,7 @@ from, a champion would look better than it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,16 +66,16 @@ def outputs_in_this_run(other, inputs: pd.DataFrame, preprocessor) -> torch.Tens
 
 
 def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outputs: torch.Tensor,
-                  rows: np.ndarray | None = None) -> dict[str, float]:
+                  rows: np.ndarray | None = None, loss: Callable | None = None) -> dict[str, float]:
     """`test_<metric>` of these outputs against this run's test targets (those of `rows`, a boolean
-    mask, when given), with this run's loss and metrics."""
+    mask, when given), with this run's loss (`loss`, else the configured one) and metrics."""
     targets = prepared.test.targets  # images: a tensor; tables: a (possibly read-only, cached) array
     targets = targets.clone() if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
     if rows is not None:
         targets = targets[torch.from_numpy(rows)]
     identity = torch.nn.Identity()  # the outputs are given: evaluate only applies the loss and the metrics
-    return evaluate(identity, [(outputs, targets)], loss_of(config, prepared), task_metrics(prepared, config.metrics),
-                    torch.device("cpu"), "test")
+    return evaluate(identity, [(outputs, targets)], loss or loss_of(config, prepared),
+                    task_metrics(prepared, config.metrics), torch.device("cpu"), "test")
 
 
 @dataclass
@@ -94,6 +95,11 @@ class Rescorer:
 
     def __init__(self, config: TrainConfig, prepared: Prepared | ImagesPrepared, table: pd.DataFrame | None) -> None:
         self.config, self.prepared, self.table = config, prepared, table
+        self.loss: Callable | None = None  # None: the configured loss
+
+    def test_inputs(self) -> pd.DataFrame:
+        """This run's test rows as a model's raw inputs, in the order of `prepared.test`."""
+        return raw_test_inputs(self.config, self.prepared, self.table)
 
     def seen_rows(self) -> SeenRows | None:
         """The rows this run trained and validated on (None for images and your Datasets: only table rows
@@ -111,7 +117,7 @@ class Rescorer:
 
         from tasks.model_loading import load_fitflow_model
 
-        inputs = raw_test_inputs(self.config, self.prepared, self.table)
+        inputs = self.test_inputs()
         unseen = None
         if champion_seen is not None:
             try:
@@ -130,7 +136,23 @@ class Rescorer:
             model = load_fitflow_model(uri, tracking_uri=mlflow.get_tracking_uri(), own_network=self.config.model)
             rows = inputs if unseen is None else inputs[unseen]
             outputs = outputs_in_this_run(model, rows, self.prepared.preprocessor)
-            return score_on_test(self.config, self.prepared, outputs, unseen)
+            return score_on_test(self.config, self.prepared, outputs, unseen, self.loss)
 
         kept = len(inputs) if unseen is None else int(unseen.sum())
         return Rescored(score(champion_uri), None if unseen is None else score(newcomer_uri), kept, len(inputs))
+
+
+class GivenRowsRescorer(Rescorer):
+    """The Python API's (a table fit): its test rows are the DataFrame given to `evaluate`, the rows it
+    trained and validated on those of the frames given to `fit`, which it split in memory."""
+
+    def __init__(self, config: TrainConfig, prepared: Prepared, test_frame: pd.DataFrame, seen: list[pd.DataFrame],
+                 loss: Callable) -> None:
+        super().__init__(config, prepared, None)
+        self.test_frame, self.seen, self.loss = test_frame, seen, loss
+
+    def test_inputs(self) -> pd.DataFrame:
+        return self.test_frame.drop(columns=target_columns(self.config.target))
+
+    def seen_rows(self) -> SeenRows:
+        return SeenRows.of(self.seen, self.prepared.preprocessor.input_columns)

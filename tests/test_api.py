@@ -292,6 +292,34 @@ def test_log_model_registers_behind_the_champion_gate(mlflow_uri):
     assert (champion["prediction"].astype(int) == test[1]).mean() > 0.9
 
 
+def test_a_champion_evaluated_on_other_rows_is_rescored_on_the_newcomers_rows_it_never_saw(mlflow_uri):
+    """As the flow's gate: a DataFrame fit records the rows it trained and validated on (all of fit's
+    frame), and a champion evaluated on other data is scored on the newcomer's evaluate rows less those."""
+    x, y = _problem(rows=1500, seed=6)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)]).assign(label=y)
+    client = MlflowClient(mlflow_uri)
+    settings = {"lr": 1e-2, "experiment": "api-rescored", "seed": 1, "monitor": "val_accuracy"}
+    champion = fitflow.compile(Net(8, 3), **settings)
+    champion.fit(frame.iloc[:600], target="label", epochs=2, batch_size=64)
+    champion.evaluate(frame.iloc[600:800], target="label")
+    assert champion.log_model(name="api-rescored").endswith("/1") and champion.registered.alias == "champion"
+    assert [a.path for a in client.list_artifacts(champion.run_id, "fitflow")] == ["fitflow/seen_rows.npz"]
+
+    newcomer = fitflow.compile(Net(8, 3), **settings)
+    newcomer.fit(frame.iloc[1000:], target="label", epochs=2, batch_size=64)
+    newcomer.evaluate(frame.iloc[400:1000], target="label")  # rows 400-599 are rows the champion trained on
+    newcomer.log_model(name="api-rescored")
+    decision = newcomer.registered
+    assert decision.rescored and decision.rows == "400 of 600", decision.reason
+    assert "the 200 the champion trained or was validated on left out" in decision.reason
+    # each figure is that version's accuracy on rows 600-999, as its own predictions give it
+    rows, metrics = frame.iloc[600:1000], client.get_run(newcomer.run_id).data.metrics
+    for version, metric in (("1", "champion_test_accuracy"), ("2", "gate_test_accuracy")):
+        predicted = mlflow.pyfunc.load_model(f"models:/api-rescored/{version}").predict(rows.drop(columns=["label"]))
+        expected = float((predicted["prediction"].astype(int).to_numpy() == rows["label"].to_numpy()).mean())
+        assert metrics[metric] == pytest.approx(expected, abs=1e-6), metric
+
+
 def test_a_lower_is_better_metric_object_gates_the_champion_by_its_own_direction(mlflow_uri):
     """error_rate says higher_is_better = False; by its name alone (not a loss, error, rmse or mae) it would go up."""
     x, y = _problem(seed=6)
