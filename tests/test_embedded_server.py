@@ -126,13 +126,21 @@ def test_what_the_server_writes_once_the_command_is_done_goes_to_its_log(home):
     """Prefect's services log what their shutdown cancels (a cancelled task-run flush: an error
     with a traceback); under a command's last line that read as a crash (a refused `fitflow train`,
     CI). At DEBUG the task-run recorder says when it starts and when it stops: the first line
-    reaches the command's stderr, the second only the log."""
+    reaches the command's stderr, the second only the log. A log past LOG_ROTATE_BYTES is moved to
+    .1 first: every command appends to it."""
+    from flows.embedded_server_process import LOG_ROTATE_BYTES
+
+    path = home / "logs" / "embedded-prefect-server.log"
+    path.parent.mkdir(parents=True)
+    earlier = "earlier commands' lines\n" * (LOG_ROTATE_BYTES // 24 + 1)
+    path.write_text(earlier)
     done = _run([sys.executable, "-c", COMMAND], home, PREFECT_SERVER_LOGGING_LEVEL="DEBUG")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "TaskRunRecorder started" in done.stderr
     assert "TaskRunRecorder stopped" not in done.stderr + done.stdout
-    log = (home / "logs" / "embedded-prefect-server.log").read_text()
+    log = path.read_text()
     assert "TaskRunRecorder stopped" in log and "TaskRunRecorder started" not in log
+    assert "earlier commands" not in log and (home / "logs" / "embedded-prefect-server.log.1").read_text() == earlier
     assert _servers_on(home) == []
 
 
