@@ -275,10 +275,10 @@ class Trainer:
     def _rescorer(self) -> GivenRowsRescorer | None:
         """For the gate, as the flow's: a champion tested on other data is scored on evaluate's rows less
         those it trained or was validated on; this version's own seen rows (fit's) are recorded. Tables only."""
-        from tasks.rescoring import GivenRowsRescorer  # loads the model-loading code: only when registering
-
         if self._evaluated is None:
             return None
+        from tasks.rescoring import GivenRowsRescorer  # loads the model-loading code: only when registering
+
         frame, prepared = self._evaluated
         loss = self._given.loss_fn  # the figures compared are then all of the loss this model was tested with
         if isinstance(loss, torch.nn.Module):  # scored on the CPU; the trainer's own stays where it trains

@@ -131,7 +131,7 @@ def test_what_the_server_writes_once_the_command_is_done_goes_to_its_log(home):
     from flows.embedded_server_process import LOG_ROTATE_BYTES
 
     path = home / "logs" / "embedded-prefect-server.log"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the module's home: earlier tests' commands made it
     earlier = "earlier commands' lines\n" * (LOG_ROTATE_BYTES // 24 + 1)
     path.write_text(earlier)
     done = _run([sys.executable, "-c", COMMAND], home, PREFECT_SERVER_LOGGING_LEVEL="DEBUG")
