@@ -124,14 +124,19 @@ def scikit_learn_score(prepared: Prepared, metric: str) -> float:
     from sklearn.linear_model import LogisticRegression, Ridge
 
     train, test = prepared.train, prepared.test
-    metrics = task_metrics(prepared)
     if prepared.preprocessor.task == "classification":
         model = LogisticRegression().fit(train.features, train.targets)
         outputs = np.log(np.clip(model.predict_proba(test.features), 1e-12, None))  # softmax(log p) = p
     else:
         outputs = Ridge().fit(train.features, train.targets).predict(test.features)[:, None]
-    metrics.update(torch.as_tensor(outputs, dtype=torch.float32), torch.as_tensor(test.targets))
-    return metrics.compute()[metric.removeprefix("test_")]
+    return _test_score(prepared, outputs, metric)
+
+
+def _test_score(prepared: Prepared, outputs: np.ndarray, metric: str) -> float:
+    """`metric` of these outputs (logits, log-probabilities or values) on the test split, by fitflow's metric code."""
+    metrics = task_metrics(prepared)
+    metrics.update(torch.as_tensor(outputs, dtype=torch.float32), torch.as_tensor(prepared.test.targets))
+    return float(metrics.compute()[metric.removeprefix("test_")])
 
 
 def other_family_scores(prepared: Prepared, metric: str) -> dict[str, float]:
@@ -162,9 +167,7 @@ def other_family_scores(prepared: Prepared, metric: str) -> dict[str, float]:
             outputs = np.stack([np.zeros_like(decision), decision], axis=1) if decision.ndim == 1 else decision
         else:
             outputs = np.log(np.clip(model.predict_proba(test.features), 1e-12, None))
-        metrics = task_metrics(prepared)
-        metrics.update(torch.as_tensor(outputs, dtype=torch.float32), torch.as_tensor(test.targets))
-        scores[name] = float(metrics.compute()[metric.removeprefix("test_")])
+        scores[name] = _test_score(prepared, outputs, metric)
     return scores
 
 
@@ -197,10 +200,7 @@ def sweep_score(base: TrainConfig, prepared: Prepared, metric: str, trials: int)
 def oracle_auroc(table: pd.DataFrame, logit: np.ndarray, config: TrainConfig, prepared: Prepared) -> float:
     """The AUROC of the true logit on the test rows (the best any model can do on them)."""
     _, _, test_rows = split_rows(table[config.target], "classification", prep_spec(config))
-    metrics = task_metrics(prepared)
-    outputs = torch.as_tensor(np.stack([np.zeros(len(test_rows)), logit[test_rows]], axis=1), dtype=torch.float32)
-    metrics.update(outputs, torch.as_tensor(prepared.test.targets))
-    return metrics.compute()["auroc"]
+    return _test_score(prepared, np.stack([np.zeros(len(test_rows)), logit[test_rows]], axis=1), "test_auroc")
 
 
 def measure(table: Table, splits: int, trials: int, smoke: bool) -> dict[str, list[float] | str]:

@@ -74,7 +74,7 @@ def score_on_test(config: TrainConfig, prepared: Prepared | ImagesPrepared, outp
     if rows is not None:
         targets = targets[torch.from_numpy(rows)]
     identity = torch.nn.Identity()  # the outputs are given: evaluate only applies the loss and the metrics
-    return evaluate(identity, [(outputs, targets)], loss or loss_of(config, prepared),
+    return evaluate(identity, [(outputs, targets)], loss if loss is not None else loss_of(config, prepared),
                     task_metrics(prepared, config.metrics), torch.device("cpu"), "test")
 
 
@@ -147,7 +147,7 @@ class GivenRowsRescorer(Rescorer):
     trained and validated on those of the frames given to `fit`, which it split in memory."""
 
     def __init__(self, config: TrainConfig, prepared: Prepared, test_frame: pd.DataFrame, seen: list[pd.DataFrame],
-                 loss: Callable) -> None:
+                 loss: Callable | None) -> None:
         super().__init__(config, prepared, None)
         self.test_frame, self.seen, self.loss = test_frame, seen, loss
 
